@@ -1,0 +1,182 @@
+"""Model spec validation and the VRAM planner, table-tested against vllm-notes.md."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from vlmhub.flags import engine_version, redact, render_argv
+from vlmhub.registry import Registry
+from vlmhub.spec import GIB, KIB, ModelSpec, VllmOptions, VramModel
+from vlmhub.vram import (
+    DoesNotFit,
+    Gpu,
+    budget_for,
+    check_fits_alone,
+    fitting_sets,
+    gpu_memory_utilization,
+    max_model_len_that_fits,
+    memory_flags,
+)
+
+SPECS = Registry().specs()
+CARD_12 = Gpu(total_gib=12.0, reserve_gib=0.5)
+
+
+def test_builtin_plugins_load_through_entry_points() -> None:
+    reg = Registry()
+    for name in ("dots-ocr", "qwen3-vl", "phi3-vision"):
+        assert reg.plugins[name].ok, reg.plugins[name].error
+        assert reg.plugins[name].source.startswith(f"vlmhub_plugins.{name.replace('-', '_')}:")
+
+
+@pytest.mark.parametrize(
+    ("name", "variant", "kv_kib", "weights_gib"),
+    [
+        ("dots-ocr", None, 28, 5.67),  # 28 layers x 2 KV heads x 128 x 2 x bf16
+        ("qwen3-vl", None, 112, 3.98),  # 2B: 4.27 GB
+        ("qwen3-vl", "4b-fp8", 144, 4.66),  # 4B FP8: ~5 GB
+        ("phi3-vision", None, 384, 7.73),  # 8.3 GB, 32 x 32 x 96
+    ],
+)
+def test_published_sizes(name: str, variant: str | None, kv_kib: int, weights_gib: float) -> None:
+    spec = SPECS[name] if variant is None else SPECS[name].with_variant(variant)
+    assert spec.vram.kv_per_token == kv_kib * KIB
+    assert spec.vram.weights_gib == pytest.approx(weights_gib)
+    b = budget_for(spec)
+    expected_kv = spec.options.max_model_len * spec.vram.kv_sequences * kv_kib * KIB / GIB
+    assert b.kv_cache_gib == pytest.approx(expected_kv)
+    # every built-in fits a 12 GB card alone, as the seed report needs
+    assert check_fits_alone(spec, CARD_12).footprint_gib <= CARD_12.usable_gib
+
+
+def test_on_12_gb_no_two_builtins_fit_together_but_on_24_all_pairs_do() -> None:
+    budgets = [budget_for(SPECS[n]) for n in ("dots-ocr", "qwen3-vl", "phi3-vision")]
+    sets12 = fitting_sets(budgets, CARD_12)
+    assert all(len(s) == 1 for s in sets12) and len(sets12) == 3
+    sets24 = fitting_sets(budgets, Gpu(24.0, 0.5))
+    assert {len(s) for s in sets24} == {2}
+    assert len(sets24) == 3
+
+
+def test_qwen3_vl_8b_does_not_fit_12gb() -> None:
+    big = SPECS["qwen3-vl"].model_copy(
+        update={"vram": SPECS["qwen3-vl"].vram.model_copy(update={"weights_gib": 16.3})}
+    )
+    with pytest.raises(DoesNotFit) as err:
+        check_fits_alone(big, CARD_12)
+    assert err.value.max_model_len == 0
+    assert "smaller or quantized variant" in str(err.value)
+
+
+def test_dots_ocr_page_needs_more_than_the_seed_1024() -> None:
+    with pytest.raises(ValidationError, match="cannot hold one full page"):
+        SPECS["dots-ocr"].with_overrides(max_model_len=1024)
+    spec = SPECS["dots-ocr"]
+    assert spec.vision is not None
+    assert spec.vision.max_image_tokens == 14400
+    assert spec.options.max_model_len >= 14400 + spec.vision.min_output_tokens
+
+
+def test_does_not_fit_names_the_largest_length_that_does() -> None:
+    spec = SPECS["phi3-vision"].with_overrides(max_model_len=16384)
+    with pytest.raises(DoesNotFit) as err:
+        check_fits_alone(spec, CARD_12)
+    best = err.value.max_model_len
+    assert str(best) in str(err.value)
+    assert best % 16 == 0 and 4096 <= best < 16384
+    assert check_fits_alone(spec.with_overrides(max_model_len=best), CARD_12)
+    with pytest.raises(DoesNotFit):
+        check_fits_alone(spec.with_overrides(max_model_len=best + 16), CARD_12)
+    assert max_model_len_that_fits(spec, CARD_12.usable_gib) == best
+
+
+def test_gpu_memory_utilization_is_per_instance_not_ninety_percent() -> None:
+    spec = SPECS["dots-ocr"]
+    b = budget_for(spec)
+    u = gpu_memory_utilization(b, CARD_12)
+    assert u == math.ceil(b.engine_gib / 12.0 * 1000) / 1000
+    assert 0.5 < u < 0.9  # the engine's share, not GPUStack's 90 %
+    # the CUDA context is outside U
+    assert b.footprint_gib == pytest.approx(b.engine_gib + spec.vram.cuda_context_gib)
+    flags = memory_flags(spec, b, CARD_12)
+    assert flags == ["--gpu-memory-utilization", f"{u:.3f}", "--kv-cache-memory-bytes",
+                     str(b.kv_cache_bytes)]
+    old = spec.model_copy(update={"vllm_version": "0.10.1"})
+    assert memory_flags(old, b, CARD_12) == ["--gpu-memory-utilization", f"{u:.3f}"]
+
+
+def test_budget_override_gives_kv_the_rest() -> None:
+    spec = SPECS["qwen3-vl"]
+    b = budget_for(spec, budget_gib=9.0)
+    assert b.footprint_gib == pytest.approx(9.0)
+    assert b.kv_tokens > spec.options.max_model_len
+    with pytest.raises(DoesNotFit):
+        budget_for(spec, budget_gib=5.0)
+
+
+def test_enforce_eager_drops_cuda_graph_memory() -> None:
+    spec = SPECS["qwen3-vl"]
+    eager = spec.with_overrides(enforce_eager=True)
+    assert budget_for(spec).engine_gib - budget_for(eager).engine_gib == pytest.approx(
+        spec.vram.cuda_graph_gib
+    )
+
+
+@pytest.mark.parametrize("image", ["vllm/vllm-openai", "vllm/vllm-openai:latest"])
+def test_images_must_be_pinned(image: str) -> None:
+    with pytest.raises(ValidationError, match="not pinned"):
+        SPECS["qwen3-vl"].model_copy().model_validate(
+            {**SPECS["qwen3-vl"].model_dump(), "image": image}
+        )
+
+
+def test_spec_rejects_unknown_keys_and_needs_kv_size() -> None:
+    base = {"name": "x", "hf_repo": "a/b", "options": {"max_model_len": 10}}
+    with pytest.raises(ValidationError, match="extra"):
+        ModelSpec.model_validate({**base, "vram": {"weights_gib": 1, "kv_bytes_per_token": 1},
+                                  "colour": "red"})
+    with pytest.raises(ValidationError, match="kv_bytes_per_token"):
+        ModelSpec.model_validate({**base, "vram": {"weights_gib": 1}})
+    with pytest.raises(ValidationError, match="not a model name"):
+        ModelSpec.model_validate({**base, "name": "Bad Name",
+                                  "vram": {"weights_gib": 1, "kv_bytes_per_token": 1}})
+
+
+def test_variant_overrides_and_unknown_variant() -> None:
+    v = SPECS["qwen3-vl"].with_variant("4b-fp8")
+    assert v.hf_repo == "Qwen/Qwen3-VL-4B-Instruct-FP8" and v.variant == "4b-fp8"
+    assert v.options.dtype == "auto" and v.options.max_model_len == 16384
+    with pytest.raises(KeyError, match="4b-fp8"):
+        SPECS["qwen3-vl"].with_variant("8b")
+
+
+def test_render_argv_for_vllm_032() -> None:
+    spec = SPECS["dots-ocr"]
+    argv = render_argv(spec, budget_for(spec), CARD_12, port=8000, host="0.0.0.0")
+    assert "--disable-log-requests" not in argv
+    assert "--no-enable-log-requests" in argv
+    assert argv[:2] == ["--model", "rednote-hilab/dots.ocr"]
+    assert argv[argv.index("--max-model-len") + 1] == "24576"
+    assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"image": 1}'
+    assert "--trust-remote-code" in argv and "--served-model-name" in argv
+    assert engine_version(spec) == "0.32.0"
+    old = spec.model_copy(update={"image": "vllm/vllm-openai:v0.9.2"})
+    assert "--disable-log-requests" in render_argv(old, budget_for(old), CARD_12, port=1)
+    assert "--enable-sleep-mode" in render_argv(spec, budget_for(spec), CARD_12, port=1,
+                                                sleep_mode=True)
+
+
+def test_redact_hides_secrets() -> None:
+    assert redact(["--api-key", "sk-1", "--hf-token=abc", "--port", "1"]) == [
+        "--api-key", "***", "--hf-token=***", "--port", "1"
+    ]
+
+
+def test_inline_spec_minimal() -> None:
+    s = ModelSpec(name="m", hf_repo="a/b", options=VllmOptions(max_model_len=128),
+                  vram=VramModel(weights_gib=1, kv_bytes_per_token=1024))
+    assert s.api_name == "m" and s.spec_hash() == s.spec_hash()
+    assert s.with_overrides(max_model_len=256).spec_hash() != s.spec_hash()

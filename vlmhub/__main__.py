@@ -1,0 +1,3 @@
+from vlmhub.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""``vlmhub models``, ``vlmhub plan`` and ``vlmhub config check``: read-only, no engine touched."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, user_errors
+from vlmhub.config import find_config
+from vlmhub.flags import redact, render_argv
+from vlmhub.vram import Budget, Gpu, budget_for, fitting_sets
+
+config_app = typer.Typer(help="Check models.yaml.", no_args_is_help=True)
+COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(models)
+    app.command("plan")(plan)
+    app.add_typer(config_app, name="config")
+
+
+def models(config: Path | None = ConfigOption) -> None:
+    """Every model plugin: its entry point, VRAM budget, image and whether it loaded."""
+    ctx = Context(config)
+    with user_errors():
+        reg = ctx.registry
+        table = Table(title="Model plugins (entry points in vlmhub.models)")
+        for col in ("NAME", "SOURCE", "VRAM", "MAX LEN", "IMAGE", "VARIANTS", "STATUS"):
+            table.add_column(col)
+        for name, info in sorted(reg.plugins.items()):
+            if info.spec is None:
+                table.add_row(
+                    name, info.source, "", "", "", "", Text(f"error: {info.error}", "red")
+                )
+                continue
+            spec = info.spec
+            b = budget_for(spec)
+            table.add_row(
+                name,
+                info.source,
+                f"{b.footprint_gib:.2f} GiB",
+                str(spec.options.max_model_len),
+                spec.image,
+                ", ".join(spec.variants) or "-",
+                Text("ok", "green"),
+            )
+        console.print(table)
+        if reg.errors():
+            raise typer.Exit(1)
+
+
+def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption) -> None:
+    """Each configured model's budget, its exact vLLM argv, and what fits together."""
+    ctx = Context(config, gpu_gib)
+    with user_errors():
+        gpu, resolved = ctx.gpu, ctx.models()
+        rc = ctx.loaded.config.runtime
+        console.print(
+            f"[bold]{gpu.name}[/]: {gpu.total_gib:.2f} GiB total ({gpu.source}), "
+            f"{gpu.reserve_gib:.2f} GiB reserved, [bold]{gpu.usable_gib:.2f} GiB usable[/]"
+            f"  config: {ctx.loaded.path}"
+        )
+        table = Table(show_lines=True)
+        for col in ("MODEL", "BUDGET", "WEIGHTS", "KV CACHE", "FLAGS", "vLLM ARGV"):
+            table.add_column(col, overflow="fold")
+        budgets: list[Budget] = []
+        for m in resolved:
+            if m.spec is None or m.budget is None:
+                table.add_row(m.name, "external", "", "", "", m.entry.url or "")
+                continue
+            b = m.budget
+            budgets.append(b)
+            argv = render_argv(
+                m.spec,
+                b,
+                gpu,
+                port=8000,
+                host="0.0.0.0",
+                sleep_mode=m.entry.sleep,
+                with_memory_flags=rc.memory_flags,
+            )
+            flags = (
+                ", ".join(
+                    f
+                    for f, on in (
+                        ("pinned", m.entry.pinned),
+                        ("preload", m.entry.preload),
+                        ("sleep", m.entry.sleep),
+                    )
+                    if on
+                )
+                or "-"
+            )
+            table.add_row(
+                m.name,
+                f"{b.footprint_gib:.2f} GiB",
+                f"{b.weights_gib:.2f} GiB",
+                f"{b.kv_cache_gib:.2f} GiB ({b.kv_tokens} tok)",
+                flags,
+                shlex.join(["vllm", "serve", *redact(argv)]),
+            )
+        console.print(table)
+        _gpu_bar(gpu, budgets)
+
+
+def _gpu_bar(gpu: Gpu, bs: list[Budget]) -> None:
+    width = 60
+    sets = fitting_sets(bs, gpu)
+    colour = {b.model: COLOURS[i % len(COLOURS)] for i, b in enumerate(bs)}
+    size = {b.model: b.footprint_gib for b in bs}
+    console.print("\n[bold]What fits together[/] (each bar is the usable GPU):")
+    for s in sets:
+        bar = Text("[")
+        used = 0
+        for name in sorted(s):
+            n = round(size[name] / gpu.usable_gib * width)
+            bar.append("█" * n, colour[name])
+            used += n
+        bar.append("·" * max(width - used, 0), "dim")
+        total = sum(size[n] for n in s)
+        bar.append(f"] {total:.2f}/{gpu.usable_gib:.2f} GiB  {' + '.join(sorted(s))}")
+        console.print(bar)
+    if len(sets) > 1:
+        console.print("[dim]Models in different sets are swapped in and out by `vlmhub route`.[/]")
+
+
+@config_app.command("check")
+def check(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption) -> None:
+    """Validate models.yaml: schema, plugins, variants and that each model fits the GPU."""
+    ctx = Context(config, gpu_gib)
+    with user_errors():
+        resolved = ctx.models()
+        console.print(
+            f"[green]ok[/] {find_config(config)}: {len(resolved)} model(s), "
+            f"{ctx.gpu.usable_gib:.2f} GiB usable"
+        )

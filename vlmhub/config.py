@@ -1,0 +1,274 @@
+"""models.yaml: its schema, where it is found, and how it becomes resolved models.
+
+:func:`load_config` reads and validates the file; every problem comes back as a
+:class:`~vlmhub.locate.ConfigError` naming the file, the line, the field and a fix.
+:func:`resolve` joins the file with the plugin registry and the GPU into
+:class:`ResolvedModel` objects. Both block only on reading the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from vlmhub.locate import ConfigError, Locator, explain, load_yaml
+from vlmhub.spec import ModelSpec, Strict
+from vlmhub.vram import Budget, DoesNotFit, Gpu, check_fits_alone
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEMO_CONFIG = PACKAGE_DIR / "examples" / "demo.yaml"
+USER_CONFIG = Path("~/.config/vlmhub/models.yaml")
+
+
+class GpuConfig(Strict):
+    """The card. ``total_gib`` is used when NVML finds no GPU (or always, with ``force``)."""
+
+    total_gib: float | None = Field(default=None, gt=0)
+    reserve_gib: float = Field(default=0.5, ge=0)
+    budget_gib: float | None = Field(default=None, gt=0)
+    index: int = Field(default=0, ge=0)
+    force_total: bool = False
+
+
+class RouterConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    admin_key: str | None = None
+    max_queue: int = Field(default=32, ge=0)
+    queue_timeout_s: float = Field(default=600.0, gt=0)
+    max_body_mb: float = Field(default=50.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    stop_engines_on_exit: bool = True
+    health_interval_s: float = Field(default=5.0, gt=0)
+    restart_backoff_s: float = Field(default=2.0, ge=0)
+    crash_loop_max: int = Field(default=3, ge=1)
+    crash_loop_window_s: float = Field(default=300.0, gt=0)
+
+
+class RuntimeConfig(Strict):
+    kind: Literal["docker", "process"] = "docker"
+    docker_host: str | None = None
+    hf_cache: str = "~/.cache/huggingface"
+    vllm_cache: str = "~/.cache/vllm"
+    process_argv: list[str] = Field(default_factory=lambda: ["vllm", "serve"])
+    port_range: tuple[int, int] = (8100, 8199)
+    memory_flags: bool = True
+    gpus: str | None = "all"
+    ipc_host: bool = True
+    vllm_version: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    pass_env: list[str] = Field(default_factory=lambda: ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"])
+    name_prefix: str = "vlmhub"
+
+    @field_validator("process_argv")
+    @classmethod
+    def _argv_not_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("process_argv needs at least the program to run")
+        return v
+
+
+class ModelEntry(Strict):
+    """One enabled model: a plugin (with overrides), an inline spec, or an external URL."""
+
+    plugin: str | None = None
+    variant: str | None = None
+    spec: dict[str, Any] | None = None
+    url: str | None = None
+    served_model_name: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    max_model_len: int | None = Field(default=None, gt=0)
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    budget_gib: float | None = Field(default=None, gt=0)
+    pinned: bool = False
+    ttl: float | None = Field(default=None, ge=0, description="Idle seconds before unload.")
+    preload: bool = False
+    sleep: bool = False
+    max_queue: int | None = Field(default=None, ge=0)
+    enabled: bool = True
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelEntry:
+        if self.spec is not None and (self.plugin or self.variant):
+            raise ValueError("give either spec (a model declared here) or plugin, not both")
+        if self.url is not None and (self.spec is not None or self.plugin):
+            raise ValueError("an external model (url) has no plugin or spec")
+        return self
+
+
+class Config(Strict):
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    path: Path
+    locator: Locator
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to plan and launch. ``spec`` is None for an external endpoint."""
+
+    name: str
+    entry: ModelEntry
+    spec: ModelSpec | None
+    budget: Budget | None
+    source: str
+
+    @property
+    def external(self) -> bool:
+        return self.entry.url is not None
+
+    @property
+    def aliases(self) -> list[str]:
+        base = self.spec.aliases if self.spec else []
+        return [*base, *self.entry.aliases]
+
+    @property
+    def api_name(self) -> str:
+        if self.spec is not None:
+            return self.spec.api_name
+        return self.entry.served_model_name or self.name
+
+
+def find_config(explicit: Path | None) -> Path:
+    """``--config``, then ./models.yaml, then ~/.config/vlmhub/models.yaml, else the demo."""
+    if explicit is not None:
+        return explicit
+    for candidate in (Path("models.yaml"), USER_CONFIG.expanduser()):
+        if candidate.is_file():
+            return candidate
+    return DEMO_CONFIG
+
+
+def load_config(path: Path) -> LoadedConfig:
+    data, locator = load_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([locator.error((), "the file must be a mapping", "start with `models:`")])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(explain(exc, Config, locator)) from None
+    base = path.parent
+    expanded = {
+        **config.runtime.model_dump(),
+        "process_argv": [_expand(a, base) for a in config.runtime.process_argv],
+    }
+    config = config.model_copy(update={"runtime": RuntimeConfig.model_validate(expanded)})
+    return LoadedConfig(config, path, locator)
+
+
+def _expand(arg: str, base: Path) -> str:
+    """``{python}`` is this interpreter; ``{config_dir}`` the folder of the config file."""
+    import sys
+
+    return arg.replace("{python}", sys.executable).replace("{config_dir}", str(base.resolve()))
+
+
+def _inline_spec(name: str, entry: ModelEntry, locator: Locator) -> ModelSpec:
+    assert entry.spec is not None
+    try:
+        return ModelSpec.model_validate({"name": name, **entry.spec})
+    except ValidationError as exc:
+        raise ConfigError(explain(exc, ModelSpec, locator, ("models", name, "spec"))) from None
+
+
+def resolve(
+    loaded: LoadedConfig,
+    plugins: dict[str, ModelSpec],
+    gpu: Gpu,
+    *,
+    only: list[str] | None = None,
+    check_fit: bool = True,
+) -> list[ResolvedModel]:
+    """Join the file with the plugins. All problems are collected, then raised together."""
+    config, loc = loaded.config, loaded.locator
+    problems: list[str] = []
+    out: list[ResolvedModel] = []
+    for name, entry in config.models.items():
+        if not entry.enabled or (only is not None and name not in only):
+            continue
+        where = ("models", name)
+        if entry.url is not None:
+            out.append(ResolvedModel(name, entry, None, None, f"external {entry.url}"))
+            continue
+        try:
+            if entry.spec is not None:
+                spec, source = _inline_spec(name, entry, loc), f"{loaded.path.name} (inline)"
+            else:
+                plugin = entry.plugin or name
+                if plugin not in plugins:
+                    known = ", ".join(sorted(plugins)) or "none installed"
+                    problems.append(
+                        loc.error(
+                            (*where, "plugin") if entry.plugin else where,
+                            f"no model plugin named {plugin!r}",
+                            f"use one of: {known} (see `vlmhub models`)",
+                        )
+                    )
+                    continue
+                spec, source = plugins[plugin], f"plugin {plugin}"
+                if entry.variant is not None:
+                    try:
+                        spec = spec.with_variant(entry.variant)
+                    except KeyError as exc:
+                        problems.append(loc.error((*where, "variant"), str(exc.args[0])))
+                        continue
+                if spec.name != name:  # renamed: the plugin's own aliases stay with the plugin
+                    spec = spec.model_copy(update={"name": name, "aliases": []})
+            spec = spec.with_overrides(
+                max_model_len=entry.max_model_len, max_num_seqs=entry.max_num_seqs
+            )
+            budget = check_fits_alone(spec, gpu, entry.budget_gib) if check_fit else None
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        except DoesNotFit as exc:
+            field = "budget_gib" if entry.budget_gib else "max_model_len"
+            problems.append(loc.error((*where, field), str(exc)))
+            continue
+        except ValidationError as exc:
+            problems += explain(exc, ModelSpec, loc, where)
+            continue
+        out.append(ResolvedModel(name, entry, spec, budget, source))
+    problems += _check_names(out, loc)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _check_names(models: list[ResolvedModel], loc: Locator) -> list[str]:
+    seen: dict[str, str] = {}
+    problems: list[str] = []
+    for m in models:
+        for alias in [m.name, *m.aliases]:
+            if alias in seen and seen[alias] != m.name:
+                problems.append(
+                    loc.error(
+                        ("models", m.name),
+                        f"name or alias {alias!r} is also used by {seen[alias]!r}",
+                        "give every model and alias a distinct name",
+                    )
+                )
+            seen.setdefault(alias, m.name)
+    return problems
+
+
+def api_keys(config: Config) -> list[str]:
+    """Keys from the file plus ``VLMHUB_API_KEYS`` (comma-separated). Never logged."""
+    extra = [k.strip() for k in os.environ.get("VLMHUB_API_KEYS", "").split(",") if k.strip()]
+    return [*config.router.api_keys, *extra]

@@ -1,0 +1,177 @@
+"""The runtime seam: how the supervisor starts, watches and stops one engine.
+
+A :class:`Runtime` is to the supervisor what a transport is to httpx: a small interface with
+interchangeable implementations (Docker containers, local processes). The supervisor never
+knows which one it drives. Every method is a coroutine; implementations that wrap blocking
+libraries (the Docker SDK) run them in worker threads, so calls for different engines may run
+concurrently, while calls for ONE engine are serialised by the supervisor.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import httpx
+
+from vlmhub.engine_log import LogParser, format_failure
+from vlmhub.errors import EngineStartError, EngineStartTimeout
+
+EngineState = Literal["running", "exited", "missing"]
+PhaseCallback = Callable[[str, str], None]
+"""Called with (phase, log line) as the engine moves through its start-up phases."""
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """Everything a runtime needs to start one engine. Secrets are never stored here:
+    ``pass_env`` names host variables (HF_TOKEN) whose values the runtime copies at start."""
+
+    name: str
+    spec_hash: str
+    image: str
+    argv: list[str]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    pass_env: list[str] = field(default_factory=list)
+    health_path: str = "/health"
+    startup_timeout_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class EngineHandle:
+    """A started engine: enough to reach it, watch it and stop it, even after a restart."""
+
+    name: str
+    runtime: str
+    ident: str
+    port: int
+    spec_hash: str
+    started_at: float
+    host: str = "127.0.0.1"
+    health_path: str = "/health"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    state: EngineState
+    exit_code: int | None = None
+    detail: str = ""
+
+
+class Runtime(abc.ABC):
+    """Start, watch and stop engines of one kind."""
+
+    kind: ClassVar[str]
+
+    @abc.abstractmethod
+    def engine_bind(self, port: int) -> tuple[str, int]:
+        """The (host, port) the engine must listen on inside its sandbox for host ``port``."""
+
+    @abc.abstractmethod
+    async def start(self, req: LaunchRequest) -> EngineHandle:
+        """Launch the engine and return at once; it is not ready yet (see :func:`wait_ready`)."""
+
+    @abc.abstractmethod
+    async def status(self, handle: EngineHandle) -> EngineStatus:
+        """Whether the engine process/container still runs."""
+
+    @abc.abstractmethod
+    async def logs(self, handle: EngineHandle, tail: int | None = 200) -> list[str]:
+        """The last ``tail`` log lines (all with None)."""
+
+    @abc.abstractmethod
+    def follow(self, handle: EngineHandle) -> AsyncIterator[str]:
+        """Every log line from the start, then new ones as they come, until the engine exits."""
+
+    @abc.abstractmethod
+    async def stop(self, handle: EngineHandle, timeout_s: float = 20.0) -> None:
+        """Ask the engine to stop, kill it after ``timeout_s``, then remove it. Idempotent."""
+
+    @abc.abstractmethod
+    async def adopt(self) -> list[EngineHandle]:
+        """Engines this runtime started earlier (possibly by another vlmhub process)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release clients and threads. Engines keep running."""
+
+
+async def probe(handle: EngineHandle, client: httpx.AsyncClient) -> bool:
+    """True when the engine answers 200 on its health path. Never raises."""
+    try:
+        r = await client.get(handle.base_url + handle.health_path, timeout=2.0)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200
+
+
+async def wait_ready(
+    runtime: Runtime,
+    handle: EngineHandle,
+    *,
+    timeout_s: float,
+    on_phase: PhaseCallback | None = None,
+    poll_s: float = 0.25,
+) -> LogParser:
+    """Block (asynchronously) until the engine is healthy; return the parsed start-up log.
+
+    Follows the log to report phases, polls the health path (vLLM refuses connections while it
+    loads), and raises :class:`EngineStartError` with the parsed vLLM reason if the engine
+    exits first, or :class:`EngineStartTimeout` after ``timeout_s``.
+    """
+    parser = LogParser()
+
+    async def pump() -> None:
+        async for line in runtime.follow(handle):
+            for event in parser.feed(line):
+                phase = getattr(event, "phase", None)
+                if phase is not None and on_phase is not None:
+                    on_phase(str(phase), line)
+
+    pump_task = asyncio.create_task(pump())
+    deadline = time.monotonic() + timeout_s
+    try:
+        async with httpx.AsyncClient() as client:
+            while True:
+                if await probe(handle, client):
+                    if on_phase is not None:
+                        on_phase("ready", "health check passed")
+                    return parser
+                st = await runtime.status(handle)
+                if st.state != "running":
+                    await asyncio.sleep(0.2)  # let the log pump catch the last lines
+                    tail = await runtime.logs(handle, tail=40)
+                    raise _start_error(handle, tail, st)
+                if time.monotonic() > deadline:
+                    tail = await runtime.logs(handle, tail=40)
+                    err = EngineStartTimeout(
+                        handle.name,
+                        f"{handle.name} did not become ready within {timeout_s:.0f} s "
+                        f"(last phase: {parser.phase}).\n" + format_failure(None, tail),
+                        tail,
+                        "timeout",
+                    )
+                    raise err
+                await asyncio.sleep(poll_s)
+    finally:
+        pump_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pump_task
+
+
+def _start_error(handle: EngineHandle, tail: list[str], st: EngineStatus) -> EngineStartError:
+    from vlmhub.engine_log import diagnose
+
+    known = diagnose(tail)
+    code = f" (exit code {st.exit_code})" if st.exit_code is not None else ""
+    message = f"{handle.name} exited before it was ready{code}.\n" + format_failure(known, tail)
+    return EngineStartError(handle.name, message, tail, known.code if known else "engine_exited")

@@ -1,0 +1,199 @@
+"""The VRAM planner: pure functions from model specs and a GPU to budgets and vLLM flags.
+
+Nothing here does I/O or logs; every function is deterministic, so it is table-tested and
+``vlmhub plan`` and the scheduler can call it freely.
+
+Memory model (see docs/vram.md)::
+
+    engine_gib = weights + activation_peak + non_torch + cuda_graphs (0 if eager) + kv_cache
+    kv_cache   = kv_bytes_per_token * max_model_len * kv_sequences
+    footprint  = engine_gib + cuda_context       # what the instance really holds on the GPU
+
+``--gpu-memory-utilization`` covers ``engine_gib`` only (the CUDA context is outside it) and
+is a fraction of the card's TOTAL memory, so it is ``engine_gib / total``, never "0.9".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+from vlmhub.spec import GIB, ModelSpec, version_tuple
+
+KV_CACHE_BYTES_SINCE = "0.11.0"
+"""First vLLM release with ``--kv-cache-memory-bytes`` (see docs/vram.md)."""
+BLOCK_TOKENS = 16
+"""vLLM allocates KV in blocks of 16 tokens; suggested lengths are rounded down to it."""
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """The card vlmhub plans for. ``usable_gib`` is what vlmhub may hand out."""
+
+    total_gib: float
+    reserve_gib: float = 0.0
+    budget_gib: float | None = None
+    name: str = "GPU"
+    source: str = "config"
+
+    @property
+    def usable_gib(self) -> float:
+        usable = self.total_gib - self.reserve_gib
+        if self.budget_gib is not None:
+            usable = min(usable, self.budget_gib)
+        return max(usable, 0.0)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One model's memory, part by part, in GiB."""
+
+    model: str
+    weights_gib: float
+    activation_gib: float
+    non_torch_gib: float
+    cuda_graph_gib: float
+    kv_cache_gib: float
+    kv_tokens: int
+    cuda_context_gib: float
+    sleep_residual_gib: float
+
+    @property
+    def engine_gib(self) -> float:
+        """What ``--gpu-memory-utilization`` must cover."""
+        return (
+            self.weights_gib
+            + self.activation_gib
+            + self.non_torch_gib
+            + self.cuda_graph_gib
+            + self.kv_cache_gib
+        )
+
+    @property
+    def footprint_gib(self) -> float:
+        """What the running instance holds on the card, CUDA context included."""
+        return self.engine_gib + self.cuda_context_gib
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return int(self.kv_cache_gib * GIB)
+
+
+class DoesNotFit(ValueError):
+    """A model cannot fit the GPU even alone. ``max_model_len`` is the largest that would."""
+
+    def __init__(self, model: str, needed_gib: float, usable_gib: float, max_model_len: int):
+        self.model = model
+        self.needed_gib = needed_gib
+        self.usable_gib = usable_gib
+        self.max_model_len = max_model_len
+        if max_model_len > 0:
+            fix = f"set max_model_len to {max_model_len} or less, or raise the GPU budget"
+        else:
+            fix = "its weights alone do not fit: choose a smaller or quantized variant"
+        super().__init__(
+            f"{model} needs {needed_gib:.2f} GiB but only {usable_gib:.2f} GiB of the GPU "
+            f"is usable; {fix}"
+        )
+
+
+def _fixed_gib(spec: ModelSpec) -> float:
+    v = spec.vram
+    graphs = 0.0 if spec.options.enforce_eager else v.cuda_graph_gib
+    return v.weights_gib + v.activation_gib + v.non_torch_gib + graphs
+
+
+def budget_for(spec: ModelSpec, budget_gib: float | None = None) -> Budget:
+    """The memory ``spec`` needs at its max_model_len.
+
+    With ``budget_gib`` (a user override of the whole footprint) the KV cache takes what the
+    fixed parts leave; a budget too small for one full-length sequence raises ``DoesNotFit``.
+    """
+    v = spec.vram
+    fixed = _fixed_gib(spec)
+    tokens = math.ceil(spec.options.max_model_len * v.kv_sequences)
+    kv_gib = tokens * v.kv_per_token / GIB
+    if budget_gib is not None:
+        kv_gib = budget_gib - v.cuda_context_gib - fixed
+        tokens = int(kv_gib * GIB // v.kv_per_token)
+        if tokens < spec.options.max_model_len:
+            needed = fixed + v.cuda_context_gib + spec.options.max_model_len * v.kv_per_token / GIB
+            raise DoesNotFit(spec.name, needed, budget_gib, _round_len(tokens))
+    return Budget(
+        model=spec.name,
+        weights_gib=v.weights_gib,
+        activation_gib=v.activation_gib,
+        non_torch_gib=v.non_torch_gib,
+        cuda_graph_gib=0.0 if spec.options.enforce_eager else v.cuda_graph_gib,
+        kv_cache_gib=kv_gib,
+        kv_tokens=tokens,
+        cuda_context_gib=v.cuda_context_gib,
+        sleep_residual_gib=v.sleep_residual_gib,
+    )
+
+
+def _round_len(tokens: float) -> int:
+    return max(int(tokens) // BLOCK_TOKENS * BLOCK_TOKENS, 0)
+
+
+def max_model_len_that_fits(spec: ModelSpec, usable_gib: float) -> int:
+    """The largest max_model_len (a multiple of 16) whose budget fits in ``usable_gib``."""
+    v = spec.vram
+    room = usable_gib - v.cuda_context_gib - _fixed_gib(spec)
+    if room <= 0:
+        return 0
+    return _round_len(room * GIB / v.kv_per_token / v.kv_sequences)
+
+
+def check_fits_alone(spec: ModelSpec, gpu: Gpu, budget_gib: float | None = None) -> Budget:
+    """The model's budget, or ``DoesNotFit`` naming the largest max_model_len that would fit."""
+    budget = budget_for(spec, budget_gib)
+    if budget.footprint_gib > gpu.usable_gib + 1e-9:
+        raise DoesNotFit(
+            spec.name,
+            budget.footprint_gib,
+            gpu.usable_gib,
+            max_model_len_that_fits(spec, gpu.usable_gib),
+        )
+    return budget
+
+
+def gpu_memory_utilization(budget: Budget, gpu: Gpu) -> float:
+    """The per-instance fraction of the card's total, rounded UP to 0.001."""
+    return math.ceil(budget.engine_gib / gpu.total_gib * 1000) / 1000
+
+
+def supports_kv_cache_bytes(vllm_version: str) -> bool:
+    return version_tuple(vllm_version) >= version_tuple(KV_CACHE_BYTES_SINCE)
+
+
+def memory_flags(spec: ModelSpec, budget: Budget, gpu: Gpu) -> list[str]:
+    """The vLLM flags that hold one instance to ``budget``.
+
+    Always a per-instance ``--gpu-memory-utilization`` (vLLM's start-up check compares it
+    with the free memory). Where the spec's vLLM has ``--kv-cache-memory-bytes``, the KV
+    cache is also set in bytes, so the instance does not grow into the slack of the estimate.
+    """
+    flags = ["--gpu-memory-utilization", f"{gpu_memory_utilization(budget, gpu):.3f}"]
+    if supports_kv_cache_bytes(spec.vllm_version):
+        flags += ["--kv-cache-memory-bytes", str(budget.kv_cache_bytes)]
+    return flags
+
+
+def fits(footprints: Iterable[float], usable_gib: float) -> bool:
+    return sum(footprints) <= usable_gib + 1e-9
+
+
+def fitting_sets(budgets: Sequence[Budget], gpu: Gpu) -> list[frozenset[str]]:
+    """Every maximal set of models that fit on the GPU together, largest sets first."""
+    names = [b.model for b in budgets]
+    size = {b.model: b.footprint_gib for b in budgets}
+    found: list[frozenset[str]] = []
+    for r in range(len(names), 0, -1):
+        for combo in combinations(names, r):
+            s = frozenset(combo)
+            if fits((size[n] for n in s), gpu.usable_gib) and not any(s < f for f in found):
+                found.append(s)
+    return found
