@@ -39,58 +39,73 @@ def test_repo_models_yaml_and_demo_are_valid() -> None:
 
 
 def test_unknown_key_names_line_field_and_suggestion(tmp_path: Path) -> None:
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         gpu:
           total_gib: 12
         models:
           dots-ocr:
             preloadd: true
-    """)
+    """,
+    )
     (msg,) = problems(p)
     assert msg.startswith(f"{p}:5: models.dots-ocr.preloadd: unknown key.")
     assert "did you mean 'preload'?" in msg
 
 
 def test_wrong_type_names_line_and_fix(tmp_path: Path) -> None:
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         router:
           port: eighty
         models: {}
-    """)
+    """,
+    )
     (msg,) = problems(p)
     assert f"{p}:2: router.port:" in msg and "'eighty'" in msg and "Fix: write a number" in msg
 
 
 def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         models:
           dots-ocr:
             ttl: [1, 2
         gpu: {}
-    """)
+    """,
+    )
     (msg,) = problems(p)
     assert msg.startswith(f"{p}:") and "YAML syntax" in msg and "Fix:" in msg
 
 
 def test_unknown_plugin_lists_known_ones(tmp_path: Path) -> None:
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         models:
           ocr:
             plugin: dots_ocr
-    """)
+    """,
+    )
     (msg,) = problems(p)
     assert f"{p}:3: models.ocr.plugin: no model plugin named 'dots_ocr'" in msg
     assert "dots-ocr" in msg and "phi3-vision" in msg
 
 
 def test_unknown_variant_and_too_long_context_are_located(tmp_path: Path) -> None:
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         models:
           qwen3-vl:
             variant: 8b
           phi3-vision:
             max_model_len: 65536
-    """)
+    """,
+    )
     msgs = problems(p)
     assert any(m.startswith(f"{p}:3: models.qwen3-vl.variant:") and "4b-fp8" in m for m in msgs)
     long = [m for m in msgs if "phi3-vision.max_model_len" in m]
@@ -98,7 +113,9 @@ def test_unknown_variant_and_too_long_context_are_located(tmp_path: Path) -> Non
 
 
 def test_inline_spec_errors_point_inside_the_spec(tmp_path: Path) -> None:
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         models:
           mine:
             spec:
@@ -106,25 +123,31 @@ def test_inline_spec_errors_point_inside_the_spec(tmp_path: Path) -> None:
               image: me/engine:latest
               options: {max_model_len: 2048}
               vram: {weights_gib: 1, kv_bytes_per_token: 1024}
-    """)
+    """,
+    )
     (msg,) = problems(p)
     assert f"{p}:5: models.mine.spec.image:" in msg and "never 'latest'" in msg
 
 
 def test_duplicate_alias_is_an_error(tmp_path: Path) -> None:
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         models:
           dots-ocr: {}
           other:
             plugin: qwen3-vl
             aliases: [dots.ocr]
-    """)
+    """,
+    )
     (msg,) = problems(p)
     assert "'dots.ocr'" in msg and "also used by 'dots-ocr'" in msg
 
 
 def test_overrides_and_variant_resolve(tmp_path: Path) -> None:
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         models:
           qwen-small:
             plugin: qwen3-vl
@@ -137,7 +160,8 @@ def test_overrides_and_variant_resolve(tmp_path: Path) -> None:
           seed-container:
             url: http://127.0.0.1:8000
             served_model_name: model
-    """)
+    """,
+    )
     got = {m.name: m for m in resolve(load_config(p), PLUGINS, GPU12)}
     assert got["qwen-small"].spec is not None
     assert got["qwen-small"].spec.options.max_model_len == 8192
@@ -161,8 +185,13 @@ def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vlmhub", *args], capture_output=True,
-                          text=True, timeout=60, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "vlmhub", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_config_check_cli_ok_and_error_without_traceback(tmp_path: Path) -> None:

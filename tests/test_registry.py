@@ -36,16 +36,28 @@ def test_broken_plugins_are_reported_and_do_not_break_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_dist(tmp_path, "missing_mod", "ghost = no_such_module_anywhere:plugin")
-    make_dist(tmp_path, "raising_mod", "boom = raising_mod:plugin",
-              "def plugin():\n    raise RuntimeError('needs a GPU library')\n")
-    make_dist(tmp_path, "wrong_mod", "wrongname = wrong_mod:plugin",
-              "from vlmhub.spec import ModelSpec\n"
-              "def plugin():\n    return ModelSpec(name='other', hf_repo='a/b', "
-              "options={'max_model_len': 8}, vram={'weights_gib': 1, 'kv_bytes_per_token': 8})\n")
-    make_dist(tmp_path, "bad_spec", "badspec = bad_spec:plugin",
-              "from vlmhub.spec import ModelSpec\n"
-              "def plugin():\n    return ModelSpec(name='badspec', hf_repo='a/b', image='x:latest',"
-              " options={'max_model_len': 8}, vram={'weights_gib': 1, 'kv_bytes_per_token': 8})\n")
+    make_dist(
+        tmp_path,
+        "raising_mod",
+        "boom = raising_mod:plugin",
+        "def plugin():\n    raise RuntimeError('needs a GPU library')\n",
+    )
+    make_dist(
+        tmp_path,
+        "wrong_mod",
+        "wrongname = wrong_mod:plugin",
+        "from vlmhub.spec import ModelSpec\n"
+        "def plugin():\n    return ModelSpec(name='other', hf_repo='a/b', "
+        "options={'max_model_len': 8}, vram={'weights_gib': 1, 'kv_bytes_per_token': 8})\n",
+    )
+    make_dist(
+        tmp_path,
+        "bad_spec",
+        "badspec = bad_spec:plugin",
+        "from vlmhub.spec import ModelSpec\n"
+        "def plugin():\n    return ModelSpec(name='badspec', hf_repo='a/b', image='x:latest',"
+        " options={'max_model_len': 8}, vram={'weights_gib': 1, 'kv_bytes_per_token': 8})\n",
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     reg = Registry()
     errors = reg.errors()
@@ -57,10 +69,17 @@ def test_broken_plugins_are_reported_and_do_not_break_others(
 
 
 def test_models_cli_shows_load_errors(tmp_path: Path) -> None:
-    make_dist(tmp_path, "raising_mod", "boom = raising_mod:plugin",
-              "def plugin():\n    raise RuntimeError('needs a GPU library')\n")
+    make_dist(
+        tmp_path,
+        "raising_mod",
+        "boom = raising_mod:plugin",
+        "def plugin():\n    raise RuntimeError('needs a GPU library')\n",
+    )
     res = subprocess.run(
-        [sys.executable, "-m", "vlmhub", "models"], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "vlmhub", "models"],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PYTHONPATH": str(tmp_path), "COLUMNS": "250", "PATH": "/usr/bin:/bin"},
     )
     assert res.returncode == 1
@@ -69,8 +88,12 @@ def test_models_cli_shows_load_errors(tmp_path: Path) -> None:
 
 
 def test_registry_from_specs_uses_stevedore_test_instance() -> None:
-    spec = ModelSpec(name="mem", hf_repo="a/b", options=VllmOptions(max_model_len=64),
-                     vram=VramModel(weights_gib=1, kv_bytes_per_token=64))
+    spec = ModelSpec(
+        name="mem",
+        hf_repo="a/b",
+        options=VllmOptions(max_model_len=64),
+        vram=VramModel(weights_gib=1, kv_bytes_per_token=64),
+    )
     reg = Registry.from_specs([spec])
     assert reg.specs() == {"mem": spec}
     assert reg.plugins["mem"].source == "(in memory)"

@@ -97,13 +97,18 @@ def test_gpu_memory_utilization_is_per_instance_not_ninety_percent() -> None:
     spec = SPECS["dots-ocr"]
     b = budget_for(spec)
     u = gpu_memory_utilization(b, CARD_12)
-    assert u == math.ceil(b.engine_gib / 12.0 * 1000) / 1000
+    assert u == math.floor(b.engine_gib / 12.0 * 1000) / 1000
+    assert u * 12.0 <= b.engine_gib  # never claims more than planned
     assert 0.5 < u < 0.9  # the engine's share, not GPUStack's 90 %
     # the CUDA context is outside U
     assert b.footprint_gib == pytest.approx(b.engine_gib + spec.vram.cuda_context_gib)
     flags = memory_flags(spec, b, CARD_12)
-    assert flags == ["--gpu-memory-utilization", f"{u:.3f}", "--kv-cache-memory-bytes",
-                     str(b.kv_cache_bytes)]
+    assert flags == [
+        "--gpu-memory-utilization",
+        f"{u:.3f}",
+        "--kv-cache-memory-bytes",
+        str(b.kv_cache_bytes),
+    ]
     old = spec.model_copy(update={"vllm_version": "0.10.1"})
     assert memory_flags(old, b, CARD_12) == ["--gpu-memory-utilization", f"{u:.3f}"]
 
@@ -136,13 +141,15 @@ def test_images_must_be_pinned(image: str) -> None:
 def test_spec_rejects_unknown_keys_and_needs_kv_size() -> None:
     base = {"name": "x", "hf_repo": "a/b", "options": {"max_model_len": 10}}
     with pytest.raises(ValidationError, match="extra"):
-        ModelSpec.model_validate({**base, "vram": {"weights_gib": 1, "kv_bytes_per_token": 1},
-                                  "colour": "red"})
+        ModelSpec.model_validate(
+            {**base, "vram": {"weights_gib": 1, "kv_bytes_per_token": 1}, "colour": "red"}
+        )
     with pytest.raises(ValidationError, match="kv_bytes_per_token"):
         ModelSpec.model_validate({**base, "vram": {"weights_gib": 1}})
     with pytest.raises(ValidationError, match="not a model name"):
-        ModelSpec.model_validate({**base, "name": "Bad Name",
-                                  "vram": {"weights_gib": 1, "kv_bytes_per_token": 1}})
+        ModelSpec.model_validate(
+            {**base, "name": "Bad Name", "vram": {"weights_gib": 1, "kv_bytes_per_token": 1}}
+        )
 
 
 def test_variant_overrides_and_unknown_variant() -> None:
@@ -165,18 +172,27 @@ def test_render_argv_for_vllm_032() -> None:
     assert engine_version(spec) == "0.32.0"
     old = spec.model_copy(update={"image": "vllm/vllm-openai:v0.9.2"})
     assert "--disable-log-requests" in render_argv(old, budget_for(old), CARD_12, port=1)
-    assert "--enable-sleep-mode" in render_argv(spec, budget_for(spec), CARD_12, port=1,
-                                                sleep_mode=True)
+    assert "--enable-sleep-mode" in render_argv(
+        spec, budget_for(spec), CARD_12, port=1, sleep_mode=True
+    )
 
 
 def test_redact_hides_secrets() -> None:
     assert redact(["--api-key", "sk-1", "--hf-token=abc", "--port", "1"]) == [
-        "--api-key", "***", "--hf-token=***", "--port", "1"
+        "--api-key",
+        "***",
+        "--hf-token=***",
+        "--port",
+        "1",
     ]
 
 
 def test_inline_spec_minimal() -> None:
-    s = ModelSpec(name="m", hf_repo="a/b", options=VllmOptions(max_model_len=128),
-                  vram=VramModel(weights_gib=1, kv_bytes_per_token=1024))
+    s = ModelSpec(
+        name="m",
+        hf_repo="a/b",
+        options=VllmOptions(max_model_len=128),
+        vram=VramModel(weights_gib=1, kv_bytes_per_token=1024),
+    )
     assert s.api_name == "m" and s.spec_hash() == s.spec_hash()
     assert s.with_overrides(max_model_len=256).spec_hash() != s.spec_hash()

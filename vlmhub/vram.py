@@ -161,8 +161,12 @@ def check_fits_alone(spec: ModelSpec, gpu: Gpu, budget_gib: float | None = None)
 
 
 def gpu_memory_utilization(budget: Budget, gpu: Gpu) -> float:
-    """The per-instance fraction of the card's total, rounded UP to 0.001."""
-    return math.ceil(budget.engine_gib / gpu.total_gib * 1000) / 1000
+    """The per-instance fraction of the card's total, rounded DOWN to 0.001.
+
+    Down, so that instances planned to fill the card exactly never ask vLLM's start-up check
+    for more than the card has; the KV cache is sized in bytes where vLLM allows it.
+    """
+    return math.floor(budget.engine_gib / gpu.total_gib * 1000) / 1000
 
 
 def supports_kv_cache_bytes(vllm_version: str) -> bool:

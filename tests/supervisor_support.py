@@ -1,0 +1,108 @@
+"""Build real supervisors over stand-in engines run as local processes (no mocks)."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmhub.config import load_config, resolve
+from vlmhub.registry import Registry
+from vlmhub.runtimes.process import ProcessRuntime
+from vlmhub.supervisor import Supervisor
+from vlmhub.testing.stub_engine import ledger_used_gib
+from vlmhub.vram import Gpu
+
+
+class Recorder:
+    """A real observer that keeps what the supervisor reports."""
+
+    def __init__(self) -> None:
+        self.loads: list[tuple[str, bool]] = []
+        self.evictions: list[tuple[str, str]] = []
+
+    def observe_load(self, model: str, seconds: float, ok: bool) -> None:
+        self.loads.append((model, ok))
+
+    def observe_eviction(self, model: str, mode: str) -> None:
+        self.evictions.append((model, mode))
+
+
+def model(weights: float, sleep_gib: float = 1.25, **entry: Any) -> dict[str, Any]:
+    """A stand-in model whose footprint is exactly ``weights + 0.25`` GiB (no CUDA context).
+    ``sleep_gib`` matches what a sleeping stand-in engine claims in the ledger (1.25)."""
+    spec = entry.pop("spec", {})
+    return {
+        **entry,
+        "spec": {
+            "hf_repo": "stub/x",
+            "image": "vlmhub/stub-engine:dev",
+            "startup_timeout_s": 30,
+            "reload_cost_s": 1,
+            "options": {"max_model_len": 1024, "enforce_eager": True},
+            "vram": {
+                "weights_gib": weights,
+                "kv_bytes_per_token": 262144,
+                "activation_gib": 0,
+                "non_torch_gib": 0,
+                "cuda_context_gib": 0,
+                "sleep_residual_gib": sleep_gib,
+            },
+            **spec,
+        },
+    }
+
+
+def build(
+    tmp_path: Path,
+    models: dict[str, dict[str, Any]],
+    *,
+    total_gib: float = 8.0,
+    delay: float = 0.3,
+    router: dict[str, Any] | None = None,
+    extra_argv: list[str] | None = None,
+    ledger: bool = True,
+) -> tuple[Supervisor, Recorder, Path]:
+    """A supervisor whose stand-in engines share a simulated GPU ledger of ``total_gib``:
+    an engine that would over-commit it fails at start-up with vLLM's free-memory error."""
+    ledger_dir = tmp_path / "ledger"
+    ledger_dir.mkdir(exist_ok=True)
+    base = random.randint(21000, 60000)
+    env = {"VLMHUB_STUB_LEDGER": str(ledger_dir), "VLMHUB_STUB_GPU_TOTAL_GIB": str(total_gib)}
+    cfg = {
+        "gpu": {"total_gib": total_gib, "reserve_gib": 0, "force_total": True},
+        "router": {"health_interval_s": 0.5, "restart_backoff_s": 0.2, **(router or {})},
+        "runtime": {
+            "kind": "process",
+            "process_argv": [
+                sys.executable,
+                "-m",
+                "vlmhub.testing.stub_engine",
+                "--stub-startup-delay",
+                str(delay),
+                *(extra_argv or []),
+            ],
+            "port_range": [base, base + 60],
+            "env": env if ledger else {},
+        },
+        "models": models,
+    }
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_config(path)
+    gpu = Gpu(total_gib, 0, None, "test", "config")
+    resolved = resolve(loaded, Registry().specs(), gpu)
+    runtime = ProcessRuntime(loaded.config.runtime, state_dir=tmp_path / "state")
+    rec = Recorder()
+    return (
+        Supervisor(resolved, loaded.config, gpu, runtime, observer=rec, tick_s=0.05),
+        rec,
+        ledger_dir,
+    )
+
+
+def used(ledger_dir: Path) -> float:
+    return ledger_used_gib(ledger_dir)

@@ -1,0 +1,575 @@
+"""The supervisor: one replica state machine per model, driven by ONE asyncio control loop.
+
+Requests call :meth:`Supervisor.acquire`. A ready replica hands out a lease at once; otherwise
+the request waits in the replica's bounded queue and the control loop is woken. Only the loop
+decides to start, wake, sleep or stop an engine: it asks the pure :mod:`vlmhub.scheduler` for a
+plan and runs at most ONE engine operation at a time (vLLM instances must not profile
+concurrently). Every state transition happens synchronously inside the loop or inside that one
+operation task, so concurrent requests cannot race a start.
+
+States: stopped -> starting -> ready -> (sleeping) -> stopping -> stopped, and failed.
+Concurrency: all methods run on the event loop; ``acquire`` awaits; the rest never block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from vlmhub import scheduler
+from vlmhub.config import Config, ResolvedModel
+from vlmhub.engine_log import diagnose
+from vlmhub.errors import EngineStartError, EngineStartTimeout, VlmhubError
+from vlmhub.flags import engine_version
+from vlmhub.launch import engine_hash, launch_request
+from vlmhub.replica import (
+    AcquireError,
+    Lease,
+    LoadFailed,
+    LoadTimeout,
+    QueueFull,
+    Refused,
+    ReplicaInfo,
+    State,
+    UnknownModel,
+)
+from vlmhub.runtimes.base import EngineHandle, Runtime, probe, wait_ready
+from vlmhub.runtimes.ports import pick_port
+from vlmhub.spec import version_tuple
+from vlmhub.vram import Gpu
+
+
+class Observer(Protocol):
+    """Receives supervisor events (the router's metrics). Must not block."""
+
+    def observe_load(self, model: str, seconds: float, ok: bool) -> None: ...
+
+    def observe_eviction(self, model: str, mode: str) -> None: ...
+
+
+class _NullObserver:
+    def observe_load(self, model: str, seconds: float, ok: bool) -> None:
+        pass
+
+    def observe_eviction(self, model: str, mode: str) -> None:
+        pass
+
+
+@dataclass
+class Replica:
+    """One model's mutable state. Touched only from the event loop."""
+
+    model: ResolvedModel
+    state: State = "stopped"
+    phase: str = ""
+    handle: EngineHandle | None = None
+    in_flight: int = 0
+    waiters: deque[asyncio.Future[Lease]] = field(default_factory=deque)
+    wanted: list[asyncio.Future[None]] = field(default_factory=list)
+    last_used: float = 0.0
+    last_load_s: float | None = None
+    last_error: str | None = None
+    draining: bool = False
+    failures: list[float] = field(default_factory=list)
+    restarts: int = 0
+    sleep_ok: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def footprint(self) -> float:
+        return self.model.budget.footprint_gib if self.model.budget else 0.0
+
+
+class Supervisor:
+    """Owns every replica and the one loop that changes them. See the module docstring."""
+
+    def __init__(
+        self,
+        models: Sequence[ResolvedModel],
+        config: Config,
+        gpu: Gpu,
+        runtime: Runtime,
+        *,
+        observer: Observer | None = None,
+        tick_s: float = 0.5,
+    ) -> None:
+        self.config, self.gpu, self.runtime = config, gpu, runtime
+        self.rc = config.router
+        self.observer: Observer = observer or _NullObserver()
+        self.replicas: dict[str, Replica] = {}
+        for m in models:
+            r = Replica(m)
+            r.idle.set()
+            r.sleep_ok = bool(
+                m.entry.sleep
+                and m.spec is not None
+                and version_tuple(engine_version(m.spec)) >= version_tuple(m.spec.sleep_min_vllm)
+            )
+            if m.external:
+                r.state = "ready"
+            self.replicas[m.name] = r
+        self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
+        self._kick = asyncio.Event()
+        self._op: asyncio.Task[Any] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tick_s = tick_s
+        self._http = httpx.AsyncClient(timeout=10.0)
+        self._closing = False
+        self._arrivals: dict[str, float] = {}
+
+    # -- the router's side (SupervisorLike) ---------------------------------------------------
+    def resolve(self, name: str) -> str | None:
+        return self._aliases.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.replicas)
+
+    async def acquire(self, name: str) -> Lease:
+        """Wait in the model's queue until it is ready; raise an AcquireError otherwise."""
+        real = self.resolve(name)
+        if real is None:
+            raise UnknownModel(
+                f"model {name!r} does not exist; available: {', '.join(self.replicas)}"
+            )
+        r = self.replicas[real]
+        if self._closing:
+            raise AcquireError("the router is shutting down", retry_after=5)
+        if r.state == "ready" and not r.draining and not r.waiters:
+            return self._lease(r)
+        limit = (
+            r.model.entry.max_queue if r.model.entry.max_queue is not None else self.rc.max_queue
+        )
+        if len(r.waiters) >= limit:
+            raise QueueFull(
+                f"{real} has {len(r.waiters)} requests queued (max_queue {limit}); retry later",
+                retry_after=max(5.0, (r.last_load_s or 30.0) / 2),
+            )
+        if r.model.external and r.state == "failed":
+            raise LoadFailed(f"{real} at {r.model.entry.url} is unreachable: {r.last_error}")
+        fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        if not r.waiters:
+            self._arrivals[real] = time.monotonic()
+        r.waiters.append(fut)
+        self.kick()
+        done, _ = await asyncio.wait({fut}, timeout=self.rc.queue_timeout_s)
+        if fut in done:
+            return fut.result()
+        fut.cancel()
+        with contextlib.suppress(ValueError):
+            r.waiters.remove(fut)
+        raise LoadTimeout(
+            f"{real} was not ready after {self.rc.queue_timeout_s:.0f} s in the queue "
+            f"(state {r.state}, phase {r.phase or '-'})"
+            + (f"; last error: {r.last_error}" if r.last_error else "")
+        )
+
+    def release(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        r = self.replicas[lease.model]
+        r.in_flight = max(r.in_flight - 1, 0)
+        r.last_used = time.monotonic()
+        if r.in_flight == 0:
+            r.idle.set()
+        self.kick()
+
+    def report_failure(self, lease: Lease, reason: str) -> None:
+        r = self.replicas[lease.model]
+        if r.model.external or r.state != "ready":
+            return
+        self._spawn(self._check(r, hint=reason))
+
+    def snapshot(self) -> list[ReplicaInfo]:
+        return [self._info(r) for r in self.replicas.values()]
+
+    async def load(self, name: str) -> ReplicaInfo:
+        """Admin: start a model now and wait until it is ready or failed. Resets a crash loop."""
+        r = self._get(name)
+        r.failures.clear()
+        if r.state != "ready":
+            fut = self._want(r)
+            self.kick()
+            with contextlib.suppress(AcquireError):
+                await fut
+        return self._info(r)
+
+    async def unload(self, name: str) -> ReplicaInfo:
+        """Admin: drain then stop a model (waits for any running operation first)."""
+        r = self._get(name)
+        while self._op is not None and not self._op.done():
+            await asyncio.wait({self._op})
+        if not r.model.external and r.state in ("ready", "sleeping"):
+            self._op = asyncio.create_task(self._evict(r, scheduler.Evict(r.name, "stop")))
+            await asyncio.wait({self._op})
+        self.kick()
+        return self._info(r)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Adopt matching engines left running, stop stale ones, preload, start the loops."""
+        await self._adopt()
+        for r in self.replicas.values():
+            if r.model.entry.preload and r.state != "ready":
+                self._want(r)
+        self._tasks = [asyncio.create_task(self._loop()), asyncio.create_task(self._health_loop())]
+        self.kick()
+
+    async def shutdown(self, stop_engines: bool = True, timeout_s: float = 30.0) -> None:
+        """Refuse new work, let running requests finish (up to ``timeout_s``), stop engines."""
+        self._closing = True
+        for r in self.replicas.values():
+            self._fail_waiters(r, AcquireError("the router is shutting down", retry_after=5))
+        deadline = time.monotonic() + timeout_s
+        for r in self.replicas.values():
+            left = max(deadline - time.monotonic(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(r.idle.wait(), left)
+        for t in self._tasks:
+            t.cancel()
+        if self._op is not None:
+            self._op.cancel()
+            with contextlib.suppress(BaseException):
+                await self._op
+        if stop_engines:
+            for r in self.replicas.values():
+                if r.handle is not None and not r.model.external:
+                    with contextlib.suppress(Exception):
+                        await self.runtime.stop(r.handle)
+                    r.handle, r.state = None, "stopped"
+        await self._http.aclose()
+        await self.runtime.close()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    # -- the control loop ----------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self._tick_s)
+            self._kick.clear()
+            try:
+                self._reconcile(time.monotonic())
+            except Exception as exc:  # a bug here must not kill the loop silently
+                for r in self.replicas.values():
+                    r.last_error = f"internal error: {exc!r}"
+
+    def _views(self) -> list[scheduler.ReplicaView]:
+        return [
+            scheduler.ReplicaView(
+                name=r.name,
+                state=r.state,
+                footprint_gib=r.footprint,
+                sleep_gib=r.model.budget.sleep_residual_gib if r.model.budget else 0.0,
+                in_flight=r.in_flight,
+                pinned=r.model.entry.pinned,
+                last_used=r.last_used,
+                reload_cost_s=r.last_load_s or (r.model.spec.reload_cost_s if r.model.spec else 1),
+                can_sleep=r.sleep_ok,
+                external=r.model.external,
+                draining=r.draining,
+            )
+            for r in self.replicas.values()
+        ]
+
+    def _reconcile(self, now: float) -> None:
+        """One pass of the loop. Synchronous: no other coroutine runs while it decides."""
+        for r in self.replicas.values():
+            if r.state == "ready" and not r.draining:
+                while r.waiters:
+                    fut = r.waiters.popleft()
+                    if not fut.done():
+                        fut.set_result(self._lease(r))
+                self._resolve_wanted(r)
+        if self._op is not None and not self._op.done():
+            return
+        pending = [
+            r for r in self.replicas.values() if (r.waiters or r.wanted) and r.state != "ready"
+        ]
+        pending.sort(key=lambda r: (0 if r.wanted else 1, self._arrivals.get(r.name, now)))
+        for r in pending:
+            if r.state == "failed" and not self._may_restart(r, now):
+                continue
+            p = scheduler.plan(r.name, self._views(), self.gpu.usable_gib, now)
+            if p.action == "wait":
+                return
+            if p.action == "refuse":
+                self._fail_waiters(r, Refused(p.reason))
+                continue
+            if p.action in ("start", "wake"):
+                self._op = asyncio.create_task(self._execute(r, p))
+                return
+        ttl = {r.name: r.model.entry.ttl for r in self.replicas.values()}
+        for name in scheduler.expired(self._views(), ttl, now):
+            self._op = asyncio.create_task(
+                self._evict(self.replicas[name], scheduler.Evict(name, "stop"))
+            )
+            return
+
+    def _may_restart(self, r: Replica, now: float) -> bool:
+        window = self.rc.crash_loop_window_s
+        r.failures = [t for t in r.failures if now - t < window]
+        if len(r.failures) >= self.rc.crash_loop_max:
+            self._fail_waiters(
+                r,
+                LoadFailed(
+                    f"{r.name} is in a crash loop ({len(r.failures)} failures in {window:.0f} s); "
+                    f"last error: {r.last_error}. "
+                    f"Fix the cause, then POST /api/models/{r.name}/load"
+                ),
+            )
+            return False
+        delay = scheduler.restart_delay(len(r.failures), self.rc.restart_backoff_s)
+        return not r.failures or now - r.failures[-1] >= delay
+
+    # -- operations (at most one runs at a time) ------------------------------------------------
+    async def _execute(self, r: Replica, p: scheduler.Plan) -> None:
+        try:
+            for ev in p.evict:
+                if not await self._evict(self.replicas[ev.name], ev):
+                    self._fail_waiters(
+                        r,
+                        Refused(
+                            f"{ev.name} still had requests running after "
+                            f"{self.rc.drain_timeout_s:.0f} s; {r.name} could not be given room"
+                        ),
+                        retry_after=10,
+                    )
+                    return
+            if p.action == "wake" and await self._wake(r):
+                return
+            await self._start(r)
+        finally:
+            self.kick()
+
+    async def _start(self, r: Replica) -> None:
+        assert r.model.spec is not None
+        if r.handle is not None:  # a failed or sleeping engine: clear it away first
+            with contextlib.suppress(Exception):
+                await self.runtime.stop(r.handle)
+            r.handle = None
+        r.state, r.phase, r.last_error = "starting", "starting", None
+        taken = [x.handle.port for x in self.replicas.values() if x.handle is not None]
+        began = time.monotonic()
+        try:
+            port, _ = pick_port(None, self.config.runtime.port_range, taken)
+            req = launch_request(
+                r.model, self.gpu, self.runtime, self.config.runtime, port, sleep_mode=r.sleep_ok
+            )
+            r.handle = await self.runtime.start(req)
+
+            def on_phase(phase: str, _line: str) -> None:
+                r.phase = phase
+
+            await wait_ready(
+                self.runtime, r.handle, timeout_s=r.model.spec.startup_timeout_s, on_phase=on_phase
+            )
+        except (VlmhubError, OSError) as exc:
+            await self._failed(r, str(exc), timeout=isinstance(exc, EngineStartTimeout))
+            if isinstance(exc, EngineStartError) and exc.code == "sleep_unsupported":
+                r.sleep_ok = False  # this engine cannot sleep: fall back to stop/start
+            self.observer.observe_load(r.name, time.monotonic() - began, False)
+            return
+        r.last_load_s = time.monotonic() - began
+        r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
+        r.restarts += 1 if r.failures else 0
+        self.observer.observe_load(r.name, r.last_load_s, True)
+
+    async def _failed(self, r: Replica, message: str, *, timeout: bool = False) -> None:
+        r.state, r.phase, r.last_error = "failed", "failed", message
+        r.failures.append(time.monotonic())
+        if r.handle is not None:
+            with contextlib.suppress(Exception):
+                await self.runtime.stop(r.handle)
+            r.handle = None
+        err: AcquireError = LoadTimeout(message) if timeout else LoadFailed(message)
+        self._fail_waiters(r, err)
+
+    async def _evict(self, v: Replica, ev: scheduler.Evict) -> bool:
+        """Drain ``v`` (new requests queue), then sleep or stop it. False if it stayed busy."""
+        v.draining = True
+        try:
+            if v.in_flight:
+                try:
+                    await asyncio.wait_for(v.idle.wait(), self.rc.drain_timeout_s)
+                except TimeoutError:
+                    return False
+            if ev.mode == "sleep" and v.state == "ready" and await self._sleep(v):
+                self.observer.observe_eviction(v.name, "sleep")
+                return True
+            v.state = "stopping"
+            if v.handle is not None:
+                with contextlib.suppress(Exception):
+                    await self.runtime.stop(v.handle)
+            v.handle, v.state, v.phase = None, "stopped", ""
+            self.observer.observe_eviction(v.name, "stop")
+            return True
+        finally:
+            v.draining = False
+            self.kick()
+
+    async def _sleep(self, v: Replica) -> bool:
+        assert v.handle is not None
+        try:
+            resp = await self._http.post(v.handle.base_url + "/sleep", params={"level": "1"})
+            ok = resp.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if ok:
+            v.state, v.phase = "sleeping", "sleeping"
+        return ok
+
+    async def _wake(self, r: Replica) -> bool:
+        """Wake a sleeping engine (room was made first: vLLM does not check). False: restart."""
+        if r.handle is None:
+            return False
+        r.state, r.phase = "starting", "waking"
+        began = time.monotonic()
+        try:
+            resp = await self._http.post(r.handle.base_url + "/wake_up")
+            ok = resp.status_code == 200 and await probe(r.handle, self._http)
+        except httpx.HTTPError:
+            ok = False
+        if ok:
+            r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
+            self.observer.observe_load(r.name, time.monotonic() - began, True)
+        return ok
+
+    # -- health ---------------------------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.rc.health_interval_s)
+            for r in list(self.replicas.values()):
+                if r.model.external or (r.state == "ready" and r.handle is not None):
+                    await self._check(r)
+
+    async def _check(self, r: Replica, hint: str = "") -> None:
+        """Liveness: the engine still runs and answers /health; else it becomes failed."""
+        if r.model.external:
+            ok = await self._probe_external(r)
+            r.state, r.last_error = ("ready", None) if ok else ("failed", hint or "unreachable")
+            return
+        if r.handle is None or r.state != "ready":
+            return
+        st = await self.runtime.status(r.handle)
+        if st.state == "running" and await probe(r.handle, self._http):
+            return
+        if r.state != "ready":
+            return
+        tail = await self.runtime.logs(r.handle, tail=40) if st.state != "missing" else []
+        known = diagnose(tail)
+        reason = known.summary if known else (hint or f"engine {st.state} (exit {st.exit_code})")
+        await self._failed(r, f"{r.name} crashed: {reason}")
+        self.kick()
+
+    async def _probe_external(self, r: Replica) -> bool:
+        url = (r.model.entry.url or "").rstrip("/")
+        try:
+            resp = await self._http.get(url + "/v1/models", timeout=3.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code < 500
+
+    # -- helpers --------------------------------------------------------------------------------
+    async def _adopt(self) -> None:
+        try:
+            handles = await self.runtime.adopt()
+        except VlmhubError:
+            return
+        for h in handles:
+            r = self.replicas.get(h.name)
+            if r is None or r.model.spec is None or h.spec_hash != engine_hash(r.model, r.sleep_ok):
+                with contextlib.suppress(Exception):
+                    await self.runtime.stop(h)
+                continue
+            if await probe(h, self._http):
+                r.handle, r.state, r.phase, r.last_used = (
+                    h,
+                    "ready",
+                    "ready (adopted)",
+                    time.monotonic(),
+                )
+
+    def _lease(self, r: Replica) -> Lease:
+        r.in_flight += 1
+        r.idle.clear()
+        r.last_used = time.monotonic()
+        if r.model.external:
+            base = (r.model.entry.url or "").rstrip("/")
+            return Lease(r.name, base, r.model.api_name, external=True)
+        assert r.handle is not None
+        return Lease(r.name, r.handle.base_url, r.model.api_name)
+
+    def _fail_waiters(
+        self, r: Replica, err: AcquireError, retry_after: float | None = None
+    ) -> None:
+        if retry_after is not None:
+            err.retry_after = retry_after
+        while r.waiters:
+            fut = r.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+        for w in r.wanted:
+            if not w.done():
+                w.set_exception(err)
+        r.wanted.clear()
+
+    def _want(self, r: Replica) -> asyncio.Future[None]:
+        """Ask the loop to make ``r`` ready without a request (preload, admin load)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        r.wanted.append(fut)
+        return fut
+
+    def _resolve_wanted(self, r: Replica) -> None:
+        for w in r.wanted:
+            if not w.done():
+                w.set_result(None)
+        r.wanted.clear()
+
+    def _get(self, name: str) -> Replica:
+        real = self.resolve(name)
+        if real is None:
+            raise UnknownModel(
+                f"model {name!r} does not exist; available: {', '.join(self.replicas)}"
+            )
+        return self.replicas[real]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    def _info(self, r: Replica) -> ReplicaInfo:
+        spec = r.model.spec
+        return ReplicaInfo(
+            name=r.name,
+            state=r.state,
+            phase=r.phase,
+            runtime="external" if r.model.external else self.runtime.kind,
+            port=r.handle.port if r.handle else None,
+            budget_gib=round(r.footprint, 3),
+            in_flight=r.in_flight,
+            queued=len(r.waiters),
+            pinned=r.model.entry.pinned,
+            external=r.model.external,
+            last_used=r.last_used or None,
+            last_load_s=r.last_load_s,
+            last_error=r.last_error,
+            aliases=tuple(r.model.aliases),
+            max_model_len=spec.options.max_model_len if spec else None,
+            draining=r.draining,
+            restarts=r.restarts,
+        )
