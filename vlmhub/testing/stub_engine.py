@@ -1,0 +1,643 @@
+"""Stand-in (test double) for vLLM's OpenAI-compatible server. NOT an inference engine.
+
+It speaks vLLM 0.32's CLI and HTTP surface (``/health``, ``/v1/models``, chat and text
+completions with streaming, ``/metrics``, sleep mode, ...) and answers with deterministic
+made-up text whose first word is the served model name plus a colon. Knobs (``--stub-*`` flags
+or ``VLMHUB_STUB_*`` env vars; a flag wins) make it slow to start, fail at start-up with vLLM's
+real errors, crash mid-stream, or share a simulated GPU with other stubs through a ledger dir.
+Standard library only, imports nothing from vlmhub: it runs as ``python3 /app/stub_engine.py``
+in a bare Debian image as well as ``python -m vlmhub.testing.stub_engine``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+from urllib.parse import parse_qs, urlsplit
+
+VERSION = "0.32.0"
+GIB = 1024**3
+SLEEP_CLAIM_GIB = 1.25  # what a sleeping vLLM keeps on the GPU (CUDA context, graph pools)
+IMAGE_TOKENS = 64  # prompt tokens counted per image
+WORDS = [
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+    "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango",
+    "amber", "basalt", "cobalt", "dune", "ember", "fjord", "granite", "harbor", "iris", "jade",
+    "kelp", "lagoon", "marble", "nectar", "onyx", "pebble", "quartz", "ripple", "saffron", "umber",
+]  # fmt: skip
+FREE_MEMORY = (
+    "ValueError: Free memory on device cuda:0 ({free:.2f}/{total:.2f} GiB) on startup is less "
+    "than desired GPU memory utilization ({util}, {claim:.2f} GiB). Decrease GPU memory "
+    "utilization or reduce GPU memory used by other processes."
+)
+FAILURES = {  # --stub-fail-at-startup REASON -> (file, line, function, error line)
+    "free-memory": ("worker/gpu_worker.py", 239, "init_device",
+                    FREE_MEMORY.format(free=3.21, total=11.5, util=0.85, claim=9.78)),
+    "no-cache-blocks": ("core/kv_cache_utils.py", 686, "check_enough_kv_cache_memory",
+                        "ValueError: No available memory for the cache blocks. Try increasing "
+                        "`gpu_memory_utilization` when initializing the engine."),
+    "max-model-len": ("core/kv_cache_utils.py", 706, "check_enough_kv_cache_memory",
+                      "ValueError: To serve at least one request with the models's max seq len "
+                      "(32768), (3.50 GiB KV cache is needed, which is larger than the available "
+                      "KV cache memory (1.10 GiB). Based on the available memory, the estimated "
+                      "maximum model length is 10240. Try increasing `gpu_memory_utilization` or "
+                      "decreasing `max_model_len` when initializing the engine."),
+}  # fmt: skip
+KNOBS: tuple[tuple[str, str, type], ...] = (  # flag, env var, type
+    ("--stub-startup-delay", "VLMHUB_STUB_STARTUP_DELAY", float),
+    ("--stub-fail-at-startup", "VLMHUB_STUB_FAIL_AT_STARTUP", str),
+    ("--stub-crash-after", "VLMHUB_STUB_CRASH_AFTER", int),
+    ("--stub-token-delay", "VLMHUB_STUB_TOKEN_DELAY", float),
+    ("--stub-gpu-total-gib", "VLMHUB_STUB_GPU_TOTAL_GIB", float),
+    ("--stub-ledger", "VLMHUB_STUB_LEDGER", str),
+)
+# Unknown vLLM flags take one value, except these booleans (and --enable-*/--disable-*/--no-*).
+BOOL_FLAGS = {"--trust-remote-code", "--enforce-eager", "--async-scheduling", "--headless",
+              "--skip-tokenizer-init", "--return-tokens-as-token-ids", "--allow-credentials"}
+BOOL_PREFIXES = ("--enable-", "--disable-", "--no-")
+_out_lock = threading.Lock()
+
+
+def log(msg: str, src: str = "api_server.py:1", level: str = "INFO",
+        out: TextIO | None = None) -> None:
+    """Print a vLLM-style line (``INFO 11-26 12:00:00 [file.py:N] msg``), flushed."""
+    raw(f"{level} {time.strftime('%m-%d %H:%M:%S')} [{src}] {msg}", out)
+
+
+def raw(line: str, out: TextIO | None = None) -> None:
+    with _out_lock:
+        print(line, file=out or sys.stdout, flush=True)
+
+
+# ----------------------------------------------------------------------------- GPU ledger
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an exited but unreaped child still answers kill(0): zombies count as dead
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def read_ledger(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Live entries of a simulated-GPU ledger dir, each with an added "file" key.
+
+    An entry with an "ident" (an engine in a container) is live while its file exists; any
+    other while its pid is alive.
+    """
+    entries: list[dict[str, Any]] = []
+    for path in sorted(Path(directory).glob("[!.]*.json")):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("ident") or _pid_alive(int(entry.get("pid", -1))):
+            entries.append({**entry, "file": path.name})
+    return entries
+
+
+def ledger_used_gib(directory: str | os.PathLike[str]) -> float:
+    """GiB claimed on the simulated GPU by the live engines of a ledger dir."""
+    return float(sum(float(e.get("claim_gib", 0.0)) for e in read_ledger(directory)))
+
+
+class Ledger:
+    """This engine's entry: ``DIR/<pid, or env VLMHUB_STUB_LEDGER_ID>-<port>.json``."""
+
+    def __init__(self, directory: str, port: int, model: str, total: float, util: float) -> None:
+        self.dir, self.total, self.util, self.claim = Path(directory), total, util, util * total
+        ident = os.environ.get("VLMHUB_STUB_LEDGER_ID") or None
+        key = re.sub(r"[^A-Za-z0-9_.-]", "_", ident or str(os.getpid()))
+        self.path = self.dir / f"{key}-{port}.json"
+        self.entry: dict[str, Any] = {"pid": os.getpid(), "port": port, "model": model,
+                                      "claim_gib": self.claim, "sleeping": False,
+                                      "started": time.time()}
+        if ident:
+            self.entry["ident"] = ident
+        self.written = False
+
+    def acquire(self) -> str | None:
+        """vLLM's start-up free-memory check against the other engines, then write the entry.
+
+        Returns the vLLM error line when the simulated GPU has too little free memory.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # check-and-write is atomic across stubs
+            others = [e for e in read_ledger(self.dir) if e["file"] != self.path.name]
+            free = max(0.0, self.total - sum(float(e.get("claim_gib", 0.0)) for e in others))
+            if free < self.claim:
+                return FREE_MEMORY.format(free=free, total=self.total, util=self.util,
+                                          claim=self.claim)
+            self.write()
+        return None
+
+    def write(self, sleeping: bool | None = None) -> None:
+        if sleeping is not None:
+            claim = SLEEP_CLAIM_GIB if sleeping else self.claim
+            self.entry.update(sleeping=sleeping, claim_gib=claim)
+        tmp = self.dir / f".{self.path.name}.{threading.get_ident()}.tmp"
+        tmp.write_text(json.dumps(self.entry))
+        os.replace(tmp, self.path)
+        self.written = True
+
+    def remove(self) -> None:
+        if self.written:
+            self.written = False
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse vLLM's CLI: other vLLM flags are ignored, --disable-log-requests fails (exit 2)."""
+    p = argparse.ArgumentParser(prog="api_server.py", allow_abbrev=False,
+                                description="vlmhub stub engine: a test double of vLLM's server")
+    p.add_argument("model_tag", nargs="?", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.92)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--enable-sleep-mode", action="store_true")
+    for flag, _env, kind in KNOBS:
+        p.add_argument(flag, type=kind, default=None)
+    known = {s for a in p._actions for s in a.option_strings}
+    tokens, i = list(sys.argv[1:] if argv is None else argv), 0
+    kept: list[str] = []
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):  # vLLM also accepts --max_model_len
+            name = tok.split("=", 1)[0].replace("_", "-")
+            tok = name + tok[len(name):]
+            if name == "--disable-log-requests":
+                p.error("unrecognized arguments: --disable-log-requests")
+            if name not in known:  # ignore it, and its value unless it is a boolean flag
+                boolean = name in BOOL_FLAGS or name.startswith(BOOL_PREFIXES)
+                nxt = tokens[i + 1] if i + 1 < len(tokens) else "-"
+                takes = "=" not in tok and not boolean and (
+                    not nxt.startswith("-") or re.fullmatch(r"-[\d.]+", nxt) is not None)
+                i += 2 if takes else 1
+                continue
+        kept.append(tok)
+        i += 1
+    args = p.parse_args(kept)
+    for flag, env, kind in KNOBS:
+        dest = flag[2:].replace("-", "_")
+        if getattr(args, dest) is None and os.environ.get(env):
+            try:
+                setattr(args, dest, kind(os.environ[env]))
+            except ValueError:
+                p.error(f"invalid {env}: {os.environ[env]!r}")
+    args.model = args.model or args.model_tag or "Qwen/Qwen3-0.6B"
+    args.served_model_name = args.served_model_name or [args.model]
+    args.max_model_len = args.max_model_len or 8192
+    return args
+
+
+# ----------------------------------------------------------------------------- engine
+class Stub:
+    """State shared by the request threads of one stub engine."""
+
+    def __init__(self, args: argparse.Namespace, ledger: Ledger | None) -> None:
+        self.args, self.ledger, self.names = args, ledger, list(args.served_model_name)
+        self.created = int(time.time())
+        self.token_delay = float(args.stub_token_delay or 0.0)
+        self.crash_after = int(args.stub_crash_after or 0)
+        self.dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+        self.lock = threading.Lock()
+        self.requests: dict[str, int] = {}
+        self.running = self.disconnects = self.completions = self.successes = 0
+        self.sleep_level = 0  # 0 awake, else 1 or 2
+        self.needs_reload = False  # woke from level 2, no collective_rpc reload_weights yet
+
+    def die(self) -> None:
+        """Abrupt engine death (a simulated EngineCore crash): no response, no cleanup."""
+        log("EngineCore encountered a fatal error.", "core.py:711", "ERROR")
+        if self.ledger:  # a dead process frees its GPU memory
+            self.ledger.remove()
+        os._exit(1)
+
+
+def prompt_of(body: dict[str, Any], chat: bool) -> tuple[str, int, int]:
+    """(seed text, prompt token count, image count) of a completion request body."""
+    if not chat:
+        prompt = json.dumps(body.get("prompt", ""), sort_keys=True)
+        return prompt, max(1, len(prompt.split())), 0
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("`messages` must be a non-empty list")
+    words = images = 0
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part in parts if isinstance(parts, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                images += 1
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                words += len(part["text"].split())
+    tokens = words + 4 * len(messages) + IMAGE_TOKENS * images
+    return json.dumps(messages, sort_keys=True), tokens, images
+
+
+def generate(model: str, prompt: str, images: int, n_tokens: int) -> list[str]:
+    """Deterministic pieces: 'model:', ' [N image(s)]' if any, then ' word'... (n_tokens)."""
+    pieces = [f"{model}:"] + ([f" [{images} image{'s' * (images != 1)}]"] if images else [])
+    seed = hashlib.sha256(f"{model}\n{prompt}".encode()).digest()
+    for i in range(max(0, n_tokens - len(pieces))):
+        digest = hashlib.sha256(seed + i.to_bytes(4, "big")).digest()
+        pieces.append(" " + WORDS[int.from_bytes(digest[:4], "big") % len(WORDS)])
+    return pieces[:n_tokens]
+
+
+def error_body(message: str, kind: str, code: int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class ClientGone(Exception):
+    """The HTTP client hung up before the answer was complete."""
+
+
+# ----------------------------------------------------------------------------- HTTP
+class StubServer(ThreadingHTTPServer):
+    request_queue_size = 128
+
+    def __init__(self, addr: tuple[str, int], stub: Stub) -> None:
+        self.stub = stub
+        super().__init__(addr, Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: StubServer
+
+    def version_string(self) -> str:
+        return "uvicorn"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        phrase = HTTPStatus(int(code)).phrase if str(code).isdigit() else ""
+        raw(f'INFO:     {self.client_address[0]}:{self.client_address[1]} - "{self.requestline}" '
+            f"{code} {phrase}")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # errors of the stdlib server itself stay quiet; access lines come from log_request
+
+    def reply(self, code: int, body: bytes = b"", ctype: str = "application/json") -> None:
+        self.send_response(code)
+        if body:
+            self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def reply_json(self, code: int, obj: Any) -> None:
+        self.reply(code, json.dumps(obj).encode())
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+    def pause(self) -> None:
+        """Wait one token's delay; raise ClientGone as soon as the client hangs up."""
+        delay = self.server.stub.token_delay
+        end = time.monotonic() + delay
+        if delay > 0 and select.select([self.connection], [], [], delay)[0]:
+            try:
+                if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    raise ClientGone
+            except OSError as exc:
+                raise ClientGone from exc
+            time.sleep(max(0.0, end - time.monotonic()))
+
+    def do_GET(self) -> None:
+        self.dispatch("GET")
+
+    def do_POST(self) -> None:
+        self.dispatch("POST")
+
+    def dispatch(self, method: str) -> None:
+        stub, url = self.server.stub, urlsplit(self.path)
+        path, query = url.path, parse_qs(url.query)
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with stub.lock:
+            stub.requests[path] = stub.requests.get(path, 0) + 1
+        key = stub.args.api_key
+        if key and path.startswith("/v1") and self.headers.get("Authorization") != f"Bearer {key}":
+            return self.reply_json(401, {"error": "Unauthorized"})
+        sleep_routes = stub.dev_mode and stub.args.enable_sleep_mode
+        routes = {"GET": {"/health", "/ping", "/version", "/v1/models", "/metrics", "/stub/stats"}
+                  | ({"/is_sleeping"} if sleep_routes else set()),
+                  "POST": {"/ping", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                           "/tokenize"} | ({"/sleep", "/wake_up"} if sleep_routes else set())
+                  | ({"/collective_rpc", "/reset_prefix_cache"} if stub.dev_mode else set())}
+        if path not in routes[method]:
+            known = any(path in paths for paths in routes.values())
+            detail = "Method Not Allowed" if known else "Not Found"
+            return self.reply_json(405 if known else 404, {"detail": detail})
+        body: dict[str, Any] = {}
+        if data.strip():
+            try:
+                body = json.loads(data)
+                if not isinstance(body, dict):
+                    raise ValueError("the request body must be a JSON object")
+            except ValueError as exc:
+                msg = f"JSON decode error: {exc}"
+                return self.reply_json(400, error_body(msg, "BadRequestError", 400))
+        if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            return self.model_route(path, body)
+        self.admin_route(path, query, body)
+
+    def admin_route(self, path: str, query: dict[str, list[str]], body: dict[str, Any]) -> None:
+        stub, args = self.server.stub, self.server.stub.args
+        if path == "/version":
+            return self.reply_json(200, {"version": VERSION})
+        if path == "/v1/models":
+            return self.reply_json(200, {"object": "list", "data": [
+                {"id": name, "object": "model", "created": stub.created, "owned_by": "vllm",
+                 "root": args.model, "parent": None, "max_model_len": args.max_model_len,
+                 "permission": []} for name in stub.names]})
+        if path == "/stub/stats":
+            with stub.lock:
+                stats = {"requests": dict(stub.requests), "running": stub.running,
+                         "disconnects": stub.disconnects, "completions": stub.completions}
+            return self.reply_json(200, stats)
+        if path == "/metrics":
+            ctype = "text/plain; version=0.0.4; charset=utf-8"
+            return self.reply(200, self.metrics().encode(), ctype)
+        if path == "/tokenize":
+            text = json.dumps(body.get("messages") or body.get("prompt", ""), sort_keys=True)
+            ids = [int(hashlib.sha256(w.encode()).hexdigest()[:4], 16) for w in text.split()]
+            return self.reply_json(200, {"count": len(ids), "max_model_len": args.max_model_len,
+                                         "tokens": ids, "token_strs": None})
+        if path == "/is_sleeping":
+            return self.reply_json(200, {"is_sleeping": stub.sleep_level > 0})
+        if path == "/collective_rpc":
+            stub.needs_reload = stub.needs_reload and body.get("method") != "reload_weights"
+            return self.reply_json(200, {"results": [None]})
+        if path == "/sleep":
+            level = (query.get("level") or ["1"])[0]
+            if level not in ("1", "2"):
+                bad = error_body(f"invalid sleep level {level}", "BadRequestError", 400)
+                return self.reply_json(400, bad)
+            with stub.lock:
+                if not stub.sleep_level and stub.ledger:
+                    stub.ledger.write(sleeping=True)
+                stub.sleep_level = stub.sleep_level or int(level)
+            log(f"It took 0.10 seconds to fall asleep (level {level}).", "gpu_worker.py:117")
+        elif path == "/wake_up":
+            with stub.lock:
+                if stub.sleep_level and stub.ledger:
+                    stub.ledger.write(sleeping=False)
+                stub.needs_reload = stub.needs_reload or stub.sleep_level == 2
+                stub.sleep_level = 0
+            log("It took 0.05 seconds to wake up.", "gpu_worker.py:150")
+        self.reply(200)  # /health, /ping, /reset_prefix_cache, /sleep, /wake_up
+
+    def metrics(self) -> str:
+        stub = self.server.stub
+        labels = 'engine="0",model_name="{}"'.format(stub.names[0].replace('"', '\\"'))
+        with stub.lock:
+            running, level, done = stub.running, stub.sleep_level, stub.successes
+        rows = [("num_requests_running", "gauge", "Number of requests in model execution batches.",
+                 running),
+                ("num_requests_waiting", "gauge", "Number of requests waiting to be processed.", 0),
+                ("kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
+                 min(1.0, 0.05 * running)),
+                ("request_success_total", "counter", "Count of successfully processed requests.",
+                 done)]
+        lines: list[str] = []
+        for name, kind, text, value in rows:
+            lines += [f"# HELP vllm:{name} {text}", f"# TYPE vllm:{name} {kind}",
+                      f"vllm:{name}{{{labels}}} {float(value)}"]
+        lines += ["# HELP vllm:engine_sleep_state Engine sleep state; awake = 0 means engine is "
+                  "sleeping; awake = 1 means engine is awake; weights_offloaded = 1 means sleep "
+                  "level 1; discard_all = 1 means sleep level 2.",
+                  "# TYPE vllm:engine_sleep_state gauge"]
+        for i, state in enumerate(("awake", "weights_offloaded", "discard_all")):
+            lines.append(f'vllm:engine_sleep_state{{{labels},sleep_state="{state}"}} '
+                         f"{float(level == i)}")
+        return "\n".join(lines) + "\n"
+
+    def model_route(self, path: str, body: dict[str, Any]) -> None:
+        stub = self.server.stub
+        model = str(body.get("model") or stub.names[0])
+        if model not in stub.names:
+            msg = f"The model `{model}` does not exist."
+            return self.reply_json(404, error_body(msg, "NotFoundError", 404))
+        if stub.sleep_level or stub.needs_reload:  # real vLLM misbehaves; the stand-in says why
+            why = (f"the engine is asleep (level {stub.sleep_level}); POST /wake_up first"
+                   if stub.sleep_level else "the weights were discarded by sleep level 2; POST "
+                   '/collective_rpc {"method": "reload_weights"} after /wake_up')
+            code, kind = (503, "ServiceUnavailableError") if stub.sleep_level else (
+                500, "InternalServerError")
+            return self.reply_json(code, error_body(f"vlmhub stub engine: {why}", kind, code))
+        if path == "/v1/embeddings":
+            given = body.get("input", "")
+            items: list[Any] = given if isinstance(given, list) else [given]
+            digests = [hashlib.sha256(f"{model}\n{json.dumps(x)}".encode()).digest() for x in items]
+            used = sum(len(json.dumps(x).split()) for x in items)
+            return self.reply_json(200, {
+                "id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                "model": model, "usage": {"prompt_tokens": used, "total_tokens": used},
+                "data": [{"object": "embedding", "index": i,
+                          "embedding": [round(b / 127.5 - 1, 4) for b in d[:16]]}
+                         for i, d in enumerate(digests)]})
+        self.complete(model, body, chat=path == "/v1/chat/completions")
+
+    def complete(self, model: str, body: dict[str, Any], chat: bool) -> None:
+        stub, limit = self.server.stub, self.server.stub.args.max_model_len
+        wanted = body.get("max_completion_tokens") or body.get("max_tokens")
+        try:
+            prompt, prompt_tokens, images = prompt_of(body, chat)
+            if wanted is not None and (not isinstance(wanted, int) or wanted < 1):
+                raise ValueError("max_tokens must be a positive integer")
+            if prompt_tokens + (wanted or 0) > limit:
+                raise ValueError(
+                    f"This model's maximum context length is {limit} tokens. However, you "
+                    f"requested {prompt_tokens + (wanted or 0)} tokens ({prompt_tokens} in the "
+                    f"messages, {wanted or 0} in the completion). Please reduce the length of the "
+                    "messages or completion.")
+        except ValueError as exc:
+            return self.reply_json(400, error_body(str(exc), "BadRequestError", 400))
+        pieces = generate(model, prompt, images, min(wanted or 16, 64))
+        finish = "length" if wanted == len(pieces) else "stop"
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + len(pieces),
+                 "completion_tokens": len(pieces)}
+        with stub.lock:
+            stub.completions += 1
+            crash = stub.completions == stub.crash_after
+            stub.running += 1
+        try:
+            if body.get("stream"):
+                with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                self.stream(model, chat, pieces, finish, usage if with_usage else None, crash)
+            else:
+                if crash:
+                    stub.die()
+                for _ in pieces:
+                    self.pause()
+                text = "".join(pieces)
+                choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish,
+                                          "stop_reason": None}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": text, "tool_calls": [],
+                                         "reasoning_content": None}
+                else:
+                    choice["text"] = text
+                self.reply_json(200, {
+                    "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": int(time.time()), "model": model, "choices": [choice],
+                    "usage": usage})
+            with stub.lock:
+                stub.successes += 1
+        except (ClientGone, ConnectionError):
+            with stub.lock:
+                stub.disconnects += 1
+            self.close_connection = True
+        finally:
+            with stub.lock:
+                stub.running -= 1
+
+    def stream(self, model: str, chat: bool, pieces: list[str], finish: str,
+               usage: dict[str, int] | None, crash: bool) -> None:
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(delta: dict[str, str] | None, text: str, reason: str | None = None) -> None:
+            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+            choice.update({"delta": delta} if chat else {"text": text})
+            obj = {"id": rid, "object": kind, "created": created, "model": model,
+                   "choices": [choice]}
+            self.chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if chat:
+            event({"role": "assistant", "content": ""}, "")
+        for i, piece in enumerate(pieces):
+            if crash and i == min(2, len(pieces) - 1):
+                self.server.stub.die()  # mid-stream: the client sees a broken chunked body
+            self.pause()
+            event({"content": piece}, piece)
+        event({}, "", finish)
+        if usage is not None:
+            obj = {"id": rid, "object": kind, "created": created, "model": model, "choices": [],
+                   "usage": usage}
+            self.chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        self.chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+# ----------------------------------------------------------------------------- main
+def fail(src: str, line_no: int, func: str, error: str) -> int:
+    """Print vLLM's start-up failure (ERROR line, then a traceback on stderr); exit code 1."""
+    log("EngineCore failed to start.", "core.py:708", "ERROR")
+    base = "/usr/local/lib/python3.12/dist-packages/vllm/v1"
+    raw("Traceback (most recent call last):\n"
+        f'  File "{base}/engine/core.py", line 699, in run_engine_core\n'
+        "    engine_core = EngineCoreProc(*args, **kwargs)\n"
+        f'  File "{base}/{src}", line {line_no}, in {func}\n'
+        f"    raise {error.split(':')[0]}(\n{error}", sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    delay = max(0.0, 0.5 if args.stub_startup_delay is None else float(args.stub_startup_delay))
+    ledger = None
+    if args.stub_ledger and args.stub_gpu_total_gib:
+        ledger = Ledger(args.stub_ledger, args.port, args.model, float(args.stub_gpu_total_gib),
+                        args.gpu_memory_utilization)
+        atexit.register(ledger.remove)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log("Shutting down", "launcher.py:99")
+        if ledger:
+            ledger.remove()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log(f"vLLM API server version {VERSION} (vlmhub stub engine)", "api_server.py:1885")
+    log(f"non-default args: {{'model_tag': {args.model!r}, 'host': {args.host!r}, "
+        f"'port': {args.port}, 'max_model_len': {args.max_model_len}}}", "utils.py:253")
+    if ledger and (err := ledger.acquire()):
+        return fail("worker/gpu_worker.py", 239, "init_device", err)
+    kv_gib = 0.5
+    if args.kv_cache_memory_bytes:
+        kv_gib = args.kv_cache_memory_bytes / GIB
+    elif args.stub_gpu_total_gib:
+        kv_gib = max(0.1, args.gpu_memory_utilization * args.stub_gpu_total_gib - 1.6)
+    reason = args.stub_fail_at_startup
+    fail_at = 0.3 if reason == "free-memory" else 0.75
+    steps = [
+        (0.05, "gpu_model_runner.py:2602", f"Starting to load model {args.model}..."),
+        (0.45, "default_loader.py:267", "Loading weights took 0.40 seconds"),
+        (0.55, "gpu_model_runner.py:2653", f"Model loading took 1.23 GiB and {delay:.1f} seconds"),
+        (0.7, "gpu_worker.py:298", "Memory profiling takes 0.10 seconds"),
+        (0.8, "gpu_worker.py:299", f"Available KV cache memory: {kv_gib:.2f} GiB"),
+        (0.9, "kv_cache_utils.py:1087", f"GPU KV cache size: {int(kv_gib * GIB / 131072)} tokens"),
+        (1.0, "", ""),
+    ]
+    start = time.monotonic()
+    for frac, src, msg in steps:
+        if reason and frac > fail_at:
+            time.sleep(max(0.0, start + fail_at * delay - time.monotonic()))
+            return fail(*FAILURES.get(reason, ("engine/core.py", 83, "__init__",
+                                               f"RuntimeError: {reason}")))
+        time.sleep(max(0.0, start + frac * delay - time.monotonic()))
+        if msg:
+            log(msg, src)
+    try:  # bound only now: while "loading", connections are refused, as with vLLM
+        server = StubServer((args.host, args.port), Stub(args, ledger))
+    except OSError as exc:
+        log(f"OSError: {exc}", "api_server.py:1900", "ERROR")
+        return 1
+    log(f"Starting vLLM API server 0 on http://{args.host}:{args.port}", "launcher.py:44")
+    raw(f"INFO:     Started server process [{os.getpid()}]\n"
+        "INFO:     Waiting for application startup.\nINFO:     Application startup complete.\n"
+        f"INFO:     Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
