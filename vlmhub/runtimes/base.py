@@ -140,7 +140,7 @@ async def wait_ready(
     pump_task = asyncio.create_task(pump())
     deadline = time.monotonic() + timeout_s
     try:
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(trust_env=False) as client:
             while True:
                 if await probe(handle, client):
                     if on_phase is not None:
@@ -153,14 +153,7 @@ async def wait_ready(
                     raise _start_error(handle, tail, st)
                 if time.monotonic() > deadline:
                     tail = await runtime.logs(handle, tail=40)
-                    err = EngineStartTimeout(
-                        handle.name,
-                        f"{handle.name} did not become ready within {timeout_s:.0f} s "
-                        f"(last phase: {parser.phase}).\n" + format_failure(None, tail),
-                        tail,
-                        "timeout",
-                    )
-                    raise err
+                    raise _timeout_error(handle, tail, timeout_s, parser.phase)
                 await asyncio.sleep(poll_s)
     finally:
         pump_task.cancel()
@@ -175,3 +168,27 @@ def _start_error(handle: EngineHandle, tail: list[str], st: EngineStatus) -> Eng
     code = f" (exit code {st.exit_code})" if st.exit_code is not None else ""
     message = f"{handle.name} exited before it was ready{code}.\n" + format_failure(known, tail)
     return EngineStartError(handle.name, message, tail, known.code if known else "engine_exited")
+
+
+def _timeout_error(
+    handle: EngineHandle, tail: list[str], timeout_s: float, phase: str | None
+) -> EngineStartTimeout:
+    """The engine still runs but is not healthy: say so (it did not exit), with the log."""
+    from vlmhub.engine_log import clean_line, diagnose
+
+    known = diagnose(tail)
+    message = (
+        f"{handle.name} did not become ready within {timeout_s:.0f} s "
+        f"(last phase: {phase or 'none seen'}).\n"
+    )
+    if known is not None:
+        message += format_failure(known, tail)
+    else:
+        lines = [c for c in (clean_line(t) for t in tail) if c.strip()][-15:]
+        message += (
+            "Fix: if the engine is only slow (the first start downloads the weights and "
+            "compiles), raise startup_timeout_s for this model; otherwise read its log."
+        )
+        if lines:
+            message += f"\nLast {len(lines)} log lines:\n" + "\n".join(f"  | {c}" for c in lines)
+    return EngineStartTimeout(handle.name, message, tail, "timeout")
