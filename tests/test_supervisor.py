@@ -294,3 +294,22 @@ async def test_external_endpoint_is_routed_and_never_started(tmp_path: Path) -> 
             await sup3.shutdown()
     finally:
         await sup.shutdown()
+
+
+async def test_a_client_that_leaves_the_queue_leaks_no_lease(tmp_path: Path) -> None:
+    sup, _, _ = build(tmp_path, {"a": model(1.0)}, delay=1.0)
+    await sup.start()
+    try:
+        leaving = asyncio.create_task(sup.acquire("a"))
+        staying = asyncio.create_task(sup.acquire("a"))
+        await asyncio.sleep(0.3)
+        leaving.cancel()
+        lease = await asyncio.wait_for(staying, 15)
+        assert sup.snapshot()[0].in_flight == 1
+        assert sup.snapshot()[0].queued == 0
+        sup.release(lease)
+        assert sup.snapshot()[0].in_flight == 0
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+    finally:
+        await sup.shutdown()

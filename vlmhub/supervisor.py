@@ -162,17 +162,27 @@ class Supervisor:
             self._arrivals[real] = time.monotonic()
         r.waiters.append(fut)
         self.kick()
-        done, _ = await asyncio.wait({fut}, timeout=self.rc.queue_timeout_s)
+        try:
+            done, _ = await asyncio.wait({fut}, timeout=self.rc.queue_timeout_s)
+        except asyncio.CancelledError:  # the client left while queued: leak no lease
+            self._abandon(r, fut)
+            raise
         if fut in done:
             return fut.result()
-        fut.cancel()
-        with contextlib.suppress(ValueError):
-            r.waiters.remove(fut)
+        self._abandon(r, fut)
         raise LoadTimeout(
             f"{real} was not ready after {self.rc.queue_timeout_s:.0f} s in the queue "
             f"(state {r.state}, phase {r.phase or '-'})"
             + (f"; last error: {r.last_error}" if r.last_error else "")
         )
+
+    def _abandon(self, r: Replica, fut: asyncio.Future[Lease]) -> None:
+        """Take a waiter out of the queue; a lease it was handed meanwhile goes back."""
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.release(fut.result())
+        fut.cancel()
+        with contextlib.suppress(ValueError):
+            r.waiters.remove(fut)
 
     def release(self, lease: Lease) -> None:
         if lease.released:

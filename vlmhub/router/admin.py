@@ -1,0 +1,93 @@
+"""The admin API under ``/api``: list the models, load or unload one now.
+
+Auth: with ``router.admin_key`` set, ``Authorization: Bearer <admin_key>`` is required (401
+otherwise, from anywhere). Without it only loopback clients may call (403 for the others).
+Listing is a synchronous snapshot; load and unload wait (asynchronously) for the supervisor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from vlmhub.errors import VlmhubError
+from vlmhub.replica import AcquireError, ReplicaInfo
+from vlmhub.router.errors import acquire_error_response, error_response
+from vlmhub.router.state import RouterState, bearer, is_loopback, key_matches, router_state
+
+
+def replica_json(info: ReplicaInfo) -> dict[str, Any]:
+    """A snapshot as JSON: every :class:`ReplicaInfo` field (aliases as a list)."""
+    out = dataclasses.asdict(info)
+    out["aliases"] = list(info.aliases)
+    return out
+
+
+def _check_admin(request: Request, st: RouterState) -> Response | None:
+    if st.admin_key is not None:
+        if key_matches(bearer(request), [st.admin_key]):
+            return None
+        return error_response(401, "The admin API needs `Authorization: Bearer <admin_key>` "
+                              "(router.admin_key in models.yaml).", "invalid_request_error",
+                              "invalid_admin_key", {"WWW-Authenticate": "Bearer"})
+    if is_loopback(request.client.host if request.client else None):
+        return None
+    return error_response(403, "The admin API answers only local clients when no "
+                          "router.admin_key is set. Set router.admin_key in models.yaml to use "
+                          "it from another machine.", "permission_error", "admin_forbidden")
+
+
+def _state(request: Request) -> RouterState:
+    return router_state(request)
+
+
+async def list_replicas(request: Request) -> Response:
+    """GET /api/models: every model's snapshot."""
+    st = _state(request)
+    if (denied := _check_admin(request, st)) is not None:
+        return denied
+    return JSONResponse({"models": [replica_json(i) for i in st.supervisor.snapshot()]})
+
+
+async def _act(request: Request, action: str) -> Response:
+    st = _state(request)
+    if (denied := _check_admin(request, st)) is not None:
+        return denied
+    wanted = request.path_params["name"]
+    name = st.supervisor.resolve(wanted)
+    if name is None:
+        known = ", ".join(st.supervisor.names()) or "none configured"
+        return error_response(404, f"no model named {wanted!r}; configured: {known}",
+                              "invalid_request_error", "model_not_found")
+    try:
+        if action == "load":
+            info = await st.supervisor.load(name)
+        else:
+            info = await st.supervisor.unload(name)
+    except AcquireError as exc:
+        return acquire_error_response(exc)
+    except VlmhubError as exc:
+        return error_response(503, str(exc), "service_unavailable", f"{action}_failed")
+    return JSONResponse(replica_json(info))
+
+
+async def load_model(request: Request) -> Response:
+    """POST /api/models/{name}/load: start it now; waits until it is ready or failed."""
+    return await _act(request, "load")
+
+
+async def unload_model(request: Request) -> Response:
+    """POST /api/models/{name}/unload: stop it now, after its requests finish."""
+    return await _act(request, "unload")
+
+
+def admin_routes() -> list[Route]:
+    return [
+        Route("/api/models", list_replicas, methods=["GET"]),
+        Route("/api/models/{name:path}/load", load_model, methods=["POST"]),
+        Route("/api/models/{name:path}/unload", unload_model, methods=["POST"]),
+    ]

@@ -1,0 +1,321 @@
+"""The router's HTTP app: OpenAI-compatible routes in front of the supervisor, plus admin.
+
+One Starlette app per router. Each request is handled in its own task on the event loop; the
+handlers parse only what routing needs (the body's ``"model"`` and ``"stream"``), wait
+(asynchronously) in :meth:`SupervisorLike.acquire` for a lease, and hand the request to
+:func:`vlmhub.router.proxy.forward`. Nothing here blocks the loop. The app owns the pooled
+aiohttp session of the data path: it is opened at lifespan start-up and closed at shutdown.
+
+``app.state.draining`` (see :func:`drain`) makes new ``/v1`` requests answer 503 while the
+ones in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar, cast
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from vlmhub.config import Config, api_keys
+from vlmhub.replica import AcquireError, Lease, ReplicaInfo, SupervisorLike
+from vlmhub.router.admin import admin_routes, replica_json
+from vlmhub.router.errors import acquire_error_response, error_response
+from vlmhub.router.metrics import RouterMetrics
+from vlmhub.router.proxy import create_session, forward
+from vlmhub.router.state import Reject, RouterState, bearer, key_matches, router_state
+
+log = logging.getLogger("vlmhub.router")
+T = TypeVar("T")
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before an answer
+
+PROXIED: dict[str, str] = {  # client path -> engine path
+    "/v1/chat/completions": "/v1/chat/completions",
+    "/v1/completions": "/v1/completions",
+    "/v1/embeddings": "/v1/embeddings",
+    "/v1/responses": "/v1/responses",
+    "/tokenize": "/tokenize",
+    "/v1/tokenize": "/tokenize",
+    "/detokenize": "/detokenize",
+    "/v1/detokenize": "/detokenize",
+}
+
+
+def require_api_key(request: Request) -> None:
+    """Raise :class:`Reject` (401, OpenAI shape) unless the request carries a valid key."""
+    st = router_state(request)
+    if st.api_keys and not key_matches(bearer(request), st.api_keys):
+        raise Reject(error_response(
+            401, "Incorrect or missing API key. Send it as `Authorization: Bearer <key>` "
+            "(the OpenAI SDKs do this with api_key=...).", "invalid_request_error",
+            "invalid_api_key", {"WWW-Authenticate": "Bearer"}))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (Content-Length checked first,
+    then counted while reading, for chunked uploads)."""
+    too_big = Reject(error_response(
+        413, f"The request body is larger than the router's limit of {limit} bytes. Send "
+        "smaller images (or fewer per request), or raise router.max_body_mb in models.yaml.",
+        "invalid_request_error", "request_too_large"))
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Reject(error_response(400, "invalid Content-Length header",
+                                        "invalid_request_error"))
+        if int(declared) > limit:
+            raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    """The JSON object of the body; 400 in OpenAI's shape when it is not one."""
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise Reject(error_response(400, f"malformed JSON in the request body: {exc}",
+                                    "invalid_request_error", "malformed_json")) from None
+    if not isinstance(payload, dict):
+        raise Reject(error_response(400, "the request body must be a JSON object",
+                                    "invalid_request_error", "malformed_json"))
+    return payload
+
+
+def unknown_model(model: str, supervisor: SupervisorLike) -> Reject:
+    known = ", ".join(supervisor.names()) or "none configured"
+    return Reject(error_response(
+        404, f"The model `{model}` does not exist. Available models: {known}.",
+        "invalid_request_error", "model_not_found", param="model"))
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, coro: Coroutine[Any, Any, T]) -> tuple[bool, T | None]:
+    """Run ``coro`` unless the client hangs up first: ``(True, result)`` or ``(False, None)``.
+
+    On a hang-up ``coro`` is cancelled (a queued acquire gives its slot back).
+    """
+    task = asyncio.ensure_future(coro)
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False, None
+    return True, task.result()
+
+
+async def proxy_endpoint(request: Request) -> Response:
+    """POST a model route: auth, body, model, lease, forward. Blocks while the model loads."""
+    st = router_state(request)
+    started = time.monotonic()
+    model: str | None = None
+    handed_off = False
+    status = 500
+    st.in_flight += 1
+    try:
+        require_api_key(request)
+        if request.app.state.draining:
+            raise Reject(error_response(503, "vlmhub is shutting down; retry shortly.",
+                                        "service_unavailable", "shutting_down",
+                                        {"Retry-After": "5"}))
+        body = await read_body(request, st.max_body)
+        payload = parse_payload(body)
+        wanted = payload.get("model")
+        if not isinstance(wanted, str) or not wanted:
+            raise Reject(error_response(400, "the request needs a \"model\" (a string): one of "
+                                        + (", ".join(st.supervisor.names()) or "none"),
+                                        "invalid_request_error", "missing_model", param="model"))
+        model = st.supervisor.resolve(wanted)
+        if model is None:
+            raise unknown_model(wanted, st.supervisor)
+        stayed, lease = await until_disconnect(request, _acquire(st.supervisor, model))
+        if not stayed or lease is None:
+            status = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
+        label, answered = model, [False]
+
+        def headers_sent(code: int) -> None:
+            answered[0] = True
+            st.metrics.observe_request(label, code, time.monotonic() - started)
+
+        def finished() -> None:
+            st.in_flight -= 1
+            if not answered[0]:  # the client left before the engine answered
+                st.metrics.observe_request(label, CLIENT_CLOSED, None)
+
+        try:
+            response = await forward(
+                st.http(), st.supervisor, lease, method="POST", path=PROXIED[request.url.path],
+                query=request.url.query, headers=request.headers.items(), body=body,
+                payload=payload, stream=payload.get("stream") is True,
+                on_headers=headers_sent, on_finish=finished)
+        except BaseException:
+            st.supervisor.release(lease)  # never handed off: give it back here
+            raise
+        handed_off = True
+        return response
+    except Reject as reject:
+        status = reject.response.status_code
+        return reject.response
+    except AcquireError as exc:
+        status = exc.status
+        return acquire_error_response(exc)
+    except ClientDisconnect:
+        status = CLIENT_CLOSED
+        return Response(status_code=CLIENT_CLOSED)
+    finally:
+        if not handed_off:
+            st.in_flight -= 1
+            st.metrics.observe_request(model, status, time.monotonic() - started)
+
+
+async def _acquire(supervisor: SupervisorLike, model: str) -> Lease:
+    return await supervisor.acquire(model)
+
+
+def model_card(info: ReplicaInfo, created: int) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "id": info.name, "object": "model", "created": created, "owned_by": "vlmhub",
+        "state": info.state, "phase": info.phase, "aliases": list(info.aliases),
+        "in_flight": info.in_flight, "queued": info.queued,
+    }
+    if info.max_model_len is not None:
+        card["max_model_len"] = info.max_model_len
+    return card
+
+
+async def list_models(request: Request) -> Response:
+    """GET /v1/models: every configured model with its live state (a snapshot)."""
+    st = router_state(request)
+    try:
+        require_api_key(request)
+    except Reject as reject:
+        return reject.response
+    data = [model_card(i, st.created) for i in st.supervisor.snapshot()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> Response:
+    """GET /v1/models/{model}: one model (aliases accepted)."""
+    st = router_state(request)
+    wanted = request.path_params["model"]
+    try:
+        require_api_key(request)
+        name = st.supervisor.resolve(wanted)
+        info = next((i for i in st.supervisor.snapshot() if i.name == name), None)
+        if info is None:
+            raise unknown_model(wanted, st.supervisor)
+    except Reject as reject:
+        return reject.response
+    return JSONResponse(model_card(info, st.created))
+
+
+async def health(request: Request) -> Response:
+    """GET /health (no key): the router is up; each model's state. 503 while draining."""
+    st = router_state(request)
+    models = {i.name: i.state for i in st.supervisor.snapshot()}
+    if request.app.state.draining:
+        return JSONResponse({"status": "draining", "models": models}, status_code=503)
+    return JSONResponse({"status": "ok", "models": models})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """GET /metrics: Prometheus text, gauges refreshed from a supervisor snapshot."""
+    st = router_state(request)
+    body = st.metrics.render(st.supervisor.snapshot())
+    return Response(body, media_type=st.metrics.content_type)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(exc.status_code, message, kind, exc.status_code,
+                          dict(exc.headers) if exc.headers else None)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, f"internal error in vlmhub: {type(exc).__name__}: {exc}",
+                          "internal_error", 500)
+
+
+def create_app(
+    supervisor: SupervisorLike, config: Config, *, metrics: RouterMetrics | None = None
+) -> Starlette:
+    """The router app over ``supervisor``. Keys come from the config and ``VLMHUB_API_KEYS``."""
+    admin = config.router.admin_key
+    state = RouterState(
+        supervisor=supervisor, config=config, metrics=metrics or RouterMetrics(),
+        api_keys=[k.encode() for k in api_keys(config)],
+        admin_key=admin.encode() if admin else None,
+        max_body=int(config.router.max_body_mb * 1024 * 1024),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.session = create_session()
+        try:
+            yield
+        finally:
+            await state.session.close()
+
+    routes = [Route(path, proxy_endpoint, methods=["POST"]) for path in PROXIED]
+    routes += [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *admin_routes(),
+    ]
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        HTTPException: _http_error, Exception: _internal_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app.state.router = state
+    app.state.draining = False
+    return app
+
+
+def in_flight(app: Starlette) -> int:
+    """Requests received and not yet fully answered."""
+    return cast(RouterState, app.state.router).in_flight
+
+
+async def drain(app: Starlette, timeout_s: float) -> bool:
+    """Refuse new ``/v1`` requests (503) and wait until none is in flight or ``timeout_s``
+    passes. Returns True when it drained. Blocks (asynchronously), polling every 50 ms."""
+    app.state.draining = True
+    deadline = time.monotonic() + timeout_s
+    while in_flight(app) > 0:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(0.05, left))
+    return True
+
+
+__all__ = ["create_app", "drain", "in_flight", "replica_json"]

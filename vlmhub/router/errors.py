@@ -1,0 +1,63 @@
+"""Errors in OpenAI's JSON shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+Pure helpers; nothing here blocks. The OpenAI SDKs read ``error.message`` into their exception
+text, so messages are complete sentences that name the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from vlmhub.replica import AcquireError
+
+ErrorCode = str | int | None
+
+
+def error_body(
+    message: str, type: str, code: ErrorCode = None, param: str | None = None
+) -> dict[str, Any]:
+    """The error object, OpenAI's shape."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    type: str,
+    code: ErrorCode = None,
+    headers: Mapping[str, str] | None = None,
+    *,
+    param: str | None = None,
+) -> JSONResponse:
+    """A JSON error response with ``status`` and OpenAI's error shape."""
+    return JSONResponse(error_body(message, type, code, param), status_code=status,
+                        headers=dict(headers) if headers else None)
+
+
+def sse_error_event(message: str, type: str = "upstream_error", code: ErrorCode = 502) -> bytes:
+    """One server-sent event carrying an error; the OpenAI SDKs raise ``APIError`` on it."""
+    return b"data: " + json.dumps(error_body(message, type, code)).encode() + b"\n\n"
+
+
+def retry_after_header(seconds: float | None) -> dict[str, str]:
+    """``{"Retry-After": N}`` (whole seconds, at least 1) or nothing."""
+    if seconds is None:
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def acquire_error_response(exc: AcquireError) -> JSONResponse:
+    """Map a refusal from the supervisor to its status, type, code and Retry-After."""
+    code = _snake(type(exc).__name__)
+    return error_response(exc.status, str(exc), exc.error_type, code,
+                          retry_after_header(exc.retry_after))
+
+
+def _snake(name: str) -> str:
+    out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    return out or "error"

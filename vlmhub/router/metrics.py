@@ -1,0 +1,101 @@
+"""Prometheus metrics of the router and the supervisor, in a registry of their own.
+
+The router counts requests; the supervisor reports loads and evictions through
+:meth:`RouterMetrics.observe_load` and :meth:`RouterMetrics.observe_eviction`; the gauges
+(queue depth, in flight, model state) are refreshed from a supervisor snapshot at scrape time.
+Every method is synchronous and non-blocking; prometheus_client is thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from vlmhub.replica import STATES, ReplicaInfo
+
+UNKNOWN_MODEL = "(unknown)"
+"""The model label of requests that named no configured model (keeps label values bounded)."""
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900)
+
+
+class LoadObserver(Protocol):
+    """What the supervisor reports to (implemented by :class:`RouterMetrics`)."""
+
+    def observe_load(self, model: str, seconds: float, ok: bool) -> None: ...
+
+    def observe_eviction(self, model: str, mode: str) -> None: ...
+
+
+class RouterMetrics:
+    """Counters, histograms and gauges of one router; ``render`` gives the text format."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vlmhub_requests", "Requests answered, by model and HTTP status.",
+                                ["model", "status"], registry=r)
+        self.request_seconds = Histogram(
+            "vlmhub_request_seconds",
+            "Seconds from receiving a request to sending its response headers (queueing and "
+            "model loading included).", ["model"], buckets=REQUEST_BUCKETS, registry=r)
+        self.queue_depth = Gauge("vlmhub_queue_depth", "Requests waiting for the model.",
+                                 ["model"], registry=r)
+        self.in_flight = Gauge("vlmhub_in_flight", "Requests being served by the model's engine.",
+                               ["model"], registry=r)
+        self.model_state = Gauge("vlmhub_model_state",
+                                 "1 for the model's current state, 0 for the others.",
+                                 ["model", "state"], registry=r)
+        self.loads = Counter("vlmhub_loads", "Engine starts, by result (ok or failed).",
+                             ["model", "result"], registry=r)
+        self.load_seconds = Histogram("vlmhub_load_seconds",
+                                      "Seconds from starting an engine to it being ready.",
+                                      ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.evictions = Counter("vlmhub_evictions", "Models evicted to make room, by mode.",
+                                 ["model", "mode"], registry=r)
+
+    def observe_request(self, model: str | None, status: int, seconds: float | None) -> None:
+        """One answered request; ``seconds`` to its headers (None: not timed)."""
+        label = model or UNKNOWN_MODEL
+        self.requests.labels(model=label, status=str(status)).inc()
+        if seconds is not None:
+            self.request_seconds.labels(model=label).observe(seconds)
+
+    def observe_load(self, model: str, seconds: float, ok: bool) -> None:
+        """An engine start finished (ready, or failed after ``seconds``)."""
+        self.loads.labels(model=model, result="ok" if ok else "failed").inc()
+        if ok:
+            self.load_seconds.labels(model=model).observe(seconds)
+
+    def observe_eviction(self, model: str, mode: str) -> None:
+        """A model was evicted; ``mode`` is how (``stop`` or ``sleep``)."""
+        self.evictions.labels(model=model, mode=mode).inc()
+
+    def refresh(self, snapshot: Iterable[ReplicaInfo]) -> None:
+        """Set the gauges from a supervisor snapshot (models gone from it disappear)."""
+        self.queue_depth.clear()
+        self.in_flight.clear()
+        self.model_state.clear()
+        for info in snapshot:
+            self.queue_depth.labels(model=info.name).set(info.queued)
+            self.in_flight.labels(model=info.name).set(info.in_flight)
+            for state in STATES:
+                self.model_state.labels(model=info.name, state=state).set(
+                    1.0 if info.state == state else 0.0)
+
+    def render(self, snapshot: Iterable[ReplicaInfo]) -> bytes:
+        """The Prometheus text exposition, gauges refreshed from ``snapshot`` first."""
+        self.refresh(snapshot)
+        return generate_latest(self.registry)

@@ -1,0 +1,292 @@
+"""The data path: forward one request to an engine and pass its answer back as it arrives.
+
+All requests share one pooled :class:`aiohttp.ClientSession` (:func:`create_session`); httpx's
+async pool was measured 6x slower under concurrency (docs: proxy-measurements). Bytes pass
+through untouched (no decompression, no re-encoding) unless the model name must be rewritten.
+
+:func:`forward` does no I/O: it returns a :class:`ProxyResponse`, an ASGI response that performs
+the upstream exchange while it is being sent. Sending it blocks (asynchronously) for the whole
+exchange; a second task watches the client meanwhile, so a client that hangs up cancels the
+exchange and closes the upstream connection, which makes vLLM abort the request. The lease is
+released exactly once, when the response has been sent, the client left, or the exchange failed.
+Many responses run concurrently on one event loop; one response is never sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+from yarl import URL
+
+from vlmhub.replica import Lease, SupervisorLike
+from vlmhub.router.errors import error_body, sse_error_event
+
+log = logging.getLogger("vlmhub.router.proxy")
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})  # fmt: skip
+DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "authorization", "expect"}
+DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
+UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError)
+"""What a broken engine connection raises (refused, reset, cut mid-body, timed out)."""
+
+HeadersCallback = Callable[[int], None]
+FinishCallback = Callable[[], None]
+
+
+def create_session(
+    *, connect_timeout_s: float = 10.0, limit: int = 1024, keepalive_timeout_s: float = 4.0
+) -> aiohttp.ClientSession:
+    """The pooled client of the data path. Call inside the running event loop.
+
+    No total timeout (generations and streams take as long as they take), a connect timeout,
+    no decompression, no cookies. The keep-alive timeout stays under uvicorn's 5 s so a pooled
+    connection is never reused just as vLLM closes it.
+    """
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0,
+                                     keepalive_timeout=keepalive_timeout_s)
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
+                                    sock_connect=connect_timeout_s)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                 cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+
+
+def upstream_headers(
+    client_headers: Iterable[tuple[str, str]], api_key: str | None = None
+) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, Host, Content-Length and Authorization.
+
+    The engine's own key (``api_key``) is sent instead when it has one. Without an
+    Accept-Encoding from the client, ``identity`` is asked for, so no compressed bytes reach
+    a client that did not ask for them.
+    """
+    pairs = list(client_headers)
+    named = {t.strip().lower() for k, v in pairs if k.lower() == "connection" for t in v.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in pairs:
+        low = key.lower()
+        if low in DROP_REQUEST or low in named:
+            continue
+        out.add(key, value)
+    if "accept-encoding" not in out:
+        out["Accept-Encoding"] = "identity"
+    if api_key:
+        out["Authorization"] = f"Bearer {api_key}"
+    return out
+
+
+def downstream_headers(
+    headers: CIMultiDictProxy[str] | Mapping[str, str], *, streamed: bool
+) -> list[tuple[bytes, bytes]]:
+    """The engine's response headers to pass on, as raw ASGI headers."""
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+           if k.lower() not in DROP_RESPONSE
+           and not (streamed and k.lower() in ("cache-control", "x-accel-buffering"))]
+    if streamed:
+        raw += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+    return raw
+
+
+def rewrite_model(body: bytes, payload: Mapping[str, Any] | None, api_name: str) -> bytes:
+    """The body with ``"model"`` set to the engine's name; the original bytes when it matches."""
+    if payload is None or payload.get("model") == api_name:
+        return body
+    return json.dumps({**payload, "model": api_name}, ensure_ascii=False,
+                      separators=(",", ":")).encode()
+
+
+async def forward(
+    session: aiohttp.ClientSession,
+    supervisor: SupervisorLike,
+    lease: Lease,
+    *,
+    method: str,
+    path: str,
+    query: str = "",
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    payload: Mapping[str, Any] | None = None,
+    stream: bool = False,
+    on_headers: HeadersCallback | None = None,
+    on_finish: FinishCallback | None = None,
+) -> ProxyResponse:
+    """The response that forwards this request to ``lease.base_url`` when it is sent.
+
+    ``payload`` is the parsed JSON body, if any: its ``"model"`` is rewritten to
+    ``lease.api_name`` only when they differ. ``stream`` is the request's ``"stream": true``.
+    ``on_headers(status)`` is called just before the response headers go out; ``on_finish()``
+    once at the end, after the lease is released. The caller must send the response (it owns
+    the lease from now on). Does no I/O itself.
+    """
+    url = lease.base_url.rstrip("/") + path + (f"?{query}" if query else "")
+    return ProxyResponse(
+        session, supervisor, lease, method=method, url=url,
+        headers=upstream_headers(headers, lease.api_key),
+        body=rewrite_model(body, payload, lease.api_name), stream=stream,
+        on_headers=on_headers, on_finish=on_finish,
+    )
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ProxyResponse(Response):
+    """An ASGI response that runs one upstream exchange as it is sent (see module docs)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        supervisor: SupervisorLike,
+        lease: Lease,
+        *,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        stream: bool,
+        on_headers: HeadersCallback | None = None,
+        on_finish: FinishCallback | None = None,
+    ) -> None:
+        self.status_code = 0  # known once the engine answers
+        self.background = None
+        self.session, self.supervisor, self.lease = session, supervisor, lease
+        self.method, self.url, self.upstream_headers, self.body = method, url, headers, body
+        self.stream_requested = stream
+        self.on_headers, self.on_finish = on_headers, on_finish
+        self.client_gone = False
+        self.upstream_failure: str | None = None
+        self._body_sent = False
+        self._finished = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the exchange and watch the client at the same time; release the lease at the end.
+
+        Blocks (asynchronously) until the last byte is sent, the client has gone, or the
+        engine failed. Never raises for an engine or client failure.
+        """
+        work = asyncio.create_task(self._exchange(send))
+        watcher = asyncio.create_task(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not work.done() and not self._body_sent:
+                self.client_gone = watcher.done() and not watcher.cancelled()
+                work.cancel()  # its finally closes the upstream connection: vLLM aborts
+            await asyncio.gather(work, watcher, return_exceptions=True)
+            self._finish()
+        if not work.cancelled() and (exc := work.exception()) is not None:
+            raise exc
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            self.supervisor.release(self.lease)
+        finally:
+            if self.on_finish is not None:
+                self.on_finish()
+
+    def _fail(self, reason: str) -> None:
+        self.upstream_failure = reason
+        log.warning("model %s: %s", self.lease.model, reason)
+        self.supervisor.report_failure(self.lease, reason)
+
+    async def _start(self, send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status_code = status
+        if self.on_headers is not None:
+            self.on_headers(status)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def _send_body(self, send: Send, body: bytes, more: bool) -> None:
+        if not more:
+            self._body_sent = True
+        message: Message = {"type": "http.response.body", "body": body, "more_body": more}
+        await send(message)
+
+    async def _send_error(self, send: Send, status: int, message: str) -> None:
+        body = json.dumps(error_body(message, "upstream_error", status)).encode()
+        await self._start(send, status, [(b"content-type", b"application/json"),
+                                         (b"content-length", str(len(body)).encode())])
+        await self._send_body(send, body, more=False)
+
+    async def _exchange(self, send: Send) -> None:
+        try:
+            resp = await self.session.request(
+                self.method, URL(self.url, encoded=True), headers=self.upstream_headers,
+                data=self.body or None, allow_redirects=False)
+        except UPSTREAM_ERRORS as exc:
+            timeout = isinstance(exc, TimeoutError)
+            what = "did not accept the connection in time" if timeout else "could not be reached"
+            self._fail(f"engine {what}: {_describe(exc)}")
+            await self._send_error(
+                send, 504 if timeout else 502,
+                f"The engine of model {self.lease.model!r} {what} ({_describe(exc)}). vlmhub is "
+                "checking it; retry in a few seconds.")
+            return
+        completed = False
+        try:
+            sse = resp.content_type == "text/event-stream"
+            if self.stream_requested or sse:
+                completed = await self._relay_stream(resp, send, sse)
+            else:
+                completed = await self._relay_buffered(resp, send)
+        finally:
+            if completed:
+                resp.release()  # back to the pool
+            else:
+                resp.close()  # drop the connection: vLLM sees the client leave and aborts
+
+    async def _relay_buffered(self, resp: aiohttp.ClientResponse, send: Send) -> bool:
+        try:
+            body = await resp.read()
+        except UPSTREAM_ERRORS as exc:
+            self._fail(f"engine connection lost before the answer was complete: "
+                       f"{_describe(exc)}")
+            await self._send_error(
+                send, 502, f"Model {self.lease.model!r}: engine connection lost before the "
+                "answer was complete. vlmhub is checking the engine; retry in a few seconds.")
+            return False
+        headers = downstream_headers(resp.headers, streamed=False)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self._start(send, resp.status, headers)
+        await self._send_body(send, body, more=False)
+        return True
+
+    async def _relay_stream(self, resp: aiohttp.ClientResponse, send: Send, sse: bool) -> bool:
+        """Pass chunks on as they arrive (no buffering). Returns True if the engine finished."""
+        await self._start(send, resp.status, downstream_headers(resp.headers, streamed=True))
+        while True:
+            try:
+                chunk = await resp.content.readany()
+            except UPSTREAM_ERRORS as exc:
+                self._fail(f"engine connection lost mid-stream: {_describe(exc)}")
+                if sse:
+                    msg = (f"Model {self.lease.model!r}: engine connection lost mid-stream; "
+                           "the answer is incomplete. vlmhub is checking the engine.")
+                    await self._send_body(send, sse_error_event(msg), more=True)
+                await self._send_body(send, b"", more=False)
+                return False
+            if not chunk:
+                await self._send_body(send, b"", more=False)
+                return True
+            await self._send_body(send, chunk, more=True)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
