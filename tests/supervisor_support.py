@@ -11,6 +11,8 @@ import yaml
 
 from vlmhub.config import load_config, resolve
 from vlmhub.registry import Registry
+from vlmhub.runtimes.base import Runtime
+from vlmhub.runtimes.docker import DockerRuntime
 from vlmhub.runtimes.process import ProcessRuntime
 from vlmhub.supervisor import Supervisor
 from vlmhub.testing.stub_engine import ledger_used_gib
@@ -56,38 +58,41 @@ def model(weights: float, sleep_gib: float = 1.25, **entry: Any) -> dict[str, An
     }
 
 
-def build(
-    tmp_path: Path,
-    models: dict[str, dict[str, Any]],
-    *,
-    total_gib: float = 8.0,
-    delay: float = 0.3,
-    router: dict[str, Any] | None = None,
-    extra_argv: list[str] | None = None,
-    ledger: bool = True,
-) -> tuple[Supervisor, Recorder, Path]:
+def build(tmp_path: Path, models: dict[str, dict[str, Any]], *, total_gib: float = 8.0,
+          delay: float = 0.3, router: dict[str, Any] | None = None,
+          stub_env: dict[str, str] | None = None, ledger: bool = True,
+          docker_prefix: str | None = None,
+          ) -> tuple[Supervisor, Recorder, Path]:
     """A supervisor whose stand-in engines share a simulated GPU ledger of ``total_gib``:
-    an engine that would over-commit it fails at start-up with vLLM's free-memory error."""
-    ledger_dir = tmp_path / "ledger"
-    ledger_dir.mkdir(exist_ok=True)
+    an engine that would over-commit it fails at start-up with vLLM's free-memory error.
+
+    Process runtime by default; with ``docker_prefix`` the engines are containers of the
+    stand-in image (the ledger lives in the mounted HF cache, one entry per model)."""
     base = random.randint(21000, 60000)
-    env = {"VLMHUB_STUB_LEDGER": str(ledger_dir), "VLMHUB_STUB_GPU_TOTAL_GIB": str(total_gib)}
+    env = {"VLMHUB_STUB_STARTUP_DELAY": str(delay), **(stub_env or {})}
+    runtime: dict[str, Any] = {"port_range": [base, base + 60]}
+    if docker_prefix is None:
+        ledger_dir = tmp_path / "ledger"
+        inner_ledger = str(ledger_dir)
+        runtime |= {"kind": "process",
+                    "process_argv": [sys.executable, "-m", "vlmhub.testing.stub_engine"]}
+    else:
+        ledger_dir = tmp_path / "hf-cache" / "ledger"
+        inner_ledger = "/root/.cache/huggingface/ledger"
+        runtime |= {"kind": "docker", "gpus": None, "name_prefix": docker_prefix,
+                    "hf_cache": str(tmp_path / "hf-cache"),
+                    "vllm_cache": str(tmp_path / "vllm-cache")}
+        for name, entry in models.items():
+            entry.setdefault("env", {})["VLMHUB_STUB_LEDGER_ID"] = name
+    ledger_dir.mkdir(parents=True, exist_ok=True)
+    ledger_dir.chmod(0o777)
+    if ledger:
+        env |= {"VLMHUB_STUB_LEDGER": inner_ledger, "VLMHUB_STUB_GPU_TOTAL_GIB": str(total_gib)}
+    runtime["env"] = env
     cfg = {
         "gpu": {"total_gib": total_gib, "reserve_gib": 0, "force_total": True},
         "router": {"health_interval_s": 0.5, "restart_backoff_s": 0.2, **(router or {})},
-        "runtime": {
-            "kind": "process",
-            "process_argv": [
-                sys.executable,
-                "-m",
-                "vlmhub.testing.stub_engine",
-                "--stub-startup-delay",
-                str(delay),
-                *(extra_argv or []),
-            ],
-            "port_range": [base, base + 60],
-            "env": env if ledger else {},
-        },
+        "runtime": runtime,
         "models": models,
     }
     path = tmp_path / "models.yaml"
@@ -95,13 +100,14 @@ def build(
     loaded = load_config(path)
     gpu = Gpu(total_gib, 0, None, "test", "config")
     resolved = resolve(loaded, Registry().specs(), gpu)
-    runtime = ProcessRuntime(loaded.config.runtime, state_dir=tmp_path / "state")
+    rt: Runtime
+    if docker_prefix is None:
+        rt = ProcessRuntime(loaded.config.runtime, state_dir=tmp_path / "state")
+    else:
+        rt = DockerRuntime(loaded.config.runtime)
     rec = Recorder()
-    return (
-        Supervisor(resolved, loaded.config, gpu, runtime, observer=rec, tick_s=0.05),
-        rec,
-        ledger_dir,
-    )
+    sup = Supervisor(resolved, loaded.config, gpu, rt, observer=rec, tick_s=0.05)
+    return sup, rec, ledger_dir
 
 
 def used(ledger_dir: Path) -> float:
