@@ -313,3 +313,18 @@ async def test_a_client_that_leaves_the_queue_leaks_no_lease(tmp_path: Path) -> 
             await leaving
     finally:
         await sup.shutdown()
+
+
+async def test_sleep_failure_falls_back_to_stop(tmp_path: Path) -> None:
+    # /sleep answers 500 (as vLLM does on an OOM while offloading, vLLM #48680)
+    sleeper = model(4.0, sleep=True, env={"VLMHUB_STUB_SLEEP_FAILS": "1"})
+    sup, rec, ledger = build(tmp_path, {"a": sleeper, "b": model(4.0)})
+    await sup.start()
+    try:
+        sup.release(await sup.acquire("a"))
+        sup.release(await sup.acquire("b"))
+        assert {i.name: i.state for i in sup.snapshot()} == {"a": "stopped", "b": "ready"}
+        assert rec.evictions == [("a", "stop")]
+        assert used(ledger) <= 8.0
+    finally:
+        await sup.shutdown()

@@ -166,7 +166,7 @@ def test_route_swaps_real_vllm_engines(router: str) -> None:
         chunks += 1
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
-        if chunks == 2:  # mid-stream: vLLM's own metrics see the request in flight
+        if chunks in (2, 50, 150, 300):  # mid-stream: vLLM's own metrics see it in flight
             text = httpx.get(f"http://127.0.0.1:{port_a}/metrics", timeout=5).text
             running_seen += [
                 float(v)
@@ -177,6 +177,6 @@ def test_route_swaps_real_vllm_engines(router: str) -> None:
                 )
             ]
     assert chunks > 800 and "".join(pieces), (chunks, pieces)
-    assert running_seen == [1.0]
+    assert len(running_seen) == 4 and max(running_seen) == 1.0, running_seen
     after = httpx.get(router + "/api/models", timeout=5).json()["models"]
     assert next(m["in_flight"] for m in after if m["name"] == "tiny-a") == 0

@@ -4,7 +4,8 @@ It speaks vLLM 0.32's CLI and HTTP surface (``/health``, ``/v1/models``, chat an
 completions with streaming, ``/metrics``, sleep mode, ...) and answers with deterministic
 made-up text whose first word is the served model name plus a colon. Knobs (``--stub-*`` flags
 or ``VLMHUB_STUB_*`` env vars; a flag wins) make it slow to start, fail at start-up with vLLM's
-real errors, crash mid-stream, or share a simulated GPU with other stubs through a ledger dir.
+real errors, crash mid-stream, or share a simulated GPU with other stubs through a ledger dir;
+``VLMHUB_STUB_SLEEP_FAILS=1`` makes ``/sleep`` answer 500.
 Standard library only, imports nothing from vlmhub: it runs as ``python3 /app/stub_engine.py``
 in a bare Debian image as well as ``python -m vlmhub.testing.stub_engine``.
 """
@@ -413,6 +414,10 @@ class Handler(BaseHTTPRequestHandler):
             if level not in ("1", "2"):
                 bad = error_body(f"invalid sleep level {level}", "BadRequestError", 400)
                 return self.reply_json(400, bad)
+            if os.environ.get("VLMHUB_STUB_SLEEP_FAILS"):  # fault injection: sleep fails
+                log("Sleep failed: CUDA error: out of memory", "gpu_worker.py:117", "ERROR")
+                oom = error_body("CUDA error: out of memory", "InternalServerError", 500)
+                return self.reply_json(500, oom)
             with stub.lock:
                 if not stub.sleep_level and stub.ledger:
                     stub.ledger.write(sleeping=True)
