@@ -239,26 +239,30 @@ async def test_sleep_mode_swap_accounts_for_the_residue(tmp_path: Path) -> None:
 
 
 async def test_adoption_after_restart_and_stale_engines_are_replaced(tmp_path: Path) -> None:
-    sup, _rec, _ = build(tmp_path, {"a": model(1.0), "b": model(1.0)})
+    sup, _rec, _ = build(tmp_path, {"a": model(1.0), "b": model(1.0), "c": model(1.0)})
     await sup.start()
-    sup.release(await sup.acquire("a"))
-    sup.release(await sup.acquire("b"))
+    for name in ("a", "b", "c"):
+        sup.release(await sup.acquire(name))
     port_a = sup.snapshot()[0].port
     await sup.shutdown(stop_engines=False)
-    # "restart vlmhub": a new supervisor over the same state dir; b's spec changed meanwhile
+    # "restart vlmhub": a new supervisor over the same state dir; b's spec changed meanwhile,
+    # and c is no longer configured
     sup2, rec2, _ = build(tmp_path, {"a": model(1.0), "b": model(1.5)})
     await sup2.start()
+    runtime = ProcessRuntime(sup2.config.runtime, state_dir=tmp_path / "state")
     try:
         info = {i.name: i for i in sup2.snapshot()}
         assert info["a"].state == "ready" and info["a"].port == port_a
         assert info["b"].state == "stopped"
+        assert [h.name for h in sup2.foreign] == ["c"]  # left alone, and reported
         assert rec2.loads == []
         sup2.release(await sup2.acquire("a"))
         assert rec2.loads == []  # served by the adopted engine
-        runtime = ProcessRuntime(sup2.config.runtime, state_dir=tmp_path / "state")
-        assert [h.name for h in await runtime.adopt()] == ["a"]
+        assert sorted(h.name for h in await runtime.adopt()) == ["a", "c"]
     finally:
         await sup2.shutdown()
+        for h in await runtime.adopt():
+            await runtime.stop(h)
 
 
 async def test_external_endpoint_is_routed_and_never_started(tmp_path: Path) -> None:

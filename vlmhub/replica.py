@@ -1,4 +1,5 @@
-"""The contract between the router and the supervisor: leases, replica snapshots, refusals.
+"""The contract between the router and the supervisor: leases, replica snapshots, refusals;
+and the supervisor's per-model state (:class:`Replica`) and its event sink (:class:`Observer`).
 
 The router asks :meth:`Supervisor.acquire` for a :class:`Lease` on a model, forwards the request
 to ``lease.base_url``, and releases the lease when the last byte has gone (or the client left).
@@ -7,8 +8,14 @@ While a lease is held the model counts as busy and is never evicted.
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from vlmhub.config import ResolvedModel
+    from vlmhub.runtimes.base import EngineHandle
 
 State = Literal["stopped", "starting", "ready", "sleeping", "stopping", "failed"]
 STATES: tuple[State, ...] = ("stopped", "starting", "ready", "sleeping", "stopping", "failed")
@@ -113,3 +120,50 @@ class SupervisorLike(Protocol):
 
     async def unload(self, name: str) -> ReplicaInfo:
         """Stop a model now (admin), after draining its in-flight requests."""
+
+
+class Observer(Protocol):
+    """Receives supervisor events (the router's metrics). Must not block."""
+
+    def observe_load(self, model: str, seconds: float, ok: bool) -> None: ...
+
+    def observe_eviction(self, model: str, mode: str) -> None: ...
+
+
+class NullObserver:
+    """An observer that drops every event."""
+
+    def observe_load(self, model: str, seconds: float, ok: bool) -> None:
+        pass
+
+    def observe_eviction(self, model: str, mode: str) -> None:
+        pass
+
+
+@dataclass
+class Replica:
+    """One model's mutable state. Touched only from the event loop."""
+
+    model: ResolvedModel
+    state: State = "stopped"
+    phase: str = ""
+    handle: EngineHandle | None = None
+    in_flight: int = 0
+    waiters: deque[asyncio.Future[Lease]] = field(default_factory=deque)
+    wanted: list[asyncio.Future[None]] = field(default_factory=list)
+    last_used: float = 0.0
+    last_load_s: float | None = None
+    last_error: str | None = None
+    draining: bool = False
+    failures: list[float] = field(default_factory=list)
+    restarts: int = 0
+    sleep_ok: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def footprint(self) -> float:
+        return self.model.budget.footprint_gib if self.model.budget else 0.0

@@ -16,79 +16,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
 from vlmhub import scheduler
 from vlmhub.config import Config, ResolvedModel
-from vlmhub.engine_log import diagnose
 from vlmhub.errors import EngineStartError, EngineStartTimeout, VlmhubError
 from vlmhub.flags import engine_version
+from vlmhub.health import engine_failure, external_alive
 from vlmhub.launch import engine_hash, launch_request
 from vlmhub.replica import (
     AcquireError,
     Lease,
     LoadFailed,
     LoadTimeout,
+    NullObserver,
+    Observer,
     QueueFull,
     Refused,
+    Replica,
     ReplicaInfo,
-    State,
     UnknownModel,
 )
 from vlmhub.runtimes.base import EngineHandle, Runtime, probe, wait_ready
 from vlmhub.runtimes.ports import pick_port
+from vlmhub.runtimes.reconcile import reconcile_engines
 from vlmhub.spec import version_tuple
 from vlmhub.vram import Gpu
-
-
-class Observer(Protocol):
-    """Receives supervisor events (the router's metrics). Must not block."""
-
-    def observe_load(self, model: str, seconds: float, ok: bool) -> None: ...
-
-    def observe_eviction(self, model: str, mode: str) -> None: ...
-
-
-class _NullObserver:
-    def observe_load(self, model: str, seconds: float, ok: bool) -> None:
-        pass
-
-    def observe_eviction(self, model: str, mode: str) -> None:
-        pass
-
-
-@dataclass
-class Replica:
-    """One model's mutable state. Touched only from the event loop."""
-
-    model: ResolvedModel
-    state: State = "stopped"
-    phase: str = ""
-    handle: EngineHandle | None = None
-    in_flight: int = 0
-    waiters: deque[asyncio.Future[Lease]] = field(default_factory=deque)
-    wanted: list[asyncio.Future[None]] = field(default_factory=list)
-    last_used: float = 0.0
-    last_load_s: float | None = None
-    last_error: str | None = None
-    draining: bool = False
-    failures: list[float] = field(default_factory=list)
-    restarts: int = 0
-    sleep_ok: bool = False
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def footprint(self) -> float:
-        return self.model.budget.footprint_gib if self.model.budget else 0.0
 
 
 class Supervisor:
@@ -106,7 +62,7 @@ class Supervisor:
     ) -> None:
         self.config, self.gpu, self.runtime = config, gpu, runtime
         self.rc = config.router
-        self.observer: Observer = observer or _NullObserver()
+        self.observer: Observer = observer or NullObserver()
         self.replicas: dict[str, Replica] = {}
         for m in models:
             r = Replica(m)
@@ -127,6 +83,8 @@ class Supervisor:
         self._http = httpx.AsyncClient(timeout=10.0)
         self._closing = False
         self._arrivals: dict[str, float] = {}
+        self.foreign: list[EngineHandle] = []
+        """Engines of models not in this config, found running at start: not managed."""
 
     # -- the router's side (SupervisorLike) ---------------------------------------------------
     def resolve(self, name: str) -> str | None:
@@ -468,49 +426,36 @@ class Supervisor:
     async def _check(self, r: Replica, hint: str = "") -> None:
         """Liveness: the engine still runs and answers /health; else it becomes failed."""
         if r.model.external:
-            ok = await self._probe_external(r)
+            ok = await external_alive(r.model.entry.url or "", self._http)
             r.state, r.last_error = ("ready", None) if ok else ("failed", hint or "unreachable")
             return
         if r.handle is None or r.state != "ready":
             return
-        st = await self.runtime.status(r.handle)
-        if st.state == "running" and await probe(r.handle, self._http):
+        reason = await engine_failure(self.runtime, r.handle, self._http, hint)
+        if reason is None or r.state != "ready":  # alive, or an operation moved it meanwhile
             return
-        if r.state != "ready":
-            return
-        tail = await self.runtime.logs(r.handle, tail=40) if st.state != "missing" else []
-        known = diagnose(tail)
-        reason = known.summary if known else (hint or f"engine {st.state} (exit {st.exit_code})")
         await self._failed(r, f"{r.name} crashed: {reason}")
         self.kick()
 
-    async def _probe_external(self, r: Replica) -> bool:
-        url = (r.model.entry.url or "").rstrip("/")
-        try:
-            resp = await self._http.get(url + "/v1/models", timeout=3.0)
-        except httpx.HTTPError:
-            return False
-        return resp.status_code < 500
-
     # -- helpers --------------------------------------------------------------------------------
     async def _adopt(self) -> None:
+        """Take over engines a previous vlmhub left running with the same spec; engines of
+        changed specs are replaced, those of models not configured here are left alone."""
+        wanted = {
+            r.name: engine_hash(r.model, r.sleep_ok)
+            for r in self.replicas.values()
+            if r.model.spec is not None
+        }
         try:
-            handles = await self.runtime.adopt()
+            found = await reconcile_engines(self.runtime, wanted)
         except VlmhubError:
             return
-        for h in handles:
-            r = self.replicas.get(h.name)
-            if r is None or r.model.spec is None or h.spec_hash != engine_hash(r.model, r.sleep_ok):
-                with contextlib.suppress(Exception):
-                    await self.runtime.stop(h)
-                continue
+        self.foreign = found.unknown
+        for h in found.kept:
+            r = self.replicas[h.name]
             if await probe(h, self._http):
-                r.handle, r.state, r.phase, r.last_used = (
-                    h,
-                    "ready",
-                    "ready (adopted)",
-                    time.monotonic(),
-                )
+                r.handle, r.state, r.phase = h, "ready", "ready (adopted)"
+                r.last_used = time.monotonic()
 
     def _lease(self, r: Replica) -> Lease:
         r.in_flight += 1

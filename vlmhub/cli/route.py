@@ -87,6 +87,11 @@ async def run_route(ctx: Context, host: str | None, port: int | None,
         def ready(bound: int) -> None:
             assert server is not None
             print_summary(server.url, config, gpu, sup.snapshot())
+            for h in sup.foreign:
+                err_console.print(f"[yellow]Note:[/] engine {h.name} ({h.runtime}, port "
+                                  f"{h.port}) is running but not in this config: vlmhub leaves "
+                                  "it alone and cannot count its GPU memory. `vlmhub stop "
+                                  f"{h.name}` stops it.", highlight=False)
 
         def stopping(in_flight: int) -> None:
             waiting = f"waiting for {in_flight} request(s) in flight" if in_flight else "stopping"
