@@ -9,7 +9,7 @@ The seed's ``--max-model-len 1024`` could not hold a page.
 from __future__ import annotations
 
 from vlmhub.ocr.layout import layout_to_markdown
-from vlmhub.spec import ModelSpec, PromptPreset, VisionLimits, VllmOptions, VramModel
+from vlmhub.spec import ModelSpec, PromptPreset, Variant, VisionLimits, VllmOptions, VramModel
 
 _CATEGORIES = (
     "['Caption', 'Footnote', 'Formula', 'List-item', 'Page-footer', 'Page-header', "
@@ -112,4 +112,11 @@ def plugin() -> ModelSpec:
             ),
         },
         default_preset="layout",
+        variants={
+            "fp8-kv": Variant(
+                description="FP8 KV cache: half the KV memory (14 KiB/token) for more pages at once",
+                options={"kv_cache_dtype": "fp8"},
+                vram={"kv_dtype_bytes": 1},
+            ),
+        },
     )

@@ -36,6 +36,7 @@ def test_builtin_plugins_load_through_entry_points() -> None:
     ("name", "variant", "kv_kib", "weights_gib"),
     [
         ("dots-ocr", None, 28, 5.67),  # 28 layers x 2 KV heads x 128 x 2 x bf16
+        ("dots-ocr", "fp8-kv", 14, 5.67),  # the same with a 1-byte KV cache
         ("qwen3-vl", None, 112, 3.98),  # 2B: 4.27 GB
         ("qwen3-vl", "4b-fp8", 144, 4.66),  # 4B FP8: ~5 GB
         ("phi3-vision", None, 384, 7.73),  # 8.3 GB, 32 x 32 x 96
