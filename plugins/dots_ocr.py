@@ -114,7 +114,7 @@ def plugin() -> ModelSpec:
         default_preset="layout",
         variants={
             "fp8-kv": Variant(
-                description="FP8 KV cache: half the KV memory (14 KiB/token) for more pages at once",
+                description="FP8 KV cache: half the KV memory (14 KiB/token), more pages at once",
                 options={"kv_cache_dtype": "fp8"},
                 vram={"kv_dtype_bytes": 1},
             ),

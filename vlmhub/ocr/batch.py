@@ -1,0 +1,400 @@
+"""OCR many pages through an OpenAI-compatible endpoint (the router, or one engine).
+
+:func:`plan` turns inputs into :class:`PageJob` objects (blocking: it lists folders, counts PDF
+pages and reads the manifest); :meth:`BatchRunner.run` sends them, ``concurrency`` pages at a
+time, each as one ``POST /chat/completions`` with the page as a PNG data URL plus the preset's
+prompt and sampling settings. :func:`ocr_batch` does both.
+
+Concurrency: ``concurrency`` worker tasks share one :class:`httpx.AsyncClient` on the event
+loop. Rendering, resizing and PNG/JSON encoding run in threads (PDFium in its own single
+thread, see :class:`~vlmhub.ocr.pages.PageRenderer`), output files are written in threads,
+and manifest lines are appended from the event loop (one short write each).
+
+Retries: 503, 502 and 429 answers (honouring ``Retry-After``) and connection errors are retried
+with exponential backoff, ``max_attempts`` tries in all. Any other error (400, 504, a read
+timeout, an unreadable page) is that page's failure: it is recorded and the batch goes on.
+After a 401, 403 or 404 (a wrong key or model, which every page would meet) the pages not yet
+started are recorded as failed without being rendered or sent.
+
+Outputs in ``out_dir``: ``<name>.raw.txt`` (the answer as is), ``<name>.md``
+(``spec.postprocess(text, preset)``, or the answer when the model's spec is unknown), where
+``<name>`` is the input's stem plus ``-p0001`` for a PDF page, and one ``manifest.jsonl`` line
+per page attempted. A page whose latest manifest line for the same model and preset is ``ok``
+(and whose ``.raw.txt`` exists) is skipped, unless ``force``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.utils
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from vlmhub.errors import VlmhubError
+from vlmhub.ocr.pages import PageRef, PageRenderer, find_inputs, list_pages, output_names
+from vlmhub.spec import ModelSpec
+
+DEFAULT_URL = "http://127.0.0.1:8080/v1"
+GENERIC_PROMPT = "Extract all text from this image."
+MANIFEST = "manifest.jsonl"
+RETRY_STATUSES = frozenset({429, 502, 503})
+FATAL_STATUSES = frozenset({401, 403, 404})  # wrong key or model: every page would fail
+RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
+                httpx.RemoteProtocolError)
+Status = Literal["ok", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The text and sampling settings sent with every page. ``preset`` None: generic."""
+
+    preset: str | None
+    text: str
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+
+
+def choose_prompt(spec: ModelSpec | None, preset: str | None, model: str) -> Prompt:
+    """The preset asked for, else the spec's default (or its ``ocr`` preset), else a generic
+    prompt. An unknown preset raises VlmhubError listing the model's presets."""
+    if spec is None:
+        if preset is not None:
+            raise VlmhubError(f"{model!r} is not in the config, so its presets are unknown. "
+                              "Fix: drop --preset, or pass the --config that declares it")
+        return Prompt(None, GENERIC_PROMPT)
+    if preset is None:
+        preset = spec.default_preset or ("ocr" if "ocr" in spec.presets else None)
+        if preset is None:
+            return Prompt(None, GENERIC_PROMPT)
+    if preset not in spec.presets:
+        known = "; ".join(f"{n} ({p.description})" if p.description else n
+                          for n, p in spec.presets.items()) or "none: omit --preset"
+        raise VlmhubError(f"{model} has no preset {preset!r}. Fix: use one of: {known}")
+    p = spec.presets[preset]
+    return Prompt(preset, p.prompt, p.temperature, p.top_p, p.max_tokens)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How to run a batch. ``api_key`` is sent as a bearer token and never shown."""
+
+    model: str
+    out_dir: Path
+    base_url: str = DEFAULT_URL
+    preset: str | None = None
+    concurrency: int = 4
+    api_key: str | None = field(default=None, repr=False)
+    force: bool = False
+    max_attempts: int = 5
+    backoff_s: float = 1.0
+    max_wait_s: float = 60.0
+    timeout_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class PageJob:
+    """One page to do. ``error`` is set when the input could not even be opened."""
+
+    ref: PageRef
+    name: str
+    skip: bool = False
+    error: str | None = None
+
+    @property
+    def page(self) -> int | None:
+        return None if self.error is not None and self.ref.count == 0 else self.ref.number
+
+
+@dataclass(frozen=True)
+class PageResult:
+    """The outcome of one page, as reported to the progress callback and the manifest."""
+
+    input: str
+    page: int | None
+    name: str
+    status: Status
+    seconds: float = 0.0
+    error: str | None = None
+    attempts: int = 0
+    http_status: int | None = None
+    finish_reason: str | None = None
+    width: int | None = None
+    height: int | None = None
+    dpi: int | None = None
+
+
+@dataclass
+class BatchSummary:
+    results: list[PageResult]
+    seconds: float
+
+    def count(self, status: Status) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.count("ok") / self.seconds if self.seconds > 0 else 0.0
+
+
+def page_key(input_path: str, page: int | None, model: str, preset: str | None) -> str:
+    return json.dumps([input_path, page, model, preset])
+
+
+def read_manifest(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The latest manifest line per (input, page, model, preset). Bad lines are ignored."""
+    latest: dict[str, dict[str, Any]] = {}
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return latest
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+            latest[page_key(rec["input"], rec["page"], rec["model"], rec["preset"])] = rec
+        except (ValueError, KeyError, TypeError):
+            continue
+    return latest
+
+
+def plan(inputs: Sequence[Path], opts: BatchOptions, prompt: Prompt) -> list[PageJob]:
+    """Every page of every input, marked ``skip`` when already done. Blocks (file system)."""
+    files = find_inputs(inputs)
+    names = output_names(files)
+    done = {} if opts.force else read_manifest(opts.out_dir)
+    jobs: list[PageJob] = []
+    for f in files:
+        try:
+            refs = list_pages(f)
+        except VlmhubError as exc:
+            jobs.append(PageJob(PageRef(f, 0, 0, "pdf"), names[f], error=str(exc)))
+            continue
+        for ref in refs:
+            name = f"{names[f]}-p{ref.number:04d}" if ref.paged else names[f]
+            rec = done.get(page_key(str(f.resolve()), ref.number, opts.model, prompt.preset))
+            skip = (rec is not None and rec.get("status") == "ok"
+                    and (opts.out_dir / f"{name}.raw.txt").is_file())
+            jobs.append(PageJob(ref, name, skip))
+    return jobs
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (a number or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+
+
+def error_text(resp: httpx.Response) -> str:
+    """``HTTP 404: <the server's message>`` (OpenAI's error shape or FastAPI's detail)."""
+    msg: Any = None
+    try:
+        body = resp.json()
+        if isinstance(body, dict):
+            err = body.get("error")
+            msg = err.get("message") if isinstance(err, dict) else err or body.get("detail")
+    except ValueError:
+        pass
+    text = str(msg) if msg else resp.text.strip()
+    return f"HTTP {resp.status_code}: {text[:500] or resp.reason_phrase}"
+
+
+@dataclass
+class Answer:
+    """The result of one page's request (after retries)."""
+
+    text: str | None
+    attempts: int
+    status: int | None
+    error: str | None = None
+    finish_reason: str | None = None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class BatchRunner:
+    """Runs planned pages against ``opts.base_url``. One instance per batch."""
+
+    def __init__(self, opts: BatchOptions, spec: ModelSpec | None = None,
+                 prompt: Prompt | None = None) -> None:
+        if opts.concurrency < 1 or opts.max_attempts < 1:
+            raise VlmhubError("concurrency and max_attempts must be at least 1")
+        self.opts, self.spec = opts, spec
+        self.prompt = prompt or choose_prompt(spec, opts.preset, opts.model)
+        self.max_pixels = spec.vision.max_pixels if spec and spec.vision else None
+        self.fatal: str | None = None  # set by a 401/403/404: later pages are not sent
+
+    def payload(self, data_url: str) -> bytes:
+        """The request body for one page. Blocks (JSON-encodes a large string)."""
+        p = self.prompt
+        body: dict[str, Any] = {
+            "model": self.opts.model,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url}},
+                {"type": "text", "text": p.text},
+            ]}],
+        }
+        for key in ("temperature", "top_p", "max_tokens"):
+            if getattr(p, key) is not None:
+                body[key] = getattr(p, key)
+        return json.dumps(body).encode()
+
+    async def post(self, client: httpx.AsyncClient, body: bytes) -> Answer:
+        """POST one page, retrying 429/502/503 and connection errors with backoff. Waits
+        (asynchronously) between attempts; never raises for an HTTP or network failure."""
+        opts, last = self.opts, "no attempt"
+        status: int | None = None
+        for attempt in range(1, opts.max_attempts + 1):
+            wait = min(opts.backoff_s * 2 ** (attempt - 1), opts.max_wait_s)
+            try:
+                resp = await client.post("/chat/completions", content=body)
+            except RETRY_ERRORS as exc:
+                last, status = f"{type(exc).__name__}: {exc or 'connection failed'}", None
+            except httpx.TimeoutException:
+                return Answer(None, attempt, None, f"no answer within {opts.timeout_s:.0f} s")
+            except httpx.HTTPError as exc:
+                return Answer(None, attempt, None, f"{type(exc).__name__}: {exc}")
+            else:
+                status = resp.status_code
+                if status == 200:
+                    return self._parse(resp, attempt)
+                last = error_text(resp)
+                if status not in RETRY_STATUSES:
+                    return Answer(None, attempt, status, last)
+                asked = retry_after_s(resp.headers.get("retry-after"))
+                if asked is not None:
+                    wait = min(asked, opts.max_wait_s)
+            if attempt < opts.max_attempts:
+                await asyncio.sleep(wait)
+        return Answer(None, opts.max_attempts, status, f"{last} (gave up after "
+                      f"{opts.max_attempts} attempts)")
+
+    @staticmethod
+    def _parse(resp: httpx.Response, attempt: int) -> Answer:
+        try:
+            choice = resp.json()["choices"][0]
+            text, finish = choice["message"]["content"], choice.get("finish_reason")
+        except (ValueError, KeyError, IndexError, TypeError):
+            return Answer(None, attempt, 200, f"unexpected answer: {resp.text[:300]}")
+        if not isinstance(text, str):
+            return Answer(None, attempt, 200, "the answer has no text content")
+        return Answer(text, attempt, 200, None, finish if isinstance(finish, str) else None)
+
+    async def one(self, client: httpx.AsyncClient, renderer: PageRenderer,
+                  job: PageJob) -> PageResult:
+        """Prepare, send and save one page. Never raises for a page's own failure."""
+        t0 = time.monotonic()
+        res = PageResult(str(job.ref.path.resolve()), job.page, job.name, "failed")
+        if job.error is not None:
+            return replace(res, error=job.error)
+        if self.fatal is not None:
+            return replace(res, error=f"not sent after {self.fatal}")
+        try:
+            page = await renderer.aload(job.ref, self.max_pixels)
+        except VlmhubError as exc:
+            return replace(res, seconds=time.monotonic() - t0, error=str(exc))
+        res = replace(res, width=page.width, height=page.height, dpi=page.dpi)
+        body = await asyncio.to_thread(self.payload, page.data_url)
+        del page
+        ans = await self.post(client, body)
+        res = replace(res, attempts=ans.attempts, http_status=ans.status)
+        if ans.status in FATAL_STATUSES:
+            self.fatal = self.fatal or ans.error
+        if ans.text is None:
+            return replace(res, seconds=time.monotonic() - t0, error=ans.error)
+        try:
+            await asyncio.to_thread(self.save, job.name, ans.text)
+        except (OSError, ValueError) as exc:
+            return replace(res, seconds=time.monotonic() - t0,
+                           error=f"saving the result failed: {exc}")
+        return replace(res, status="ok", seconds=time.monotonic() - t0,
+                       finish_reason=ans.finish_reason)
+
+    def save(self, name: str, text: str) -> None:
+        """Write ``name.raw.txt`` and ``name.md``. Blocks (file writes, postprocess)."""
+        out = self.opts.out_dir
+        write_atomic(out / f"{name}.raw.txt", text)
+        md = self.spec.postprocess(text, self.prompt.preset) if self.spec else text
+        write_atomic(out / f"{name}.md", md)
+
+    def record(self, result: PageResult) -> None:
+        """Append one manifest line. Blocks briefly (one small write)."""
+        line = {**asdict(result), "model": self.opts.model, "preset": self.prompt.preset,
+                "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        line["seconds"] = round(result.seconds, 3)
+        with (self.opts.out_dir / MANIFEST).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    async def run(self, jobs: Sequence[PageJob],
+                  on_page: Callable[[PageResult], None] | None = None) -> BatchSummary:
+        """Do every job not marked ``skip``, ``concurrency`` at a time, and return all the
+        results in job order. ``on_page`` is called in the event loop once per page (skipped
+        ones first). Cancelling this (Ctrl-C) loses no finished page."""
+        opts = self.opts
+        opts.out_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        results: dict[int, PageResult] = {}
+        for i, job in enumerate(jobs):
+            if job.skip:
+                results[i] = PageResult(str(job.ref.path.resolve()), job.page, job.name,
+                                        "skipped")
+                if on_page:
+                    on_page(results[i])
+        todo = iter([(i, j) for i, j in enumerate(jobs) if not j.skip])
+        headers = {"Content-Type": "application/json"}
+        if opts.api_key:
+            headers["Authorization"] = f"Bearer {opts.api_key}"
+        timeout = httpx.Timeout(opts.timeout_s, connect=min(30.0, opts.timeout_s))
+        limits = httpx.Limits(max_connections=opts.concurrency)
+
+        async def worker() -> None:
+            for i, job in todo:  # one shared iterator: each job goes to one worker
+                results[i] = await self.one(client, renderer, job)
+                self.record(results[i])
+                if on_page:
+                    on_page(results[i])
+
+        client = httpx.AsyncClient(base_url=opts.base_url.rstrip("/"), headers=headers,
+                                   timeout=timeout, limits=limits)
+        renderer = PageRenderer()
+        tasks = [asyncio.create_task(worker()) for _ in range(opts.concurrency)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # on an error or a cancel, stop the other workers before closing
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.aclose()
+            renderer.close()
+        ordered = [results[i] for i in sorted(results)]
+        return BatchSummary(ordered, time.monotonic() - t0)
+
+
+async def ocr_batch(inputs: Sequence[Path], opts: BatchOptions, spec: ModelSpec | None = None,
+                    on_page: Callable[[PageResult], None] | None = None) -> BatchSummary:
+    """Plan (in a thread) and run a batch: the whole Python API in one call."""
+    runner = BatchRunner(opts, spec)
+    jobs = await asyncio.to_thread(plan, inputs, opts, runner.prompt)
+    return await runner.run(jobs, on_page)
