@@ -33,6 +33,7 @@ from vlmhub.router.errors import acquire_error_response, error_response
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.proxy import create_session, forward
 from vlmhub.router.state import Reject, RouterState, bearer, key_matches, router_state
+from vlmhub.router.ui import ui_routes
 
 log = logging.getLogger("vlmhub.router")
 T = TypeVar("T")
@@ -291,6 +292,7 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *admin_routes(),
+        *ui_routes(),
     ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         HTTPException: _http_error, Exception: _internal_error}
