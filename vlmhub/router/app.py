@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -30,6 +31,7 @@ from vlmhub.config import Config, api_keys
 from vlmhub.replica import AcquireError, Lease, ReplicaInfo, SupervisorLike
 from vlmhub.router.admin import admin_routes, replica_json
 from vlmhub.router.errors import acquire_error_response, error_response
+from vlmhub.router.guard import BrowserGuard
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.proxy import create_session, forward
 from vlmhub.router.state import Reject, RouterState, bearer, key_matches, router_state
@@ -296,7 +298,8 @@ def create_app(
     ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         HTTPException: _http_error, Exception: _internal_error}
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
+                    middleware=[Middleware(BrowserGuard)])
     app.state.router = state
     app.state.draining = False
     return app
