@@ -220,3 +220,15 @@ def test_models_cli_lists_sources_and_budgets() -> None:
     for name in ("dots-ocr", "qwen3-vl", "phi3-vision"):
         assert name in res.stdout
     assert "vlmhub_plugins.dots_ocr:plugin" in res.stdout and "GiB" in res.stdout
+
+
+def test_model_argument_follows_the_engine_command(tmp_path: Path) -> None:
+    from vlmhub.config import RuntimeConfig
+
+    assert not RuntimeConfig().model_as_flag  # docker: the image's `vllm serve <model>`
+    assert not RuntimeConfig(kind="process").model_as_flag  # `vllm serve`
+    api = RuntimeConfig(
+        kind="process", process_argv=["python", "-m", "vllm.entrypoints.openai.api_server"]
+    )
+    assert api.model_as_flag
+    assert RuntimeConfig(kind="process", model_arg="flag").model_as_flag

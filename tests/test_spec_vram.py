@@ -166,7 +166,11 @@ def test_render_argv_for_vllm_032() -> None:
     argv = render_argv(spec, budget_for(spec), CARD_12, port=8000, host="0.0.0.0")
     assert "--disable-log-requests" not in argv
     assert "--no-enable-log-requests" in argv
-    assert argv[:2] == ["--model", "rednote-hilab/dots.ocr"]
+    assert argv[0] == "rednote-hilab/dots.ocr"  # positional: `vllm serve --model` is deprecated
+    flagged = render_argv(
+        spec, budget_for(spec), CARD_12, port=8000, host="0.0.0.0", model_flag=True
+    )
+    assert flagged[:2] == ["--model", "rednote-hilab/dots.ocr"] and flagged[2:] == argv[1:]
     assert argv[argv.index("--max-model-len") + 1] == "24576"
     assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"image": 1}'
     assert "--trust-remote-code" in argv and "--served-model-name" in argv

@@ -46,7 +46,7 @@ def tiny(path: Path) -> dict[str, object]:
             "image": "vllm/vllm-openai:v0.32.0",
             "startup_timeout_s": 240,
             "options": {
-                "max_model_len": 1024,
+                "max_model_len": 4096,
                 "max_num_seqs": 4,
                 "dtype": "bfloat16",
                 "enforce_eager": True,
@@ -151,32 +151,36 @@ def test_route_swaps_real_vllm_engines(router: str) -> None:
 
     admin = httpx.get(router + "/api/models", timeout=5).json()["models"]
     port_a = next(m["port"] for m in admin if m["name"] == "tiny-a")
-    pieces: list[str] = []
-    chunks = 0
-    running_seen: list[float] = []
+
+    def metric(name: str) -> float:
+        """The sum of one of vLLM's own metrics for tiny-a, read from the engine."""
+        text = httpx.get(f"http://127.0.0.1:{port_a}/metrics", timeout=60).text
+        found = re.findall(
+            rf'^vllm:{name}\{{[^}}]*model_name="tiny-a"[^}}]*\}} (\S+)', text, re.MULTILINE
+        )
+        assert found, f"vllm:{name} not in /metrics"
+        return sum(float(v) for v in found)
+
+    finished_before = metric("request_success_total")
+    assert metric("num_requests_running") == 0.0
+    chunks, pieces = 0, []
     stream = client.chat.completions.create(
         model="tiny-a",
         messages=[{"role": "user", "content": "Tell a long story."}],
-        max_tokens=900,
+        max_tokens=300,
         temperature=0,
         stream=True,
-        extra_body={"min_tokens": 900},  # ~3 s of generation; a random model may stop early
+        extra_body={"min_tokens": 300},  # a random tiny model may otherwise stop early
     )
     for chunk in stream:
         chunks += 1
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
-        if chunks in (2, 50, 150, 300):  # mid-stream: vLLM's own metrics see it in flight
-            text = httpx.get(f"http://127.0.0.1:{port_a}/metrics", timeout=5).text
-            running_seen += [
-                float(v)
-                for v in re.findall(
-                    r'^vllm:num_requests_running\{[^}]*model_name="tiny-a"[^}]*\} (\S+)',
-                    text,
-                    re.MULTILINE,
-                )
-            ]
-    assert chunks > 800 and "".join(pieces), (chunks, pieces)
-    assert len(running_seen) == 4 and max(running_seen) == 1.0, running_seen
+    assert chunks > 290 and "".join(pieces), (chunks, pieces[:20])
+    # vLLM's own accounting agrees with the router's: exactly one more request finished and
+    # none is in flight. (Not sampled mid-stream: on this CPU the tiny model generates all
+    # 300 tokens long before the client has read them, so the gauge is already back at 0.)
+    assert metric("request_success_total") == finished_before + 1
+    assert metric("num_requests_running") == 0.0
     after = httpx.get(router + "/api/models", timeout=5).json()["models"]
     assert next(m["in_flight"] for m in after if m["name"] == "tiny-a") == 0

@@ -65,6 +65,15 @@ class RuntimeConfig(Strict):
     env: dict[str, str] = Field(default_factory=dict)
     pass_env: list[str] = Field(default_factory=lambda: ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"])
     name_prefix: str = "vlmhub"
+    model_arg: Literal["auto", "positional", "flag"] = "auto"
+
+    @property
+    def model_as_flag(self) -> bool:
+        """Pass the model as ``--model``: the api_server module has no positional model;
+        ``vllm serve`` (the image's entrypoint) wants it positional."""
+        if self.model_arg != "auto":
+            return self.model_arg == "flag"
+        return self.kind == "process" and any("api_server" in a for a in self.process_argv)
 
     @field_validator("process_argv")
     @classmethod

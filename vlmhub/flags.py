@@ -1,8 +1,9 @@
 """Render the vLLM argv for one model: a pure function of its spec, budget and GPU.
 
 The argv is what follows the engine command (``vllm serve`` in the official image, or a
-configured prefix for the process runtime). The model is passed as ``--model`` so that the
-same argv works for ``vllm serve`` and ``python -m vllm.entrypoints.openai.api_server``.
+configured prefix for the process runtime). The model comes first, positionally, as
+``vllm serve`` wants it (its ``--model`` is deprecated); ``model_flag=True`` passes it as
+``--model`` for ``python -m vllm.entrypoints.openai.api_server``, which has no positional.
 Flags that changed between vLLM releases are rendered for the target version.
 """
 
@@ -42,11 +43,13 @@ def render_argv(
     with_memory_flags: bool = True,
     model_path: str | None = None,
     vllm_version: str | None = None,
+    model_flag: bool = False,
 ) -> list[str]:
-    """The vLLM flags for ``spec``. Pure: same inputs, same list."""
+    """The vLLM arguments for ``spec``. Pure: same inputs, same list."""
     version = vllm_version or engine_version(spec)
     o = spec.options
-    argv = ["--model", model_path or spec.hf_repo]
+    model = model_path or spec.hf_repo
+    argv = ["--model", model] if model_flag else [model]
     if spec.revision and model_path is None:
         argv += ["--revision", spec.revision]
     argv += ["--served-model-name", spec.api_name, "--host", host, "--port", str(port)]

@@ -38,6 +38,7 @@ def launch_request(
         sleep_mode=sleep_mode,
         with_memory_flags=rc.memory_flags,
         vllm_version=rc.vllm_version,
+        model_flag=rc.model_as_flag,
     )
     env = {**rc.env, **spec.env, **model.entry.env}
     if sleep_mode:

@@ -84,10 +84,14 @@ def _error_text(message: str, prog: str) -> str:
 
 
 def check(parser: Any, argv: list[str], *, positional: bool) -> str | None:
-    """None when the parser accepts ``<model> argv``, else its error message."""
+    """None when the parser accepts ``argv`` (a dummy model is put first when ``argv`` names
+    none), else its error message."""
     if any(a == "-h" or a == "--help" or a.startswith("--help=") for a in argv):
         return "--help is not an engine flag"
-    full = [DUMMY_MODEL, *argv] if positional else ["--model", DUMMY_MODEL, *argv]
+    if (argv and not argv[0].startswith("-")) or "--model" in argv:
+        full = list(argv)  # the caller's own model, positional or --model
+    else:
+        full = [DUMMY_MODEL, *argv] if positional else ["--model", DUMMY_MODEL, *argv]
     try:
         parser.parse_args(full)
     except _ParseExit as exc:
