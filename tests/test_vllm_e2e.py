@@ -27,17 +27,6 @@ from vlmhub.runtimes.ports import free_port
 pytestmark = pytest.mark.vllm
 
 
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    python = vllm_env.vllm_python()
-    if python is None:
-        why = "the vLLM CPU venv is missing (scripts/vllm-cpu-env.sh, or VLMHUB_VLLM_VENV)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI=true but {why}", pytrace=False)
-        pytest.skip(why)
-    return python
-
-
 def tiny(path: Path) -> dict[str, object]:
     """An inline spec for a generated tiny model, declaring a 5 GiB budget: two do not fit 8."""
     return {

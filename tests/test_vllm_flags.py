@@ -6,7 +6,7 @@ missing venv FAILS the tier instead of skipping it.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import pytest
 
@@ -21,13 +21,9 @@ GPU = Gpu(12.0, 0.5)
 BUILTINS = ("dots-ocr", "qwen3-vl", "phi3-vision")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def need_vllm() -> None:
-    if vllm_env.vllm_python() is None:
-        why = "the vLLM CPU venv is missing (scripts/vllm-cpu-env.sh, or VLMHUB_VLLM_VENV)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI=true but {why}", pytrace=False)
-        pytest.skip(why)
+@pytest.fixture(autouse=True)
+def need_vllm(vllm_python: Path) -> None:
+    """Every test here needs the vLLM CPU venv (the plugin's fixture skips or fails)."""
 
 
 def every_builtin() -> dict[str, ModelSpec]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -22,23 +21,6 @@ GOOD_ARGV = [
     "--max-model-len", "2048", "--enforce-eager", "--gpu-memory-utilization", "0.5",
     "--kv-cache-memory-bytes", "1000000",
 ]  # fmt: skip
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    python = vllm_env.vllm_python()
-    if python is None:
-        reason = (
-            "the vLLM CPU venv is missing (run scripts/vllm-cpu-env.sh or set VLMHUB_VLLM_VENV)"
-        )
-        if _in_ci():
-            pytest.fail(f"CI=true but {reason}", pytrace=False)
-        pytest.skip(reason)
-    return python
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from supervisor_support import build, model
 from vlmhub.router.app import create_app
 from vlmhub.router.server import RouterServer
 from vlmhub.supervisor import Supervisor
+from vlmhub.testing.pytest_plugin import skip_or_fail
 
 PRESETS: dict[str, Any] = {
     "description": "a stand-in with presets",
@@ -188,10 +188,7 @@ async def run_chromium(url: str, profile: Path) -> tuple[str, str]:
 @pytest.mark.browser
 async def test_a_real_browser_fills_the_models_table_and_the_gpu_bar(tmp_path: Path) -> None:
     if CHROMIUM is None:
-        why = "no Chromium binary (scripts/test.sh installs Debian's chromium)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI=true but {why}", pytrace=False)
-        pytest.skip(why)
+        skip_or_fail("no Chromium binary (scripts/test.sh installs Debian's chromium)")
     sup, _, _ = build(tmp_path, models(), delay=0.1)
     async with routed(sup) as (url, _):
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:

