@@ -11,6 +11,7 @@ supervisor stops the engines; a second Ctrl-C stops without waiting.
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -102,6 +103,10 @@ async def run_route(ctx: Context, host: str | None, port: int | None,
                               on_ready=ready, on_stop=stopping)  # binds now: PortInUse
         started = True
         await supervisor.start()
+        # Everything built so far lives as long as the router: keep it out of the cyclic GC,
+        # whose full collections otherwise stall every request for 30-50 ms (docs/benchmarks.md).
+        gc.collect()
+        gc.freeze()
         await server.serve()
     finally:
         if server is not None:

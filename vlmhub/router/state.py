@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import time
@@ -67,6 +68,7 @@ def key_matches(given: bytes | None, keys: list[bytes]) -> bool:
     return any(hits)
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(host: str | None) -> bool:
     if not host:
         return False
