@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import yaml
+from starlette.applications import Starlette
 
 from vlmhub.config import load_config, resolve
 from vlmhub.registry import Registry
+from vlmhub.router.app import create_app
+from vlmhub.router.server import RouterServer
 from vlmhub.runtimes.base import Runtime
 from vlmhub.runtimes.docker import DockerRuntime
 from vlmhub.runtimes.process import ProcessRuntime
@@ -112,3 +118,30 @@ def build(tmp_path: Path, models: dict[str, dict[str, Any]], *, total_gib: float
 
 def used(ledger_dir: Path) -> float:
     return ledger_used_gib(ledger_dir)
+
+
+@contextlib.asynccontextmanager
+async def routed_app(sup: Supervisor) -> AsyncIterator[tuple[str, Starlette]]:
+    """Serve ``sup`` behind a real uvicorn on a free loopback port, in this event loop;
+    yields the base URL and the app."""
+    app = create_app(sup, sup.config)
+    server = RouterServer(app, "127.0.0.1", 0)
+    await sup.start()
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(200):
+            if server.server.started:
+                break
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{server.port}", app
+    finally:
+        server.stop()
+        await asyncio.wait_for(task, 30)
+        await sup.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def routed(sup: Supervisor) -> AsyncIterator[str]:
+    """:func:`routed_app`, yielding only the base URL."""
+    async with routed_app(sup) as (url, _):
+        yield url

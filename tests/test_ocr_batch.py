@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from supervisor_support import build, model
-from test_swap import routed
+from supervisor_support import build, model, routed
 
 from vlmhub.errors import VlmhubError
 from vlmhub.ocr.batch import BatchOptions, ocr_batch

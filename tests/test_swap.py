@@ -4,37 +4,13 @@ the 16-client swap scenario, a crash mid-stream, and the same flow in Docker."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from supervisor_support import build, model, used
-
-from vlmhub.router.app import create_app
-from vlmhub.router.server import RouterServer
-from vlmhub.supervisor import Supervisor
-
-
-@contextlib.asynccontextmanager
-async def routed(sup: Supervisor) -> AsyncIterator[str]:
-    """Serve ``sup`` behind a real uvicorn on a free loopback port, in this event loop."""
-    server = RouterServer(create_app(sup, sup.config), "127.0.0.1", 0)
-    await sup.start()
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(200):
-            if server.server.started:
-                break
-            await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        server.stop()
-        await asyncio.wait_for(task, 30)
-        await sup.shutdown()
+from supervisor_support import build, model, routed, used
 
 
 async def ask(client: openai.AsyncOpenAI, name: str, stream: bool) -> str:

@@ -5,21 +5,15 @@ over the REAL supervisor and stand-in engines; then the page run by a real headl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from supervisor_support import build, model
+from supervisor_support import build, model, routed_app
 
-from vlmhub.router.app import create_app
-from vlmhub.router.server import RouterServer
-from vlmhub.supervisor import Supervisor
 from vlmhub.testing.pytest_plugin import skip_or_fail
 
 PRESETS: dict[str, Any] = {
@@ -48,28 +42,9 @@ def models() -> dict[str, dict[str, Any]]:
     return {"alpha": model(1.0, sleep_gib=0.5, aliases=["a"], spec=PRESETS), "bravo": model(2.0)}
 
 
-@contextlib.asynccontextmanager
-async def routed(sup: Supervisor) -> AsyncIterator[tuple[str, Starlette]]:
-    """Serve ``sup`` behind a real uvicorn on a free loopback port, in this event loop."""
-    app = create_app(sup, sup.config)
-    server = RouterServer(app, "127.0.0.1", 0)
-    await sup.start()
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(200):
-            if server.server.started:
-                break
-            await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{server.port}", app
-    finally:
-        server.stop()
-        await asyncio.wait_for(task, 30)
-        await sup.shutdown()
-
-
 async def test_the_page_and_its_assets_are_served_and_root_redirects(tmp_path: Path) -> None:
     sup, _, _ = build(tmp_path, models())
-    async with routed(sup) as (url, _), httpx.AsyncClient(base_url=url) as http:
+    async with routed_app(sup) as (url, _), httpx.AsyncClient(base_url=url) as http:
         page = await http.get("/ui")
         assert page.status_code == 200
         assert page.headers["content-type"] == "text/html; charset=utf-8"
@@ -101,7 +76,7 @@ async def test_the_page_and_its_assets_are_served_and_root_redirects(tmp_path: P
 
 async def test_api_ui_lists_the_gpu_and_every_model_with_its_presets(tmp_path: Path) -> None:
     sup, _, _ = build(tmp_path, models())
-    async with routed(sup) as (url, _), httpx.AsyncClient(base_url=url) as http:
+    async with routed_app(sup) as (url, _), httpx.AsyncClient(base_url=url) as http:
         info = (await http.get("/api/ui")).json()
         listed = (await http.get("/api/models")).json()["models"]
     assert info["gpu"] == {"name": "test", "total_gib": 8.0, "usable_gib": 8.0}
@@ -127,7 +102,7 @@ async def test_api_ui_follows_the_admin_rule_and_the_page_holds_no_secret(
     tmp_path: Path,
 ) -> None:
     sup, _, _ = build(tmp_path, models(), router={"admin_key": ADMIN_KEY, "api_keys": [USER_KEY]})
-    async with routed(sup) as (url, _), httpx.AsyncClient(base_url=url) as http:
+    async with routed_app(sup) as (url, _), httpx.AsyncClient(base_url=url) as http:
         denied = await http.get("/api/ui")
         assert denied.status_code == 401
         assert denied.json()["error"]["code"] == "invalid_admin_key"
@@ -143,7 +118,7 @@ async def test_api_ui_follows_the_admin_rule_and_the_page_holds_no_secret(
 
 async def test_without_an_admin_key_api_ui_answers_loopback_clients_only(tmp_path: Path) -> None:
     sup, _, _ = build(tmp_path, models())
-    async with routed(sup) as (url, app):
+    async with routed_app(sup) as (url, app):
         async with httpx.AsyncClient(base_url=url) as http:  # a real loopback connection
             assert (await http.get("/api/ui")).status_code == 200
         remote = httpx.ASGITransport(app=app, client=("192.0.2.7", 40000))
@@ -190,7 +165,7 @@ async def test_a_real_browser_fills_the_models_table_and_the_gpu_bar(tmp_path: P
     if CHROMIUM is None:
         skip_or_fail("no Chromium binary (scripts/test.sh installs Debian's chromium)")
     sup, _, _ = build(tmp_path, models(), delay=0.1)
-    async with routed(sup) as (url, _):
+    async with routed_app(sup) as (url, _):
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
             loaded = await http.post("/api/models/alpha/load")
             assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
