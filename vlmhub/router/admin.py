@@ -27,7 +27,9 @@ def replica_json(info: ReplicaInfo) -> dict[str, Any]:
     return out
 
 
-def _check_admin(request: Request, st: RouterState) -> Response | None:
+def check_admin(request: Request, st: RouterState) -> Response | None:
+    """None when the caller may use the admin API (admin key, or loopback without one);
+    else the 401/403 response to send. Shared by /api/models and the dashboard's /api/ui."""
     if st.admin_key is not None:
         if key_matches(bearer(request), [st.admin_key]):
             return None
@@ -48,14 +50,14 @@ def _state(request: Request) -> RouterState:
 async def list_replicas(request: Request) -> Response:
     """GET /api/models: every model's snapshot."""
     st = _state(request)
-    if (denied := _check_admin(request, st)) is not None:
+    if (denied := check_admin(request, st)) is not None:
         return denied
     return JSONResponse({"models": [replica_json(i) for i in st.supervisor.snapshot()]})
 
 
 async def _act(request: Request, action: str) -> Response:
     st = _state(request)
-    if (denied := _check_admin(request, st)) is not None:
+    if (denied := check_admin(request, st)) is not None:
         return denied
     wanted = request.path_params["name"]
     name = st.supervisor.resolve(wanted)

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from vlmhub.config import Config, ResolvedModel
 from vlmhub.replica import ReplicaInfo, SupervisorLike
-from vlmhub.router.admin import _check_admin
+from vlmhub.router.admin import check_admin
 from vlmhub.router.state import router_state
 from vlmhub.vram import Gpu
 from vlmhub.web import STATIC_DIR
@@ -89,7 +89,7 @@ def model_json(info: ReplicaInfo, resolved: ResolvedModel | None) -> dict[str, A
 async def ui_info(request: Request) -> Response:
     """GET /api/ui: the GPU and every model's presets and budget (admin rule of /api)."""
     st = router_state(request)
-    if (denied := _check_admin(request, st)) is not None:
+    if (denied := check_admin(request, st)) is not None:
         return denied
     resolved = resolved_models(st.supervisor)
     models = [model_json(i, resolved.get(i.name)) for i in st.supervisor.snapshot()]
