@@ -1,27 +1,59 @@
 """Liveness checks for engines and external endpoints. Async; each call blocks only on its own
-HTTP requests and runtime calls, so checks of different engines may run concurrently."""
+HTTP requests and runtime calls, so checks of different engines may run concurrently. They only
+observe: what to do about a failed engine is the supervisor's decision."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import httpx
 
 from vlmhub.engine_log import diagnose
 from vlmhub.runtimes.base import EngineHandle, Runtime, probe
 
+RECHECK_S = 1.0
+"""A running engine that misses one health probe is probed once more after this long."""
+
 
 async def engine_failure(
-    runtime: Runtime, handle: EngineHandle, http: httpx.AsyncClient, hint: str = ""
+    runtime: Runtime,
+    handle: EngineHandle,
+    http: httpx.AsyncClient,
+    hint: str = "",
+    *,
+    healthy_at: float | None = None,
 ) -> str | None:
-    """None while the engine runs and answers its health path; else why it failed, parsed
-    from the end of its log when vLLM said why."""
+    """None while the engine runs and answers its health path; else why it failed.
+
+    A running engine must miss two probes in a row (``RECHECK_S`` apart) to count as hung; the
+    reason then says for how long it has not answered (since ``healthy_at``, monotonic). An
+    engine that exited is explained from the end of its log when vLLM said why.
+    """
     st = await runtime.status(handle)
-    if st.state == "running" and await probe(handle, http):
-        return None
+    if st.state == "running":
+        if await probe(handle, http):
+            return None
+        await asyncio.sleep(RECHECK_S)
+        st = await runtime.status(handle)
+        if st.state == "running":
+            if await probe(handle, http):
+                return None
+            since = time.monotonic() - healthy_at if healthy_at else None
+            span = f" for {since:.0f} s" if since is not None else ""
+            return f"engine not answering {handle.health_path}{span} (hung or frozen)"
     tail = await runtime.logs(handle, tail=40) if st.state != "missing" else []
     known = diagnose(tail)
     if known is not None:
         return known.summary
-    return hint or f"engine {st.state} (exit code {st.exit_code})"
+    if st.state == "missing":
+        return "engine gone (its process or container no longer exists)"
+    if st.exit_code == 0:
+        return (
+            "engine exited cleanly (exit code 0): it was stopped outside this router "
+            "(`vlmhub stop`, docker stop, or another router)"
+        )
+    return hint or f"engine exited (exit code {st.exit_code})"
 
 
 async def external_alive(url: str, http: httpx.AsyncClient) -> bool:

@@ -31,6 +31,13 @@ class Lease:
     external: bool = False
     api_key: str | None = field(default=None, repr=False)
     released: bool = False
+    revoked: asyncio.Future[str] | None = field(default=None, repr=False, compare=False)
+    """Set (to the reason) when the engine fails under this lease: the exchange must end now."""
+
+    def revoke(self, reason: str) -> None:
+        """End the exchange running under this lease (its engine failed). Idempotent."""
+        if self.revoked is not None and not self.revoked.done():
+            self.revoked.set_result(reason)
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,10 @@ class Replica:
     restarts: int = 0
     sleep_ok: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    healthy_at: float = 0.0
+    """When the engine last answered its health path (monotonic)."""
+    leases: dict[int, Lease] = field(default_factory=dict)
+    """The leases out on this engine, by ``id()``: revoked when the engine fails."""
 
     @property
     def name(self) -> str:

@@ -9,6 +9,12 @@ operation task, so concurrent requests cannot race a start.
 
 States: stopped -> starting -> ready -> (sleeping) -> stopping -> stopped, and failed.
 Concurrency: all methods run on the event loop; ``acquire`` awaits; the rest never block.
+
+Health checks only observe. When one finds an engine dead or hung, it changes the replica
+synchronously (``ready`` -> ``stopping``), revokes every lease out on that engine (its clients
+get an error at once, and no new lease is granted), and leaves the stop to the control loop,
+which runs it as the one operation like any other. The operations themselves live in
+:mod:`vlmhub.engine_ops`; each stops only the engine handle it was given.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import httpx
 
 from vlmhub import scheduler
 from vlmhub.config import Config, ResolvedModel
-from vlmhub.errors import EngineStartError, EngineStartTimeout, VlmhubError
+from vlmhub.engine_ops import EngineOps, StartHook
+from vlmhub.errors import VlmhubError
 from vlmhub.flags import engine_version
 from vlmhub.health import engine_failure, external_alive
-from vlmhub.launch import engine_hash, launch_request
+from vlmhub.launch import engine_hash
 from vlmhub.replica import (
     AcquireError,
     Lease,
@@ -40,8 +47,7 @@ from vlmhub.replica import (
     ReplicaInfo,
     UnknownModel,
 )
-from vlmhub.runtimes.base import EngineHandle, Runtime, probe, wait_ready
-from vlmhub.runtimes.ports import pick_port
+from vlmhub.runtimes.base import EngineHandle, Runtime, probe
 from vlmhub.runtimes.reconcile import reconcile_engines
 from vlmhub.spec import version_tuple
 from vlmhub.vram import Gpu
@@ -59,6 +65,7 @@ class Supervisor:
         *,
         observer: Observer | None = None,
         tick_s: float = 0.5,
+        on_start: StartHook | None = None,
     ) -> None:
         self.config, self.gpu, self.runtime = config, gpu, runtime
         self.rc = config.router
@@ -81,6 +88,10 @@ class Supervisor:
         self._tasks: list[asyncio.Task[None]] = []
         self._tick_s = tick_s
         self._http = httpx.AsyncClient(timeout=10.0)
+        self.ops = EngineOps(
+            config, gpu, runtime, self._http, self.observer,
+            fail_waiters=self._fail_waiters, on_start=on_start,
+        )
         self._closing = False
         self._arrivals: dict[str, float] = {}
         self.foreign: list[EngineHandle] = []
@@ -147,6 +158,7 @@ class Supervisor:
             return
         lease.released = True
         r = self.replicas[lease.model]
+        r.leases.pop(id(lease), None)
         r.in_flight = max(r.in_flight - 1, 0)
         r.last_used = time.monotonic()
         if r.in_flight == 0:
@@ -155,8 +167,10 @@ class Supervisor:
 
     def report_failure(self, lease: Lease, reason: str) -> None:
         r = self.replicas[lease.model]
-        if r.model.external or r.state != "ready":
+        if r.model.external or r.state != "ready" or r.handle is None:
             return
+        if r.handle.base_url != lease.base_url:
+            return  # the lease was on an engine that is already gone
         self._spawn(self._check(r, hint=reason))
 
     def snapshot(self) -> list[ReplicaInfo]:
@@ -180,6 +194,9 @@ class Supervisor:
             await asyncio.wait({self._op})
         if not r.model.external and r.state in ("ready", "sleeping"):
             self._op = asyncio.create_task(self._evict(r, scheduler.Evict(r.name, "stop")))
+            await asyncio.wait({self._op})
+        elif r.state == "failed" and r.handle is not None:
+            self._op = asyncio.create_task(self.ops.stop_failed(r))
             await asyncio.wait({self._op})
         self.kick()
         return self._info(r)
@@ -213,9 +230,8 @@ class Supervisor:
         if stop_engines:
             for r in self.replicas.values():
                 if r.handle is not None and not r.model.external:
-                    with contextlib.suppress(Exception):
-                        await self.runtime.stop(r.handle)
-                    r.handle, r.state = None, "stopped"
+                    await self.ops.stop_engine(r, r.handle, grace_s=20.0)
+                    r.state = "stopped"
         await self._http.aclose()
         await self.runtime.close()
 
@@ -263,6 +279,10 @@ class Supervisor:
                 self._resolve_wanted(r)
         if self._op is not None and not self._op.done():
             return
+        for r in self.replicas.values():  # engines a health check failed: stop them first
+            if r.state == "stopping":  # no operation runs, so nobody else is stopping it
+                self._op = asyncio.create_task(self._run(self.ops.stop_failed(r)))
+                return
         pending = [
             r for r in self.replicas.values() if (r.waiters or r.wanted) and r.state != "ready"
         ]
@@ -277,12 +297,12 @@ class Supervisor:
                 self._fail_waiters(r, Refused(p.reason))
                 continue
             if p.action in ("start", "wake"):
-                self._op = asyncio.create_task(self._execute(r, p))
+                self._op = asyncio.create_task(self._run(self._execute(r, p)))
                 return
         ttl = {r.name: r.model.entry.ttl for r in self.replicas.values()}
         for name in scheduler.expired(self._views(), ttl, now):
             self._op = asyncio.create_task(
-                self._evict(self.replicas[name], scheduler.Evict(name, "stop"))
+                self._run(self._evict(self.replicas[name], scheduler.Evict(name, "stop")))
             )
             return
 
@@ -295,125 +315,13 @@ class Supervisor:
                 LoadFailed(
                     f"{r.name} is in a crash loop ({len(r.failures)} failures in {window:.0f} s); "
                     f"last error: {r.last_error}. "
-                    f"Fix the cause, then POST /api/models/{r.name}/load"
+                    f"Fix the cause, then POST /api/models/{r.name}/load",
+                    retry_after=max(window - (now - r.failures[0]), 1.0),
                 ),
             )
             return False
         delay = scheduler.restart_delay(len(r.failures), self.rc.restart_backoff_s)
         return not r.failures or now - r.failures[-1] >= delay
-
-    # -- operations (at most one runs at a time) ------------------------------------------------
-    async def _execute(self, r: Replica, p: scheduler.Plan) -> None:
-        try:
-            for ev in p.evict:
-                if not await self._evict(self.replicas[ev.name], ev):
-                    self._fail_waiters(
-                        r,
-                        Refused(
-                            f"{ev.name} still had requests running after "
-                            f"{self.rc.drain_timeout_s:.0f} s; {r.name} could not be given room"
-                        ),
-                        retry_after=10,
-                    )
-                    return
-            if p.action == "wake" and await self._wake(r):
-                return
-            await self._start(r)
-        finally:
-            self.kick()
-
-    async def _start(self, r: Replica) -> None:
-        assert r.model.spec is not None
-        if r.handle is not None:  # a failed or sleeping engine: clear it away first
-            with contextlib.suppress(Exception):
-                await self.runtime.stop(r.handle)
-            r.handle = None
-        r.state, r.phase, r.last_error = "starting", "starting", None
-        taken = [x.handle.port for x in self.replicas.values() if x.handle is not None]
-        began = time.monotonic()
-        try:
-            port, _ = pick_port(None, self.config.runtime.port_range, taken)
-            req = launch_request(
-                r.model, self.gpu, self.runtime, self.config.runtime, port, sleep_mode=r.sleep_ok
-            )
-            r.handle = await self.runtime.start(req)
-
-            def on_phase(phase: str, _line: str) -> None:
-                r.phase = phase
-
-            await wait_ready(
-                self.runtime, r.handle, timeout_s=r.model.spec.startup_timeout_s, on_phase=on_phase
-            )
-        except (VlmhubError, OSError) as exc:
-            await self._failed(r, str(exc), timeout=isinstance(exc, EngineStartTimeout))
-            if isinstance(exc, EngineStartError) and exc.code == "sleep_unsupported":
-                r.sleep_ok = False  # this engine cannot sleep: fall back to stop/start
-            self.observer.observe_load(r.name, time.monotonic() - began, False)
-            return
-        r.last_load_s = time.monotonic() - began
-        r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
-        r.restarts += 1 if r.failures else 0
-        self.observer.observe_load(r.name, r.last_load_s, True)
-
-    async def _failed(self, r: Replica, message: str, *, timeout: bool = False) -> None:
-        r.state, r.phase, r.last_error = "failed", "failed", message
-        r.failures.append(time.monotonic())
-        if r.handle is not None:
-            with contextlib.suppress(Exception):
-                await self.runtime.stop(r.handle)
-            r.handle = None
-        err: AcquireError = LoadTimeout(message) if timeout else LoadFailed(message)
-        self._fail_waiters(r, err)
-
-    async def _evict(self, v: Replica, ev: scheduler.Evict) -> bool:
-        """Drain ``v`` (new requests queue), then sleep or stop it. False if it stayed busy."""
-        v.draining = True
-        try:
-            if v.in_flight:
-                try:
-                    await asyncio.wait_for(v.idle.wait(), self.rc.drain_timeout_s)
-                except TimeoutError:
-                    return False
-            if ev.mode == "sleep" and v.state == "ready" and await self._sleep(v):
-                self.observer.observe_eviction(v.name, "sleep")
-                return True
-            v.state = "stopping"
-            if v.handle is not None:
-                with contextlib.suppress(Exception):
-                    await self.runtime.stop(v.handle)
-            v.handle, v.state, v.phase = None, "stopped", ""
-            self.observer.observe_eviction(v.name, "stop")
-            return True
-        finally:
-            v.draining = False
-            self.kick()
-
-    async def _sleep(self, v: Replica) -> bool:
-        assert v.handle is not None
-        try:
-            resp = await self._http.post(v.handle.base_url + "/sleep", params={"level": "1"})
-            ok = resp.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        if ok:
-            v.state, v.phase = "sleeping", "sleeping"
-        return ok
-
-    async def _wake(self, r: Replica) -> bool:
-        """Wake a sleeping engine (room was made first: vLLM does not check). False: restart."""
-        if r.handle is None:
-            return False
-        r.state, r.phase = "starting", "waking"
-        began = time.monotonic()
-        try:
-            resp = await self._http.post(r.handle.base_url + "/wake_up")
-            ok = resp.status_code == 200 and await probe(r.handle, self._http)
-        except httpx.HTTPError:
-            ok = False
-        if ok:
-            r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
-            self.observer.observe_load(r.name, time.monotonic() - began, True)
-        return ok
 
     # -- health ---------------------------------------------------------------------------------
     async def _health_loop(self) -> None:
@@ -424,18 +332,72 @@ class Supervisor:
                     await self._check(r)
 
     async def _check(self, r: Replica, hint: str = "") -> None:
-        """Liveness: the engine still runs and answers /health; else it becomes failed."""
+        """Liveness: the engine still runs and answers /health; else its engine is failed.
+
+        Only observes (concurrently with the one operation); the change it makes is
+        synchronous and the stop it asks for runs as an operation (see the module docs).
+        """
         if r.model.external:
             ok = await external_alive(r.model.entry.url or "", self._http)
             r.state, r.last_error = ("ready", None) if ok else ("failed", hint or "unreachable")
             return
-        if r.handle is None or r.state != "ready":
+        handle = r.handle
+        if handle is None or r.state != "ready":
             return
-        reason = await engine_failure(self.runtime, r.handle, self._http, hint)
-        if reason is None or r.state != "ready":  # alive, or an operation moved it meanwhile
+        reason = await engine_failure(
+            self.runtime, handle, self._http, hint, healthy_at=r.healthy_at
+        )
+        if r.handle is not handle or r.state != "ready":  # an operation moved it meanwhile
             return
-        await self._failed(r, f"{r.name} crashed: {reason}")
+        if reason is None:
+            r.healthy_at = time.monotonic()
+            return
+        self._engine_failed(r, reason)
+
+    def _engine_failed(self, r: Replica, reason: str) -> None:
+        """A ready engine is dead or hung: no new lease, revoke the running ones, queue its
+        stop (the loop runs it as the one operation). Synchronous."""
+        r.state, r.phase = "stopping", "stopping (failed)"
+        what = (
+            "is hung" if "not answering" in reason
+            else "was stopped" if "exited cleanly" in reason
+            else "crashed"
+        )
+        r.last_error = f"{r.name} {what}: {reason}"
+        r.failures.append(time.monotonic())
+        for lease in list(r.leases.values()):
+            lease.revoke(r.last_error)
         self.kick()
+
+    # -- operations: each runs as THE one operation (engine_ops.py) ---------------------------
+    async def _run(self, op: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await op
+        finally:
+            self.kick()
+
+    async def _execute(self, r: Replica, p: scheduler.Plan) -> None:
+        for ev in p.evict:
+            if not await self._evict(self.replicas[ev.name], ev):
+                self._fail_waiters(
+                    r,
+                    Refused(
+                        f"{ev.name} still had requests running after "
+                        f"{self.rc.drain_timeout_s:.0f} s; {r.name} could not be given room"
+                    ),
+                    retry_after=10,
+                )
+                return
+        if p.action == "wake" and await self.ops.wake(r):
+            return
+        taken = [x.handle.port for x in self.replicas.values() if x.handle is not None]
+        await self.ops.start(r, taken)
+
+    async def _evict(self, v: Replica, ev: scheduler.Evict) -> bool:
+        try:
+            return await self.ops.evict(v, ev)
+        finally:
+            self.kick()
 
     # -- helpers --------------------------------------------------------------------------------
     async def _adopt(self) -> None:
@@ -455,7 +417,7 @@ class Supervisor:
             r = self.replicas[h.name]
             if await probe(h, self._http):
                 r.handle, r.state, r.phase = h, "ready", "ready (adopted)"
-                r.last_used = time.monotonic()
+                r.last_used = r.healthy_at = time.monotonic()
 
     def _lease(self, r: Replica) -> Lease:
         r.in_flight += 1
@@ -465,7 +427,12 @@ class Supervisor:
             base = (r.model.entry.url or "").rstrip("/")
             return Lease(r.name, base, r.model.api_name, external=True)
         assert r.handle is not None
-        return Lease(r.name, r.handle.base_url, r.model.api_name)
+        lease = Lease(
+            r.name, r.handle.base_url, r.model.api_name,
+            revoked=asyncio.get_running_loop().create_future(),
+        )
+        r.leases[id(lease)] = lease
+        return lease
 
     def _fail_waiters(
         self, r: Replica, err: AcquireError, retry_after: float | None = None

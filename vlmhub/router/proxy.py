@@ -15,6 +15,7 @@ Many responses run concurrently on one event loop; one response is never sent tw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -166,6 +167,7 @@ class ProxyResponse(Response):
         self.stream_requested = stream
         self.on_headers, self.on_finish = on_headers, on_finish
         self.client_gone = False
+        self.streaming = False
         self.upstream_failure: str | None = None
         self._body_sent = False
         self._finished = False
@@ -178,17 +180,38 @@ class ProxyResponse(Response):
         """
         work = asyncio.create_task(self._exchange(send))
         watcher = asyncio.create_task(_wait_disconnect(receive))
+        waits: set[asyncio.Future[Any]] = {work, watcher}
+        revoked = self.lease.revoked
+        if revoked is not None:
+            waits.add(revoked)
         try:
-            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
             if not work.done() and not self._body_sent:
                 self.client_gone = watcher.done() and not watcher.cancelled()
                 work.cancel()  # its finally closes the upstream connection: vLLM aborts
             await asyncio.gather(work, watcher, return_exceptions=True)
+            if (
+                revoked is not None and revoked.done() and not revoked.cancelled()
+                and work.cancelled() and not self.client_gone
+            ):
+                await self._revoked(send, revoked.result())
             self._finish()
         if not work.cancelled() and (exc := work.exception()) is not None:
             raise exc
+
+    async def _revoked(self, send: Send, reason: str) -> None:
+        """The supervisor failed the engine under this exchange: tell the client now."""
+        self.upstream_failure = reason
+        message = (f"Model {self.lease.model!r}: {reason}. The answer is incomplete; "
+                   "vlmhub restarts the engine on the next request.")
+        with contextlib.suppress(OSError, RuntimeError):
+            if self.status_code == 0:
+                await self._send_error(send, 503, message)
+            elif self.streaming:
+                await self._send_body(send, sse_error_event(message), more=True)
+                await self._send_body(send, b"", more=False)
 
     def _finish(self) -> None:
         if self._finished:
@@ -219,8 +242,11 @@ class ProxyResponse(Response):
 
     async def _send_error(self, send: Send, status: int, message: str) -> None:
         body = json.dumps(error_body(message, "upstream_error", status)).encode()
-        await self._start(send, status, [(b"content-type", b"application/json"),
-                                         (b"content-length", str(len(body)).encode())])
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        if status in (502, 503, 504):
+            headers.append((b"retry-after", b"5"))
+        await self._start(send, status, headers)
         await self._send_body(send, body, more=False)
 
     async def _exchange(self, send: Send) -> None:
@@ -268,6 +294,7 @@ class ProxyResponse(Response):
 
     async def _relay_stream(self, resp: aiohttp.ClientResponse, send: Send, sse: bool) -> bool:
         """Pass chunks on as they arrive (no buffering). Returns True if the engine finished."""
+        self.streaming = True
         await self._start(send, resp.status, downstream_headers(resp.headers, streamed=True))
         while True:
             try:
