@@ -42,6 +42,7 @@ class RouterConfig(Strict):
     max_queue: int = Field(default=32, ge=0)
     queue_timeout_s: float = Field(default=600.0, gt=0)
     max_body_mb: float = Field(default=50.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     stop_engines_on_exit: bool = True

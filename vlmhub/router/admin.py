@@ -3,6 +3,8 @@
 Auth: with ``router.admin_key`` set, ``Authorization: Bearer <admin_key>`` is required (401
 otherwise, from anywhere). Without it only loopback clients may call (403 for the others).
 Listing is a synchronous snapshot; load and unload wait (asynchronously) for the supervisor.
+A load that ends with the model ``failed`` answers 503 with the engine's reason (and
+``Retry-After``), never 200.
 """
 
 from __future__ import annotations
@@ -74,7 +76,18 @@ async def _act(request: Request, action: str) -> Response:
         return acquire_error_response(exc)
     except VlmhubError as exc:
         return error_response(503, str(exc), "service_unavailable", f"{action}_failed")
+    if action == "load" and info.state == "failed":
+        return load_failed(info)
     return JSONResponse(replica_json(info))
+
+
+def load_failed(info: ReplicaInfo) -> Response:
+    """503 (with ``Retry-After``) for a load that left the model ``failed``, with the reason."""
+    reason = (info.last_error or "no reason was recorded").rstrip(". ")
+    fix = ("check that the external server is running" if info.external
+           else f"`vlmhub logs {info.name}` shows the engine's log; fix the cause")
+    return error_response(503, f"Model {info.name!r} failed to load: {reason}. Fix: {fix}, "
+                          "then load it again.", "service_unavailable", "load_failed")
 
 
 async def load_model(request: Request) -> Response:

@@ -13,7 +13,6 @@ ones in flight finish.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -30,7 +29,8 @@ from starlette.routing import Route
 from vlmhub.config import Config, api_keys
 from vlmhub.replica import AcquireError, Lease, ReplicaInfo, SupervisorLike
 from vlmhub.router.admin import admin_routes, replica_json
-from vlmhub.router.errors import acquire_error_response, error_response
+from vlmhub.router.body import parse_payload, read_body, too_deep
+from vlmhub.router.errors import DEFAULT_RETRY_AFTER_S, acquire_error_response, error_response
 from vlmhub.router.guard import BrowserGuard
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.proxy import create_session, forward
@@ -61,43 +61,6 @@ def require_api_key(request: Request) -> None:
             401, "Incorrect or missing API key. Send it as `Authorization: Bearer <key>` "
             "(the OpenAI SDKs do this with api_key=...).", "invalid_request_error",
             "invalid_api_key", {"WWW-Authenticate": "Bearer"}))
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (Content-Length checked first,
-    then counted while reading, for chunked uploads)."""
-    too_big = Reject(error_response(
-        413, f"The request body is larger than the router's limit of {limit} bytes. Send "
-        "smaller images (or fewer per request), or raise router.max_body_mb in models.yaml.",
-        "invalid_request_error", "request_too_large"))
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise Reject(error_response(400, "invalid Content-Length header",
-                                        "invalid_request_error"))
-        if int(declared) > limit:
-            raise too_big
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_payload(body: bytes) -> dict[str, Any]:
-    """The JSON object of the body; 400 in OpenAI's shape when it is not one."""
-    try:
-        payload = json.loads(body)
-    except ValueError as exc:
-        raise Reject(error_response(400, f"malformed JSON in the request body: {exc}",
-                                    "invalid_request_error", "malformed_json")) from None
-    if not isinstance(payload, dict):
-        raise Reject(error_response(400, "the request body must be a JSON object",
-                                    "invalid_request_error", "malformed_json"))
-    return payload
 
 
 def unknown_model(model: str, supervisor: SupervisorLike) -> Reject:
@@ -143,9 +106,8 @@ async def proxy_endpoint(request: Request) -> Response:
         require_api_key(request)
         if request.app.state.draining:
             raise Reject(error_response(503, "vlmhub is shutting down; retry shortly.",
-                                        "service_unavailable", "shutting_down",
-                                        {"Retry-After": "5"}))
-        body = await read_body(request, st.max_body)
+                                        "service_unavailable", "shutting_down"))
+        body = await read_body(request, st.max_body, st.body_timeout_s)
         payload = parse_payload(body)
         wanted = payload.get("model")
         if not isinstance(wanted, str) or not wanted:
@@ -176,8 +138,10 @@ async def proxy_endpoint(request: Request) -> Response:
                 query=request.url.query, headers=request.headers.items(), body=body,
                 payload=payload, stream=payload.get("stream") is True,
                 on_headers=headers_sent, on_finish=finished)
-        except BaseException:
+        except BaseException as exc:
             st.supervisor.release(lease)  # never handed off: give it back here
+            if isinstance(exc, RecursionError):  # re-encoding a deep body (model rewrite)
+                raise too_deep() from None
             raise
         handed_off = True
         return response
@@ -242,7 +206,8 @@ async def health(request: Request) -> Response:
     st = router_state(request)
     models = {i.name: i.state for i in st.supervisor.snapshot()}
     if request.app.state.draining:
-        return JSONResponse({"status": "draining", "models": models}, status_code=503)
+        return JSONResponse({"status": "draining", "models": models}, status_code=503,
+                            headers={"Retry-After": str(DEFAULT_RETRY_AFTER_S)})
     return JSONResponse({"status": "ok", "models": models})
 
 
@@ -277,6 +242,7 @@ def create_app(
         api_keys=[k.encode() for k in api_keys(config)],
         admin_key=admin.encode() if admin else None,
         max_body=int(config.router.max_body_mb * 1024 * 1024),
+        body_timeout_s=config.router.body_timeout_s,
     )
 
     @asynccontextmanager

@@ -1,7 +1,9 @@
 """Errors in OpenAI's JSON shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 Pure helpers; nothing here blocks. The OpenAI SDKs read ``error.message`` into their exception
-text, so messages are complete sentences that name the fix.
+text, so messages are complete sentences that name the fix. Every 503 carries ``Retry-After``
+(the refusal's own value, else :data:`DEFAULT_RETRY_AFTER_S`), so clients back off instead of
+hammering a model that is starting, failing or being swapped.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from starlette.responses import JSONResponse
 from vlmhub.replica import AcquireError
 
 ErrorCode = str | int | None
+DEFAULT_RETRY_AFTER_S = 5
+"""``Retry-After`` of a 503 whose cause gives no better estimate (start failure, no port...)."""
 
 
 def error_body(
@@ -34,9 +38,13 @@ def error_response(
     *,
     param: str | None = None,
 ) -> JSONResponse:
-    """A JSON error response with ``status`` and OpenAI's error shape."""
+    """A JSON error response with ``status`` and OpenAI's error shape. A 503 without a
+    ``Retry-After`` in ``headers`` gets :data:`DEFAULT_RETRY_AFTER_S`."""
+    out = dict(headers) if headers else {}
+    if status == 503 and not any(k.lower() == "retry-after" for k in out):
+        out["Retry-After"] = str(DEFAULT_RETRY_AFTER_S)
     return JSONResponse(error_body(message, type, code, param), status_code=status,
-                        headers=dict(headers) if headers else None)
+                        headers=out or None)
 
 
 def sse_error_event(message: str, type: str = "upstream_error", code: ErrorCode = 502) -> bytes:

@@ -29,6 +29,7 @@ class RouterState:
     api_keys: list[bytes]
     admin_key: bytes | None
     max_body: int
+    body_timeout_s: float = 30.0
     created: int = field(default_factory=lambda: int(time.time()))
     session: aiohttp.ClientSession | None = None
     in_flight: int = 0
