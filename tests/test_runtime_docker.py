@@ -6,7 +6,11 @@ Skipped when no Docker engine answers, except with CI=true (then the fixtures fa
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ from vlmhub.config import RuntimeConfig
 from vlmhub.errors import EngineStartError, ImageUnavailable, PortInUse, RuntimeUnavailable
 from vlmhub.runtimes.base import LaunchRequest, wait_ready
 from vlmhub.runtimes.docker import DockerRuntime
+from vlmhub.runtimes.owner import this_owner
 from vlmhub.runtimes.ports import free_port
 from vlmhub.spec import ModelSpec
 from vlmhub.testing.fixtures import stub_launch_request, stub_spec
@@ -177,6 +182,9 @@ async def test_container_dying_at_startup_gives_parsed_reason(
     handle2 = await rt.start(request(rt, "broken"))
     assert handle2.ident != handle.ident
     await wait_ready(rt, handle2, timeout_s=30)
+    # Stopping the old handle goes by container id: the new container of the model stays.
+    await rt.stop(handle)
+    assert (await rt.status(handle2)).state == "running"
 
 
 @pytest.mark.docker
@@ -222,6 +230,72 @@ async def test_missing_image_that_cannot_be_pulled(
     req = request(rt, "epsilon", image=MISSING_IMAGE)
     with pytest.raises(ImageUnavailable, match="not present locally"):
         await rt.start(req)
+
+
+@pytest.mark.docker
+async def test_frozen_container_is_killed_without_waiting_the_grace(
+    docker_runtime: DockerRuntime, stub_image: str, docker_client: Any
+) -> None:
+    """Issue 14 item 2: an engine frozen by SIGSTOP inside its container is killed at once."""
+    rt = docker_runtime
+    handle = await rt.start(request(rt, "frozen"))
+    await wait_ready(rt, handle, timeout_s=30)
+    container = docker_client.containers.get(handle.ident)
+    container.kill(signal="SIGSTOP")
+    for _ in range(100):
+        rows = container.top(ps_args="-o pid,stat")["Processes"]
+        if all(row[1].startswith("T") for row in rows):
+            break
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    await rt.stop(handle, timeout_s=20)
+    assert time.monotonic() - t0 < 10, "a frozen engine must not get the whole 20 s grace"
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(handle.ident)
+    st = await rt.status(handle)
+    assert st.state == "missing" and st.stopped
+
+
+OWNER = """
+import asyncio, json, sys
+from vlmhub.config import RuntimeConfig
+from vlmhub.runtimes.docker import DockerRuntime
+from vlmhub.runtimes.ports import free_port
+from vlmhub.testing.fixtures import stub_launch_request, stub_spec
+
+async def main():
+    rt = DockerRuntime(RuntimeConfig.model_validate_json(sys.argv[1]))
+    spec = stub_spec("owned", env={"VLMHUB_STUB_STARTUP_DELAY": "0.3"})
+    handle = await rt.start(stub_launch_request(rt, rt.rc, spec, free_port()))
+    print(json.dumps({"ident": handle.ident, "hash": handle.spec_hash}), flush=True)
+    sys.stdin.read()  # stay alive (the container's owner) until the test closes stdin
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.docker
+async def test_reconcile_leaves_containers_of_a_live_owner_alone(
+    docker_runtime: DockerRuntime, stub_image: str, docker_client: Any
+) -> None:
+    """Issue 14 item 3: a router adopts (or stops) only containers whose owner is gone."""
+    rt = docker_runtime
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, rt.rc.model_dump_json()],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        started = json.loads(owner.stdout.readline())
+        labels = docker_client.containers.get(started["ident"]).labels
+        assert labels["vlmhub.owner"] != this_owner()
+        changed = await rt.reconcile({"owned": "another-hash"})
+        assert [h.ident for h in changed.others] == [started["ident"]]
+        assert changed.stopped == changed.kept == []
+        assert docker_client.containers.get(started["ident"]).status == "running"
+    finally:
+        owner.kill()
+        owner.wait(10)
+    adopted = await rt.reconcile({"owned": started["hash"]})  # its owner is gone now
+    assert [h.ident for h in adopted.kept] == [started["ident"]] and adopted.others == []
 
 
 def test_unreachable_engine_names_docker_host(

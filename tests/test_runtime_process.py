@@ -138,6 +138,7 @@ async def test_adopt_status_and_stop_from_another_vlmhub_process(
                       "after": ["missing"]}
     st = await rt.status(handle)  # we are the parent: we still read the exit code
     assert st.state == "exited" and st.exit_code == 0
+    assert st.stopped, "an exit because a vlmhub process stopped it is not a crash"
 
 
 @pytest.mark.parametrize(
@@ -288,8 +289,99 @@ def test_status_of_an_engine_killed_behind_our_back(process_runtime: ProcessRunt
         for _ in range(50):
             st = await rt.status(handle)
             if st.state != "running":
+                assert not st.stopped, "killed behind vlmhub's back: a crash, not a stop"
                 return st.state, st.exit_code
             await asyncio.sleep(0.05)
         return "running", None
 
     assert asyncio.run(scenario()) == ("exited", -signal.SIGKILL)
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and return once /proc shows it stopped (delivery is asynchronous)."""
+    os.kill(pid, signal.SIGSTOP)
+    stat = Path(f"/proc/{pid}/stat")
+    for _ in range(200):
+        if stat.read_text().rsplit(")", 1)[1].split()[0] == "T":
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} did not stop")
+
+
+async def test_stop_of_a_hung_engine_leaves_its_replacement_alone(
+    process_runtime: ProcessRuntime,
+) -> None:
+    """Issue 14 item 1: the health check stops a frozen engine while the control loop starts
+    its replacement; the stop must not delete the new engine's record (nor touch it)."""
+    rt = process_runtime
+    old = await rt.start(request(rt, "swapped"))
+    await wait_ready(rt, old, timeout_s=20)
+    freeze(int(old.ident))  # hung: answers nothing, ignores SIGTERM
+    stopping = asyncio.create_task(rt.stop(old, timeout_s=3))
+    new: EngineHandle | None = None
+    deadline = time.monotonic() + 30
+    while new is None and time.monotonic() < deadline:  # start it as soon as the runtime lets us
+        try:
+            new = await rt.start(request(rt, "swapped"))
+        except EngineStartError:
+            await asyncio.sleep(0.01)
+    await stopping
+    assert new is not None and new.ident != old.ident
+    record = json.loads(rt.state_path("swapped").read_text())
+    assert record["pid"] == int(new.ident), "the old engine's stop kept the new engine's record"
+    await wait_ready(rt, new, timeout_s=20)
+    assert (await rt.status(new)).state == "running"
+    assert (await rt.status(old)).state == "missing"
+    elsewhere = ProcessRuntime(rt.rc, state_dir=rt.state_dir)  # `vlmhub ps`, a restarted router
+    assert [(h.name, h.ident) for h in await elsewhere.adopt()] == [("swapped", new.ident)]
+    await rt.stop(old, timeout_s=1)  # stopping the old handle again is still harmless
+    assert rt.state_path("swapped").exists() and _pid_alive(int(new.ident))
+
+
+async def test_frozen_engine_is_killed_without_waiting_the_grace(
+    process_runtime: ProcessRuntime,
+) -> None:
+    """Issue 14 item 2: a SIGSTOPped engine cannot act on SIGTERM, so waiting the grace only
+    keeps its clients waiting: stop kills it at once."""
+    rt = process_runtime
+    handle = await rt.start(request(rt, "frozen"))
+    await wait_ready(rt, handle, timeout_s=20)
+    pid = int(handle.ident)
+    freeze(pid)
+    st = await rt.status(handle)
+    assert st.state == "running" and "frozen" in st.detail
+    t0 = time.monotonic()
+    await rt.stop(handle, timeout_s=20)
+    assert time.monotonic() - t0 < 10, "a frozen engine must not get the whole 20 s grace"
+    assert not _pid_alive(pid)
+    assert (await rt.status(handle)).state == "missing"
+    assert not rt.state_path("frozen").exists()
+
+
+async def test_engine_gets_a_minimal_environment_not_the_routers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14 item 10: the router's secrets (VLMHUB_API_KEYS, anything else) stay out of the
+    engine; pass_env names, HF_TOKEN, what vLLM reads and the config's env get in."""
+    monkeypatch.setenv("VLMHUB_API_KEYS", "sk-router-key")
+    monkeypatch.setenv("PLANTED_SECRET", "s3cret")
+    monkeypatch.setenv("HF_TOKEN", "hf_engine_token")
+    monkeypatch.setenv("MY_PASSED_VAR", "passed")
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    rc = stub_process_config(tmp_path, pass_env=["HF_TOKEN", "MY_PASSED_VAR"],
+                             env={"FROM_CONFIG": "yes"})
+    rt = ProcessRuntime(rc, state_dir=tmp_path / "state")
+    handle = await rt.start(request(rt, "env-check"))
+    try:
+        await wait_ready(rt, handle, timeout_s=20)  # it runs on the minimal environment
+        raw = Path(f"/proc/{handle.ident}/environ").read_bytes()
+        env = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+        assert "VLMHUB_API_KEYS" not in env and "PLANTED_SECRET" not in env
+        assert b"sk-router-key" not in raw and b"s3cret" not in raw
+        assert env["HF_TOKEN"] == "hf_engine_token" and env["MY_PASSED_VAR"] == "passed"
+        assert env["VLLM_LOGGING_LEVEL"] == "INFO" and env["CUDA_VISIBLE_DEVICES"] == "0"
+        assert env["FROM_CONFIG"] == "yes" and env["VLMHUB_STUB_STARTUP_DELAY"] == "0.3"
+        assert env["PATH"] == os.environ["PATH"] and env["HOME"] == os.environ["HOME"]
+    finally:
+        await rt.stop(handle, timeout_s=5)

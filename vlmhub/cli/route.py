@@ -6,6 +6,10 @@ supervisor's control loop and the engines' health checks share the event loop. T
 bound before anything starts, so a taken port fails at once. The first Ctrl-C drains (new
 requests get 503 while those in flight finish, up to ``router.shutdown_timeout_s``), then the
 supervisor stops the engines; a second Ctrl-C stops without waiting.
+
+A state dir has one router: ``route`` holds ``<state_dir>/router.lock`` (see
+:mod:`vlmhub.runtimes.owner`) from before it adopts engines until it has stopped them, and a
+second router on the same state dir refuses at once, naming the first (pid, port).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from vlmhub.router.app import create_app
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.server import RouterServer
 from vlmhub.router.state import is_loopback
+from vlmhub.runtimes.owner import StateDirLock, lock_state_dir
+from vlmhub.runtimes.process import ProcessRuntime, default_state_dir
 from vlmhub.vram import Gpu
 
 RuntimeKind = Literal["docker", "process"]
@@ -60,17 +66,29 @@ def print_summary(url: str, config: Config, gpu: Gpu, models: list[ReplicaInfo])
 
 
 async def run_route(ctx: Context, host: str | None, port: int | None,
-                    kind: RuntimeKind | None) -> int:
-    """Build the supervisor and the router, serve until stopped, then shut down. Blocks
-    (asynchronously) for the router's whole life."""
+                    kind: RuntimeKind | None, state_dir: Path | None = None) -> int:
+    """Take the state dir, build the supervisor and the router, serve until stopped, then
+    shut down. Blocks (asynchronously) for the router's whole life."""
+    config = ctx.loaded.config
+    rc = config.router
+    host = host or rc.host
+    port = rc.port if port is None else port
+    state = (state_dir or default_state_dir()).expanduser().resolve()
+    lock = lock_state_dir(state, port=port, url=f"http://{host}:{port}")  # or StateDirBusy
+    try:
+        return await _serve(ctx, host, port, kind, state, lock)
+    finally:
+        lock.release()
+
+
+async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, state: Path,
+                 lock: StateDirLock) -> int:
     from vlmhub.supervisor import Supervisor
 
     config = ctx.loaded.config
     rc = config.router
     models = ctx.models()
     gpu = ctx.gpu
-    host = host or rc.host
-    port = rc.port if port is None else port
     if not is_loopback(host) and host != "localhost" and not api_keys(config):
         err_console.print(f"[yellow]Warning:[/] listening on {host} without router.api_keys: "
                           "anyone who can reach this machine can use the models.",
@@ -81,12 +99,15 @@ async def run_route(ctx: Context, host: str | None, port: int | None,
     started = False
     try:
         runtime = make_runtime(config, kind)
+        if isinstance(runtime, ProcessRuntime):
+            runtime.state_dir = state
         supervisor = Supervisor(models, config, gpu, runtime, observer=metrics)
         app = create_app(supervisor, config, metrics=metrics)
         sup = supervisor
 
         def ready(bound: int) -> None:
             assert server is not None
+            lock.record(port=bound, url=server.url)
             print_summary(server.url, config, gpu, sup.snapshot())
             for h in sup.foreign:
                 err_console.print(f"[yellow]Note:[/] engine {h.name} ({h.runtime}, port "
@@ -131,13 +152,17 @@ def route(
     gpu_gib: float | None = GpuOption,
     runtime: Annotated[RuntimeKind | None, typer.Option(
         "--runtime", help="docker or process (default: runtime.kind in models.yaml).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        "--state-dir", help="The router's state dir: its lock, engine records and logs "
+        "(default: $VLMHUB_STATE_DIR, else ~/.local/state/vlmhub). One router per state dir; "
+        "give a second router its own to run both side by side.")] = None,
 ) -> None:
     """Serve every model in models.yaml behind one OpenAI-compatible endpoint, starting and
     swapping engines on demand to fit the GPU."""
     with user_errors():
         ctx = Context(config, gpu_gib)
         try:
-            code = asyncio.run(run_route(ctx, host, port, runtime))
+            code = asyncio.run(run_route(ctx, host, port, runtime, state_dir))
         except KeyboardInterrupt:
             err_console.print("interrupted")
             code = 130

@@ -55,6 +55,9 @@ class EngineHandle:
     started_at: float
     host: str = "127.0.0.1"
     health_path: str = "/health"
+    owner: str = ""
+    """The vlmhub process that started or adopted it (``host:pid:start``, see
+    :mod:`vlmhub.runtimes.owner`); empty when unknown. Not part of the engine's identity."""
 
     @property
     def base_url(self) -> str:
@@ -63,9 +66,15 @@ class EngineHandle:
 
 @dataclass(frozen=True)
 class EngineStatus:
+    """``state``: running; exited (``exit_code`` when known: negative is the signal that ended
+    it); missing (removed). ``stopped`` is True when the engine ended because a vlmhub process
+    stopped it on request (``vlmhub stop``, a router's stop or reconcile): then an exit, even
+    with code 0, or a missing engine is not a crash."""
+
     state: EngineState
     exit_code: int | None = None
     detail: str = ""
+    stopped: bool = False
 
 
 class Runtime(abc.ABC):
@@ -95,11 +104,20 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def stop(self, handle: EngineHandle, timeout_s: float = 20.0) -> None:
-        """Ask the engine to stop, kill it after ``timeout_s``, then remove it. Idempotent."""
+        """Ask the engine to stop, kill it after ``timeout_s`` (the SIGTERM grace), then remove
+        it. Idempotent. Touches only the engine of ``handle``: never a newer engine of the same
+        model. ``timeout_s=0`` kills at once (a hung engine); an engine that cannot answer
+        (frozen by SIGSTOP) is killed at once whatever the grace."""
 
     @abc.abstractmethod
     async def adopt(self) -> list[EngineHandle]:
-        """Engines this runtime started earlier (possibly by another vlmhub process)."""
+        """Every running engine of this runtime, started by any vlmhub process (each handle
+        names its ``owner``; :func:`~vlmhub.runtimes.reconcile.reconcile_engines` adopts only
+        those whose owner is gone)."""
+
+    async def claim(self, handle: EngineHandle) -> None:  # noqa: B027 - optional hook
+        """Record this process as the owner of an adopted engine. A no-op by default (Docker
+        labels cannot change)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release clients and threads. Engines keep running."""

@@ -31,6 +31,8 @@ import docker.utils
 from vlmhub.config import RuntimeConfig
 from vlmhub.errors import EngineStartError, ImageUnavailable, PortInUse, RuntimeUnavailable
 from vlmhub.runtimes.base import EngineHandle, EngineStatus, LaunchRequest, Runtime
+from vlmhub.runtimes.owner import this_owner
+from vlmhub.runtimes.procfs import FROZEN_STATES
 from vlmhub.runtimes.reconcile import Reconciled, reconcile_engines
 
 PullProgress = Callable[[str, int | None, int | None], None]
@@ -47,6 +49,7 @@ LABEL_HASH = "vlmhub.spec-hash"
 LABEL_PORT = "vlmhub.port"
 LABEL_HEALTH = "vlmhub.health-path"
 LABEL_STARTED = "vlmhub.started-at"
+LABEL_OWNER = "vlmhub.owner"
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 _RUNNING = {"running", "restarting", "paused", "created"}
 _PORT_BUSY = ("port is already allocated", "address already in use")
@@ -135,6 +138,7 @@ class DockerRuntime(Runtime):
             started_at=started,
             host="127.0.0.1",
             health_path=labels.get(LABEL_HEALTH, "/health"),
+            owner=labels.get(LABEL_OWNER, ""),
         )
 
     # ------------------------------------------------------------------ images
@@ -230,6 +234,7 @@ class DockerRuntime(Runtime):
             LABEL_PORT: str(req.port),
             LABEL_HEALTH: req.health_path,
             LABEL_STARTED: f"{time.time():.3f}",
+            LABEL_OWNER: this_owner(),
         }
         kwargs: dict[str, Any] = {
             "image": req.image,
@@ -318,7 +323,8 @@ class DockerRuntime(Runtime):
         try:
             container = self.client.containers.get(handle.ident)
         except docker.errors.NotFound:
-            return EngineStatus("missing", detail="container removed")
+            return EngineStatus("missing", detail="container removed (stopped by vlmhub, or "
+                                "`docker rm`)", stopped=True)
         state = container.attrs.get("State", {})
         status = str(state.get("Status", container.status))
         if status in _RUNNING:
@@ -391,8 +397,10 @@ class DockerRuntime(Runtime):
                     stream.close()
 
     async def stop(self, handle: EngineHandle, timeout_s: float = 20.0) -> None:
-        """``docker stop`` (SIGTERM, SIGKILL after ``timeout_s``), then remove the container.
-        Blocks a worker thread up to ``timeout_s``; a container already gone is fine."""
+        """``docker stop`` (SIGTERM, SIGKILL after ``timeout_s``), then remove the container,
+        found by its id (never by name: a newer container of the model is left alone). A
+        container whose processes are frozen (SIGSTOP) is killed at once. Blocks a worker
+        thread up to ``timeout_s``; a container already gone is fine."""
         await asyncio.to_thread(self._stop, handle.ident, timeout_s)
 
     def _stop(self, ident: str, timeout_s: float) -> None:
@@ -402,7 +410,8 @@ class DockerRuntime(Runtime):
             return
         with contextlib.suppress(docker.errors.NotFound):
             if container.status in _RUNNING:
-                container.stop(timeout=max(0, math.ceil(timeout_s)))
+                grace = 0 if self._frozen(container) else max(0, math.ceil(timeout_s))
+                container.stop(timeout=grace)
         try:
             container.remove(force=True)  # returns once the container is gone
         except docker.errors.NotFound:
@@ -411,8 +420,22 @@ class DockerRuntime(Runtime):
             if "already in progress" not in _explain(exc):  # a concurrent stop removes it
                 raise
 
+    @staticmethod
+    def _frozen(container: Any) -> bool:
+        """Whether a process of the running container is stopped (T): it would sit out the
+        whole grace. One ``docker top``; False when Docker cannot tell."""
+        if container.status != "running":
+            return False
+        try:
+            top = container.top(ps_args="-o pid,stat")  # Docker needs the pid column
+        except docker.errors.APIError:
+            return False
+        rows = top.get("Processes") or []
+        return any(len(row) > 1 and str(row[1])[:1] in FROZEN_STATES for row in rows)
+
     async def adopt(self) -> list[EngineHandle]:
-        """Running containers labelled by vlmhub with this runtime's name prefix."""
+        """Running containers labelled by vlmhub with this runtime's name prefix, whoever
+        owns them (label ``vlmhub.owner``)."""
         return await asyncio.to_thread(self._adopt)
 
     def _list(self, running_only: bool) -> list[Any]:

@@ -6,22 +6,33 @@ workers too). Its stdout and stderr go to ``<state_dir>/logs/<name>.log`` and a 
 file ``<state_dir>/process/<name>.json`` records it, so that ``vlmhub logs``/``ps``/``stop``
 and a restarted router find it from another process.
 
+Each record names its engine (pid, start time) and its owner (the vlmhub process that started
+or adopted it), and every operation on a record checks that it is still the same engine: a stop
+of an old engine never touches the record (or process) of a newer engine of the same model.
+Records are read and rewritten under a short ``flock`` on ``<state_dir>/process/.lock``.
+
+The engine does NOT inherit the router's environment (API keys and other secrets stay out): it
+gets a minimal base (:func:`engine_env`: PATH, HOME, locale, temp dir and what vLLM, CUDA, Hugging
+Face and the BLAS libraries read), the ``pass_env`` names (HF_TOKEN) and the request's own
+``env``. Secret values are never written to the state file or printed (argv is redacted).
+
 Nothing here blocks for long: spawning, signalling and reading small local files happen in the
-event-loop thread; waits are ``asyncio.sleep`` polls. Secret values are inherited from the
-environment and never written to the state file or printed (argv is redacted).
+event-loop thread; waits are ``asyncio.sleep`` polls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,12 +40,54 @@ from vlmhub.config import RuntimeConfig
 from vlmhub.errors import EngineStartError, PortInUse, RuntimeUnavailable
 from vlmhub.flags import redact
 from vlmhub.runtimes.base import EngineHandle, EngineStatus, LaunchRequest, Runtime
+from vlmhub.runtimes.owner import this_owner
 from vlmhub.runtimes.ports import port_is_free
+from vlmhub.runtimes.procfs import (
+    FROZEN_STATES,
+    STUCK_STATES,
+    alive,
+    group_alive,
+    group_states,
+    proc_start,
+    proc_stat,
+    same_process,
+    signal_group,
+)
 from vlmhub.runtimes.reconcile import Reconciled, reconcile_engines
 
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-"""Engines spawned by THIS process (any runtime instance): only the parent can reap a child
-and read its exit code, so instances that adopt one of them share its Popen."""
+STUCK_AFTER_S = 5.0
+"""A stopping engine whose processes stay in uninterruptible sleep (D) this long is killed
+without waiting for the rest of the SIGTERM grace."""
+
+# The engine's environment is NOT the router's: it gets only these variables (when set), those
+# starting with one of BASE_ENV_PREFIXES (what vLLM, PyTorch, CUDA/ROCm, Hugging Face and the
+# BLAS libraries read), the runtime.pass_env names and the env of models.yaml. Anything else
+# (VLMHUB_API_KEYS, cloud credentials, other secrets) stays out.
+BASE_ENV = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TMP", "TEMP",
+    "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "LD_PRELOAD", "CC", "CXX",
+    "XDG_CACHE_HOME", "HF_HOME", "HF_ENDPOINT", "TORCH_HOME",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
+    "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+})  # fmt: skip
+BASE_ENV_PREFIXES = (
+    "LC_", "CUDA_", "NVIDIA_", "VLLM_", "HF_HUB_", "HF_XET_", "TRANSFORMERS_", "TOKENIZERS_",
+    "TORCH_", "TORCHINDUCTOR_", "PYTORCH_", "TRITON_", "NCCL_", "OMP_", "MKL_", "KMP_",
+    "OPENBLAS_", "HIP_", "ROCM_", "ROCR_",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Child:
+    popen: subprocess.Popen[bytes]
+    started_at: float
+
+
+_CHILDREN: dict[int, _Child] = {}
+"""Engines spawned by THIS process (any runtime instance), by pid: only the parent can reap a
+child and read its exit code, so instances that adopt one of them share its Popen. The start
+time tells a reused pid apart."""
 
 
 def default_state_dir() -> Path:
@@ -42,62 +95,66 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("VLMHUB_STATE_DIR") or "~/.local/state/vlmhub").expanduser()
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (state first), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
+def engine_env(req: LaunchRequest, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The engine's whole environment: the base variables of ``environ`` (default: this
+    process's; see :data:`BASE_ENV` and :data:`BASE_ENV_PREFIXES`), then the ``req.pass_env``
+    names that are set, then ``req.env``."""
+    source = os.environ if environ is None else environ
+    env = {k: v for k, v in source.items() if k in BASE_ENV or k.startswith(BASE_ENV_PREFIXES)}
+    env.update({k: source[k] for k in req.pass_env if k in source})
+    return {**env, "PYTHONUNBUFFERED": "1", **req.env}
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process start time in clock ticks since boot: tells a pid's reuse apart."""
-    fields = _proc_stat(pid)
-    return fields[19] if fields and len(fields) > 19 else None
+def _child(pid: int, started_at: float) -> subprocess.Popen[bytes] | None:
+    """The Popen of the engine spawned here as ``pid`` at ``started_at``, else None."""
+    child = _CHILDREN.get(pid)
+    return child.popen if child is not None and child.started_at == started_at else None
 
 
-def _alive(pid: int) -> bool:
-    """True when ``pid`` exists and is not a zombie (Linux /proc; elsewhere kill(0) only)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    fields = _proc_stat(pid)
-    return not (fields and fields[0] == "Z")
+def _same_engine(data: Mapping[str, Any], handle: EngineHandle) -> bool:
+    """Whether a state record describes ``handle``'s engine (not a newer one of the model)."""
+    return (int(data["pid"]) == int(handle.ident)
+            and float(data.get("started_at", 0.0)) == handle.started_at)
 
 
-def _group_alive(pgid: int) -> bool:
-    """True when a live (non-zombie) process is in process group ``pgid``.
-
-    A zombie stays in its group until its parent reaps it, and the parent may be another
-    vlmhub process, so on Linux the group is read from /proc instead of ``killpg(pgid, 0)``.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _proc_stat(int(entry.name))
-        if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return True
-    return False
+def _running_detail(pid: int) -> str:
+    fields = proc_stat(pid)
+    if fields and fields[0] in FROZEN_STATES:
+        return f"pid {pid} is frozen (SIGSTOP or a debugger): it answers nothing"
+    return f"pid {pid}"
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+async def _terminate(pgid: int, child: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+    """SIGTERM the group, then SIGKILL it after ``grace_s``, or as soon as one of its
+    processes is frozen (T) or stuck in D for :data:`STUCK_AFTER_S`. Polls with
+    ``asyncio.sleep``."""
+
+    def leader_running() -> bool:
+        return child.poll() is None if child is not None else alive(pgid)
+
+    def running() -> bool:
+        return leader_running() or group_alive(pgid)
+
+    if grace_s > 0 and not FROZEN_STATES.intersection(group_states(pgid)):
+        signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        stuck_since: float | None = None
+        while time.monotonic() < deadline and running():
+            states = set(group_states(pgid))
+            if states & FROZEN_STATES:
+                break
+            if states & STUCK_STATES:
+                stuck_since = stuck_since or time.monotonic()
+                if time.monotonic() - stuck_since >= STUCK_AFTER_S:
+                    break
+            else:
+                stuck_since = None
+            await asyncio.sleep(0.05)
+    if running():
+        signal_group(pgid, signal.SIGKILL)
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end and running():
+            await asyncio.sleep(0.05)
 
 
 def _safe_name(name: str) -> str:
@@ -125,6 +182,19 @@ class ProcessRuntime(Runtime):
         """The engine listens on the host's loopback, on the host port itself."""
         return "127.0.0.1", port
 
+    @contextlib.contextmanager
+    def _records_locked(self) -> Iterator[None]:
+        """Hold the state dir's record lock (``flock``; every holder keeps it for a read and
+        a write, or one spawn), so that no other vlmhub process rewrites a record meanwhile."""
+        folder = self.state_dir / "process"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _read_state(self, path: Path) -> dict[str, Any] | None:
         try:
             data = json.loads(path.read_text())
@@ -139,16 +209,32 @@ class ProcessRuntime(Runtime):
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, path)
 
+    def _own_record(self, handle: EngineHandle) -> dict[str, Any] | None:
+        """``handle``'s record, or None when it is gone or now belongs to a newer engine."""
+        data = self._read_state(self.state_path(handle.name))
+        return data if data is not None and _same_engine(data, handle) else None
+
+    def _update_record(self, handle: EngineHandle, **changes: Any) -> None:
+        """Rewrite ``handle``'s record with ``changes``, only if it is still that engine's."""
+        with self._records_locked():
+            data = self._own_record(handle)
+            if data is not None:
+                self._write_state(handle.name, {**data, **changes})
+
+    def _drop_record(self, handle: EngineHandle) -> None:
+        """Remove ``handle``'s record, only if it is still that engine's."""
+        with self._records_locked():
+            if self._own_record(handle) is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.state_path(handle.name).unlink()
+
     def _record_live(self, data: Mapping[str, Any]) -> bool:
         """Whether the recorded process still runs and is the one recorded (not a reused pid)."""
         pid = int(data["pid"])
-        child = _CHILDREN.get(pid)
+        child = _child(pid, float(data.get("started_at", 0.0)))
         if child is not None:
             return child.poll() is None
-        if not _alive(pid):
-            return False
-        recorded, now = data.get("proc_start"), _proc_start(pid)
-        return recorded is None or now is None or recorded == now
+        return same_process(pid, data.get("proc_start"))
 
     def _handle(self, data: Mapping[str, Any]) -> EngineHandle:
         return EngineHandle(
@@ -160,6 +246,7 @@ class ProcessRuntime(Runtime):
             started_at=float(data.get("started_at", 0.0)),
             host="127.0.0.1",
             health_path=str(data.get("health_path", "/health")),
+            owner=str(data.get("owner", "")),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -171,31 +258,54 @@ class ProcessRuntime(Runtime):
         :class:`EngineStartError` when this model already runs from this state dir.
         """
         argv = [*self.rc.process_argv, *req.argv]
-        old = self._read_state(self.state_path(req.name))
-        if old is not None and self._record_live(old):
-            raise EngineStartError(
-                req.name,
-                f"{req.name} already runs as process {old['pid']} on port {old.get('port')}. "
-                f"Fix: `vlmhub stop {req.name}` first, or use the running engine.",
-                [],
-                "already_running",
-            )
-        if not port_is_free(req.port, "127.0.0.1"):
-            raise PortInUse(
-                f"port {req.port} on 127.0.0.1 is already in use (another engine or program). "
-                "Fix: choose another port (--port), or leave it out and vlmhub picks a free "
-                "one from runtime.port_range."
-            )
         program = argv[0]
-        if shutil.which(program) is None and not Path(program).is_file():
-            raise RuntimeUnavailable(
-                f"cannot run {program!r}: not found on PATH. Fix: install vLLM in this "
-                "environment (`pip install vllm`), or set runtime.process_argv in models.yaml "
-                "to the engine command (e.g. [\"{python}\", \"-m\", "
-                "\"vllm.entrypoints.openai.api_server\"]), or use runtime.kind: docker."
-            )
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **req.env}
-        log = self.log_path(req.name)
+        with self._records_locked():
+            old = self._read_state(self.state_path(req.name))
+            if old is not None and self._record_live(old):
+                raise EngineStartError(
+                    req.name,
+                    f"{req.name} already runs as process {old['pid']} on port "
+                    f"{old.get('port')}. Fix: `vlmhub stop {req.name}` first, or use the "
+                    "running engine.",
+                    [],
+                    "already_running",
+                )
+            if not port_is_free(req.port, "127.0.0.1"):
+                raise PortInUse(
+                    f"port {req.port} on 127.0.0.1 is already in use (another engine or "
+                    "program). Fix: choose another port (--port), or leave it out and vlmhub "
+                    "picks a free one from runtime.port_range."
+                )
+            if shutil.which(program) is None and not Path(program).is_file():
+                raise RuntimeUnavailable(
+                    f"cannot run {program!r}: not found on PATH. Fix: install vLLM in this "
+                    "environment (`pip install vllm`), or set runtime.process_argv in "
+                    "models.yaml to the engine command (e.g. [\"{python}\", \"-m\", "
+                    "\"vllm.entrypoints.openai.api_server\"]), or use runtime.kind: docker."
+                )
+            proc, log = self._spawn(req.name, argv, engine_env(req))
+            started_at = time.time()
+            _CHILDREN[proc.pid] = _Child(proc, started_at)
+            data = {
+                "name": req.name,
+                "pid": proc.pid,
+                "port": req.port,
+                "spec_hash": req.spec_hash,
+                "started_at": started_at,
+                "argv": redact(argv),
+                "health_path": req.health_path,
+                "proc_start": proc_start(proc.pid),
+                "owner": this_owner(),
+                "log": str(log),
+            }
+            self._write_state(req.name, data)
+        return self._handle(data)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]
+               ) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start ``argv`` in its own session, its output in a fresh log file (the previous
+        one is kept as ``.log.1``)."""
+        log = self.log_path(name)
         log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if log.exists():
             os.replace(log, log.with_suffix(".log.1"))
@@ -207,42 +317,38 @@ class ProcessRuntime(Runtime):
                 )
             except OSError as exc:
                 raise RuntimeUnavailable(
-                    f"cannot run {program!r}: {exc.strerror or exc}. Fix: check "
+                    f"cannot run {argv[0]!r}: {exc.strerror or exc}. Fix: check "
                     "runtime.process_argv in models.yaml (the program must exist and be "
                     "executable)."
                 ) from None
-        _CHILDREN[proc.pid] = proc
-        data = {
-            "name": req.name,
-            "pid": proc.pid,
-            "port": req.port,
-            "spec_hash": req.spec_hash,
-            "started_at": time.time(),
-            "argv": redact(argv),
-            "health_path": req.health_path,
-            "proc_start": _proc_start(proc.pid),
-            "log": str(log),
-        }
-        self._write_state(req.name, data)
-        return self._handle(data)
+        return proc, log
 
     async def status(self, handle: EngineHandle) -> EngineStatus:
-        """running; exited (with the exit code when this process spawned it; a negative code
-        is the signal that ended it); or missing once stopped and its record removed."""
+        """running (the detail says when it is frozen); exited (with the exit code when this
+        process spawned it; a negative code is the signal that ended it); or missing once
+        stopped and its record removed. ``stopped`` is True when a vlmhub stop (from any
+        process) ended it."""
         pid = int(handle.ident)
-        child = _CHILDREN.get(pid)
+        raw = self._read_state(self.state_path(handle.name))
+        data = raw if raw is not None and _same_engine(raw, handle) else None
+        stopping = data is not None and bool(data.get("stopping"))
+        child = _child(pid, handle.started_at)
         if child is not None:
             code = child.poll()
             if code is None:
-                return EngineStatus("running", detail=f"pid {pid}")
-            return EngineStatus("exited", code, f"pid {pid} exited with code {code}")
-        data = self._read_state(self.state_path(handle.name))
-        if data is not None and int(data["pid"]) == pid and self._record_live(data):
-            return EngineStatus("running", detail=f"pid {pid}")
-        if data is None and not _alive(pid):
-            return EngineStatus("missing", detail=f"pid {pid} is gone and its record removed")
+                return EngineStatus("running", detail=_running_detail(pid))
+            # a record is removed only by a vlmhub stop (a newer engine's record says nothing)
+            stopped = raw is None or stopping
+            why = " (stopped by vlmhub)" if stopped else ""
+            return EngineStatus("exited", code, f"pid {pid} exited with code {code}{why}",
+                                stopped=stopped)
+        if data is not None and self._record_live(data):
+            return EngineStatus("running", detail=_running_detail(pid))
+        if data is None and not alive(pid):
+            return EngineStatus("missing", detail=f"pid {pid} is gone and its record removed",
+                                stopped=True)
         return EngineStatus("exited", None, f"pid {pid} exited (exit code unknown: it was "
-                            "started by another vlmhub process)")
+                            "started by another vlmhub process)", stopped=stopping)
 
     async def logs(self, handle: EngineHandle, tail: int | None = 200) -> list[str]:
         """The last ``tail`` lines of the engine's log file (all with None)."""
@@ -289,45 +395,36 @@ class ProcessRuntime(Runtime):
             yield buf.decode("utf-8", "replace").rstrip("\r")
 
     async def stop(self, handle: EngineHandle, timeout_s: float = 20.0) -> None:
-        """SIGTERM the engine's process group, SIGKILL it after ``timeout_s``, then drop its
-        record. Waits with ``asyncio.sleep``; an engine already gone is fine."""
+        """SIGTERM the engine's process group, SIGKILL it after ``timeout_s`` (at once with
+        ``timeout_s=0``, when a process of the group is frozen by SIGSTOP, or when one stays in
+        uninterruptible sleep for :data:`STUCK_AFTER_S`), then drop its record. Waits with
+        ``asyncio.sleep``; an engine already gone is fine. Touches only ``handle``'s engine:
+        a newer engine of the same model (its process and its record) is left alone."""
         pid = int(handle.ident)
-        data = self._read_state(self.state_path(handle.name))
-        own_record = data is not None and int(data["pid"]) == pid
+        data = self._own_record(handle)
+        child = _child(pid, handle.started_at)
         # Only signal a process that is provably ours: a spawned child, or the pid recorded
         # for this engine with the same start time (not a reused pid).
         # A dead leader whose group still exists left workers behind (a pid in use as a
         # process-group id is never reused), and they are ours too.
-        ours = pid in _CHILDREN or (own_record and data is not None and (
-            self._record_live(data) or (not _alive(pid) and _group_alive(pid))))
+        ours = child is not None or (data is not None and (
+            self._record_live(data) or (not alive(pid) and group_alive(pid))))
         if ours:
-            _signal_group(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and self._pid_running(pid):
-                await asyncio.sleep(0.05)
-            while time.monotonic() < deadline and _group_alive(pid):
-                await asyncio.sleep(0.05)  # workers the leader left behind
-            if self._pid_running(pid) or _group_alive(pid):
-                _signal_group(pid, signal.SIGKILL)
-                end = time.monotonic() + 5.0
-                while time.monotonic() < end and self._pid_running(pid):
-                    await asyncio.sleep(0.05)
-        child = _CHILDREN.pop(pid, None)
+            if data is not None:  # tell the engine's parent (maybe another router) it was us
+                self._update_record(handle, stopping={"by": this_owner(), "at": time.time()})
+            await _terminate(pid, child, timeout_s)
         if child is not None:
+            _CHILDREN.pop(pid, None)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=1.0)
-        if own_record:
-            with contextlib.suppress(FileNotFoundError):
-                self.state_path(handle.name).unlink()
+        self._drop_record(handle)
 
-    def _pid_running(self, pid: int) -> bool:
-        child = _CHILDREN.get(pid)
-        if child is not None:
-            return child.poll() is None
-        return _alive(pid)
+    async def claim(self, handle: EngineHandle) -> None:
+        """Make this process the owner of ``handle``'s engine (after adopting it)."""
+        self._update_record(handle, owner=this_owner())
 
     async def adopt(self) -> list[EngineHandle]:
-        """Engines recorded in the state dir whose process still runs."""
+        """Engines recorded in the state dir whose process still runs, whoever owns them."""
         return [self._handle(data) for data in self._records() if self._record_live(data)]
 
     def _records(self) -> list[dict[str, Any]]:

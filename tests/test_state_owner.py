@@ -1,0 +1,201 @@
+"""One router per state dir, and engines of a live owner are never adopted (issue 14 item 3):
+real `vlmhub route` processes over the demo, real stand-in engines, real owner processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from vlmhub.runtimes.owner import StateDirBusy, lock_state_dir, this_owner
+from vlmhub.runtimes.ports import free_port
+from vlmhub.runtimes.process import ProcessRuntime
+from vlmhub.testing.fixtures import stub_launch_request, stub_spec
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "examples" / "demo.yaml"
+
+
+def test_state_dir_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = lock_state_dir(state, port=8080, url="http://127.0.0.1:8080")
+    try:
+        with pytest.raises(StateDirBusy) as info:
+            lock_state_dir(state, port=8090)
+        text = str(info.value)
+        assert f"pid {os.getpid()}, port 8080" in text and str(state) in text
+        assert "--state-dir" in text and "VLMHUB_STATE_DIR" in text and "Fix:" in text
+        assert info.value.holder["url"] == "http://127.0.0.1:8080"
+    finally:
+        first.release()
+    second = lock_state_dir(state, port=8090)  # released: the next router takes it
+    second.release()
+
+
+OWNER = """
+import asyncio, json, sys
+from pathlib import Path
+from vlmhub.runtimes.process import ProcessRuntime
+from vlmhub.testing.fixtures import stub_launch_request, stub_process_config, stub_spec
+
+async def main():
+    tmp = Path(sys.argv[1])
+    rt = ProcessRuntime(stub_process_config(tmp), state_dir=tmp / "state")
+    spec = stub_spec("owned", env={"VLMHUB_STUB_STARTUP_DELAY": "0.2"})
+    handle = await rt.start(stub_launch_request(rt, rt.rc, spec, int(sys.argv[2])))
+    print(json.dumps({"ident": handle.ident, "hash": handle.spec_hash}), flush=True)
+    sys.stdin.read()  # stay alive (the engine's owner) until the test closes stdin
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def owner_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+    """Another live vlmhub process that started engine ``owned`` in ``tmp_path/state``."""
+    proc = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), str(free_port())],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    started = json.loads(proc.stdout.readline())
+    try:
+        yield proc, started
+    finally:
+        proc.kill()
+        proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # the engine, if the test did not stop it
+            os.killpg(int(started["ident"]), signal.SIGKILL)
+
+
+async def test_engines_of_a_live_owner_are_neither_adopted_nor_stopped(
+    process_runtime: ProcessRuntime, owner_process: tuple[subprocess.Popen[str], dict[str, str]]
+) -> None:
+    proc, started = owner_process
+    rt = process_runtime  # same state dir as the owner's
+    [handle] = await rt.adopt()  # `vlmhub ps` sees it...
+    assert handle.ident == started["ident"] and handle.owner != this_owner()
+
+    changed = await rt.reconcile({"owned": "another-hash"})  # ...a router leaves it alone
+    assert [h.ident for h in changed.others] == [started["ident"]]
+    assert changed.kept == changed.stopped == changed.unknown == []
+    assert (await rt.status(handle)).state == "running"
+    same = await rt.reconcile({"owned": started["hash"]})
+    assert same.kept == [] and [h.ident for h in same.others] == [started["ident"]]
+
+    proc.kill()  # the owner dies; its engine runs on (own session) and is an orphan now
+    proc.wait(10)
+    adopted = await rt.reconcile({"owned": started["hash"]})
+    assert [h.ident for h in adopted.kept] == [started["ident"]] and adopted.others == []
+    record = json.loads(rt.state_path("owned").read_text())
+    assert record["owner"] == this_owner(), "the adopter becomes the owner"
+    await rt.stop(handle, timeout_s=5)
+
+
+def route(port: int, state: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "VLMHUB_STATE_DIR": str(state), "COLUMNS": "200"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlmhub", "route", "--config", str(DEMO), "--port", str(port),
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[str]) -> None:
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"router exited with {proc.returncode}:\n{out}")
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never became healthy")
+
+
+def ask(url: str, model: str) -> str:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=60)
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    return r.choices[0].message.content or ""
+
+
+def stop_router(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    return proc.stdout.read() if proc.stdout else ""
+
+
+def test_second_router_on_a_state_dir_refuses_and_the_first_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    port1, port2, port3 = free_port(), free_port(), free_port()
+    first = route(port1, state)
+    url1 = f"http://127.0.0.1:{port1}"
+    others: list[subprocess.Popen[str]] = []
+    try:
+        wait_healthy(url1, first)
+        assert ask(url1, "demo-ocr").startswith("demo-ocr:")
+        record = json.loads((state / "process" / "demo-ocr.json").read_text())
+
+        second = route(port2, state)
+        others.append(second)
+        code = second.wait(60)
+        out = stop_router(second)
+        assert code != 0, out
+        assert f"another vlmhub router (pid {first.pid}, port {port1})" in out, out
+        assert "--state-dir" in out and "Traceback" not in out, out
+
+        # The first router's engine was neither adopted nor stopped: it serves on.
+        assert ask(url1, "demo-ocr").startswith("demo-ocr:")
+        assert json.loads((state / "process" / "demo-ocr.json").read_text()) == record
+        models = {m["id"]: m for m in httpx.get(url1 + "/v1/models").json()["data"]}
+        assert models["demo-ocr"]["state"] == "ready"
+
+        # Side by side: a router with its own state dir starts and serves.
+        third = route(port3, state, "--state-dir", str(tmp_path / "side"))  # the option wins
+        others.append(third)
+        url3 = f"http://127.0.0.1:{port3}"
+        wait_healthy(url3, third)
+        assert ask(url3, "demo-phi").startswith("demo-phi:")
+        assert (tmp_path / "side" / "process" / "demo-phi.json").exists()
+        assert not (state / "process" / "demo-phi.json").exists()
+        assert ask(url1, "demo-ocr").startswith("demo-ocr:")
+    finally:
+        for proc in others:
+            stop_router(proc)
+        out1 = stop_router(first)
+    assert first.returncode == 0, out1
+    assert list((state / "process").glob("*.json")) == []  # the first stopped its own engines
+    lock = json.loads((state / "router.lock").read_text() or "{}")
+    assert lock == {}, "the lock file is emptied when its router leaves"
+
+
+async def test_engines_record_the_vlmhub_process_that_started_them(
+    process_runtime: ProcessRuntime,
+) -> None:
+    rt = process_runtime
+    spec = stub_spec("stamped", env={"VLMHUB_STUB_STARTUP_DELAY": "0.2"})
+    handle = await rt.start(stub_launch_request(rt, rt.rc, spec, free_port()))
+    try:
+        assert handle.owner == this_owner()
+        assert json.loads(rt.state_path("stamped").read_text())["owner"] == this_owner()
+        host, pid, _start = this_owner().rsplit(":", 2)
+        assert pid == str(os.getpid()) and host
+    finally:
+        await rt.stop(handle, timeout_s=5)
