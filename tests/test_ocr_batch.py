@@ -5,30 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import os
 import sys
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ocr_support import FlakyServer, photo
 from PIL import Image
 from supervisor_support import build, model, routed
 
 from vlmhub.errors import VlmhubError
 from vlmhub.ocr.batch import BatchOptions, ocr_batch
+from vlmhub.ocr.images import fit_within, prepare
 from vlmhub.ocr.pages import (
     PageRenderer,
     find_inputs,
-    fit_within,
     list_pages,
     output_names,
     pdf_dpi,
-    prepare,
     require,
 )
 from vlmhub.registry import Registry
@@ -148,51 +145,6 @@ async def test_batch_through_the_router_resumes_and_records_failures(tmp_path: P
         assert code == 2 and "plain" in text and "huge" in text, text
 
 
-class FlakyServer:
-    """A real HTTP/1.1 server on loopback whose answer depends on the request's model:
-    ``flaky`` 503 (Retry-After 1), then a dropped connection, then 200; ``gateway`` 504;
-    ``busy`` always 503; ``dots-ocr`` 200 with a dots.ocr layout JSON."""
-
-    def __init__(self) -> None:
-        self.seen: dict[str, list[float]] = {}
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n")
-                      if h.lower().startswith(b"content-length"))
-        body = json.loads(await reader.readexactly(length))
-        name = body["model"]
-        n = len(self.seen.setdefault(name, []))
-        self.seen[name].append(time.monotonic())
-        if name == "flaky" and n == 1:
-            writer.close()  # the connection drops without an answer
-            return
-        status, extra, content = 200, "", f"{name}: done"
-        if (name == "flaky" and n == 0) or name == "busy":
-            status, extra = 503, "Retry-After: 1\r\n" if name == "flaky" else "Retry-After: 0\r\n"
-        elif name == "gateway":
-            status = 504
-        elif name == "dots-ocr":
-            content = json.dumps([{"bbox": [1, 2, 3, 4], "category": "Title", "text": "# Hi"},
-                                  {"bbox": [1, 5, 3, 9], "category": "Page-footer", "text": "7"}])
-        answer = json.dumps({"choices": [{"index": 0, "finish_reason": "stop", "message": {
-            "role": "assistant", "content": content}}]} if status == 200 else
-            {"error": {"message": f"status {status}", "type": "x", "code": status}}).encode()
-        writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: "
-                     f"{len(answer)}\r\n{extra}Connection: close\r\n\r\n".encode() + answer)
-        await writer.drain()
-        writer.close()
-
-    @contextlib.asynccontextmanager
-    async def serve(self) -> AsyncIterator[str]:
-        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        try:
-            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-        finally:
-            server.close()
-            await server.wait_closed()
-
-
 async def test_retries_honour_retry_after_and_record_what_cannot_succeed(tmp_path: Path) -> None:
     page = tmp_path / "page.png"
     Image.new("RGB", (100, 80), "white").save(page)
@@ -220,9 +172,9 @@ async def test_retries_honour_retry_after_and_record_what_cannot_succeed(tmp_pat
         await ocr_batch([page], opts("dots-ocr"), dots)
         assert (tmp_path / "dots-ocr" / "page.raw.txt").read_text().startswith("[{")
         assert (tmp_path / "dots-ocr" / "page.md").read_text() == "# Hi\n"  # footer dropped
-    refused = (await ocr_batch([page], opts("gone"))).results[0]  # the server is gone
-    assert refused.status == "failed" and refused.attempts == 3
-    assert "ConnectError" in (refused.error or "")
+    with pytest.raises(VlmhubError, match=f"ConnectError.*is `vlmhub route` running at {url}"):
+        await ocr_batch([page], opts("gone"))  # the server is gone: no page is attempted
+    assert not (tmp_path / "gone" / "manifest.jsonl").exists()
 
 
 def test_oversized_images_are_downscaled_within_max_pixels() -> None:
@@ -277,3 +229,100 @@ def test_inputs_tiff_frames_distinct_names_and_clear_errors(tmp_path: Path) -> N
         find_inputs([tmp_path / "notes.txt"])
     with pytest.raises(VlmhubError, match=r"pip install 'vlmhub\[ocr\]'"):
         require("pypdfium2_not_installed_here")
+
+
+async def test_a_413_teaches_the_routers_body_limit_and_pages_are_made_to_fit(
+        tmp_path: Path) -> None:
+    """A model without a pixel cap behind a router whose body limit is 0.25 MB: the first
+    page's PNG (2 MB) gets a 413, is prepared again to fit and sent; later pages fit at once.
+    Before, every such page failed with 413."""
+    sup, _, _ = build(tmp_path, {"plain": model(1.0)}, delay=0.1,
+                      router={"max_body_mb": 0.25})
+    limit = int(0.25 * 1024 * 1024)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        photo(1200, 900).save(inputs / f"photo{i}.png")
+    assert (inputs / "photo0.png").stat().st_size > 4 * limit
+    async with routed(sup) as url:
+        summary = await ocr_batch([inputs], BatchOptions(
+            model="plain", out_dir=tmp_path / "out", base_url=url + "/v1", concurrency=1))
+    results = summary.results
+    assert [r.status for r in results] == ["ok"] * 3, results
+    assert [r.attempts for r in results] == [2, 1, 1]  # one 413, then it knew
+    assert all(r.http_status == 200 and r.encoding == "jpeg" for r in results)
+    assert all(r.width is not None and r.width < 1200 for r in results)
+    assert (tmp_path / "out" / "photo0.raw.txt").read_text().startswith("plain: [1 image]")
+
+
+async def test_an_unreachable_endpoint_fails_fast_with_the_reason(tmp_path: Path) -> None:
+    """Nothing listening: the CLI stops before the first page (no 5 x 15 s of retries per
+    page) and says what to check."""
+    page = tmp_path / "page.png"
+    Image.new("RGB", (100, 80), "white").save(page)
+    fake = FlakyServer()
+    async with fake.serve() as url:
+        pass  # the port is free again: connections are refused
+    (tmp_path / "models.yaml").write_text("models: {}\n")
+    code, text = await cli("ocr", str(page), str(page), "--model", "m", "--url", url, "--out",
+                           str(tmp_path / "out"), "--config", str(tmp_path / "models.yaml"))
+    assert code != 0, text
+    assert f"is `vlmhub route` running at {url}?" in " ".join(text.split()), text
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()  # no page was attempted
+
+
+async def test_the_batch_stops_when_the_endpoint_goes_away(tmp_path: Path) -> None:
+    """The server answers two pages, then stops listening: three pages in a row cannot
+    connect, and the rest are not even tried. All of them are marked for a re-run."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(12):
+        Image.new("L", (60, 40), 255).save(inputs / f"p{i:02d}.png")
+    fake = FlakyServer(vanish_after=2)
+    async with fake.serve() as url:
+        summary = await ocr_batch([inputs], BatchOptions(
+            model="vanish", out_dir=tmp_path / "out", base_url=url, concurrency=1,
+            backoff_s=0.01, max_attempts=2))
+    results = summary.results
+    assert [r.status for r in results[:2]] == ["ok", "ok"]
+    assert len(fake.seen["vanish"]) == 2
+    tried = [r for r in results[2:] if r.attempts]
+    assert len(tried) == 3 and all("ConnectError" in (r.error or "") for r in tried)
+    assert all(r.attempts == 0 for r in results[5:])  # not sent at all
+    assert summary.stopped is not None and f"is `vlmhub route` running at {url}?" in \
+        summary.stopped
+    assert all(r.retryable for r in results[2:])
+    assert all(f"not sent: cannot reach {url}" in (r.error or "") for r in results[5:])
+
+
+async def test_the_summary_offers_a_re_run_only_for_what_a_re_run_can_fix(
+        tmp_path: Path) -> None:
+    """A 400 and an unreadable file are the input's fault: no "re-run to retry". A 503 is
+    passing: the summary says to re-run. (And --max-pixels caps what is sent.)"""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.new("RGB", (400, 300), "white").save(inputs / "good.png")
+    (inputs / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "models.yaml").write_text("models: {}\n")
+    fake = FlakyServer()
+    async with fake.serve() as url:
+        base = ["ocr", str(inputs), "--url", url, "--concurrency", "1", "--config",
+                str(tmp_path / "models.yaml")]
+        code, text = await cli(*base, "--model", "bad", "--out", str(tmp_path / "bad"),
+                               "--max-pixels", "30000")
+        flat = " ".join(text.split())
+        assert code == 1, text
+        assert "re-run the same command" not in flat.lower(), text
+        assert "2 page(s) failed because of the input or the request" in flat, text
+        bad = manifest(tmp_path / "bad")
+        assert [r["retryable"] for r in bad] == [False, False]
+        assert fake.image("bad").width * fake.image("bad").height <= 30_000
+
+        code, text = await cli(*base, "--model", "busy", "--out", str(tmp_path / "busy"))
+        flat = " ".join(text.split())
+        assert code == 1, text
+        assert "1 page(s) failed for a reason that may pass" in flat, text
+        assert "re-run the same command to retry them" in flat, text
+        assert "1 page(s) failed because of the input or the request" in flat, text  # broken
+        busy = {r["name"]: r["retryable"] for r in manifest(tmp_path / "busy")}
+        assert busy == {"good": True, "broken": False}

@@ -2,10 +2,11 @@
 
 The pages go to an OpenAI-compatible endpoint that is already running (``vlmhub route``, by
 default at the config's router address, or a ``vlmhub serve`` engine via ``--url``); this
-command starts no engine. The model's spec (presets, pixel limit, post-processing) comes from
-models.yaml, else from the installed plugins; an unknown model is sent a generic prompt.
-Planning (listing files, counting PDF pages) blocks before the event loop starts; then one
-``asyncio.run`` sends ``--concurrency`` pages at a time (see :mod:`vlmhub.ocr.batch`).
+command starts no engine, and stops at once (exit 2) when nothing answers at the URL. The
+model's spec (presets, pixel limit, post-processing) comes from models.yaml, else from the
+installed plugins; an unknown model is sent a generic prompt. Planning (listing files,
+counting PDF pages) blocks before the event loop starts; then one ``asyncio.run`` sends
+``--concurrency`` pages at a time (see :mod:`vlmhub.ocr.batch`).
 The API key is read from an environment variable and never printed.
 """
 
@@ -58,6 +59,14 @@ def find_spec(ctx: Context, name: str) -> ModelSpec | None:
     return None
 
 
+def config_body_limit(ctx: Context) -> int | None:
+    """The config router's ``max_body_mb`` in bytes, or None without a readable config."""
+    try:
+        return int(ctx.loaded.config.router.max_body_mb * 1024 * 1024)
+    except ConfigError:
+        return None
+
+
 def default_url(ctx: Context) -> str:
     """The router of the config (``router.host:router.port``), else the usual default."""
     try:
@@ -96,9 +105,15 @@ def print_summary(summary: BatchSummary, out_dir: Path) -> None:
         err_console.print(f"  [red]failed[/] {escape(shown)}: {escape(error)}", highlight=False)
     if len(by_error) > 10:
         err_console.print(f"  ... {len(by_error) - 10} more errors: see manifest.jsonl")
-    if by_error:
-        err_console.print("Re-run the same command to retry the failed pages (done pages are "
-                          "skipped).", highlight=False)
+    if summary.stopped:
+        err_console.print(f"[bold red]Stopped:[/] {escape(summary.stopped)}", highlight=False)
+    if retry := summary.failed(retryable=True):
+        err_console.print(f"{len(retry)} page(s) failed for a reason that may pass (connection, "
+                          "server error, timeout): re-run the same command to retry them "
+                          "(done pages are skipped).", highlight=False)
+    if other := summary.failed(retryable=False):
+        err_console.print(f"{len(other)} page(s) failed because of the input or the request "
+                          "(errors above): a re-run alone will not fix them.", highlight=False)
 
 
 def ocr(
@@ -119,6 +134,10 @@ def ocr(
     config: Path | None = ConfigOption,
     force: Annotated[bool, typer.Option(
         "--force", help="Redo pages already done (by default they are skipped).")] = False,
+    max_pixels: Annotated[int | None, typer.Option(
+        "--max-pixels", min=1, help="Downscale pages to at most this many pixels (default: "
+        "the model's vision.max_pixels, else 11289600); never above the model's own cap.")]
+    = None,
 ) -> None:
     """OCR many images and PDF pages through a running router or engine. Writes
     NAME.raw.txt, NAME.md and manifest.jsonl; a re-run resumes. Exit 1 if any page failed."""
@@ -127,7 +146,9 @@ def ocr(
         spec = find_spec(ctx, model)
         opts = BatchOptions(model=model, out_dir=out, preset=preset, concurrency=concurrency,
                             base_url=normalise_url(url or default_url(ctx)),
-                            api_key=os.environ.get(api_key_env) or None, force=force)
+                            api_key=os.environ.get(api_key_env) or None, force=force,
+                            max_pixels=max_pixels,
+                            max_body_bytes=None if url else config_body_limit(ctx))
         runner = BatchRunner(opts, spec)  # an unknown preset fails here, listing the presets
         jobs = plan(inputs, opts, runner.prompt)
         todo = sum(not j.skip for j in jobs)

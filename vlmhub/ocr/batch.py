@@ -2,11 +2,13 @@
 
 :func:`plan` turns inputs into :class:`PageJob` objects (blocking: it lists folders, counts PDF
 pages and reads the manifest); :meth:`BatchRunner.run` sends them, ``concurrency`` pages at a
-time, each as one ``POST /chat/completions`` with the page as a PNG data URL plus the preset's
-prompt and sampling settings. :func:`ocr_batch` does both.
+time, each as one ``POST /chat/completions`` with the page as an image data URL plus the preset's
+prompt and sampling settings. :func:`ocr_batch` does both. Before the first page it checks that
+the endpoint answers (``GET /models``) and raises VlmhubError ("is `vlmhub route` running at
+URL?") when it does not.
 
 Concurrency: ``concurrency`` worker tasks share one :class:`httpx.AsyncClient` on the event
-loop. Rendering, resizing and PNG/JSON encoding run in threads (PDFium in its own single
+loop. Rendering, resizing and image/JSON encoding run in threads (PDFium in its own single
 thread, see :class:`~vlmhub.ocr.pages.PageRenderer`), output files are written in threads,
 and manifest lines are appended from the event loop (one short write each).
 
@@ -14,7 +16,12 @@ Retries: 503, 502 and 429 answers (honouring ``Retry-After``) and connection err
 with exponential backoff, ``max_attempts`` tries in all. Any other error (400, 504, a read
 timeout, an unreadable page) is that page's failure: it is recorded and the batch goes on.
 After a 401, 403 or 404 (a wrong key or model, which every page would meet) the pages not yet
-started are recorded as failed without being rendered or sent.
+started are recorded as failed without being rendered or sent; after ``stop_after`` pages in a
+row that could not connect at all, the batch stops the same way (:attr:`BatchSummary.stopped`).
+A 413 teaches the body limit (from its message, else by shrinking): the page is prepared again
+to fit and re-sent, and every later page is prepared to fit. Each failure is marked
+``retryable`` when running the batch again can fix it (connection, 5xx, 429, timeouts), not
+when the input or the request is at fault (an unreadable file, another 4xx).
 
 Outputs in ``out_dir``: ``<name>.raw.txt`` (the answer as is), ``<name>.md``
 (``spec.postprocess(text, preset)``, or the answer when the model's spec is unknown), where
@@ -27,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import email.utils
 import json
 import os
 import time
@@ -39,16 +45,27 @@ from typing import Any, Literal
 import httpx
 
 from vlmhub.errors import VlmhubError
+from vlmhub.ocr.answers import (
+    CONNECT_ERRORS,
+    RETRY_ERRORS,
+    RETRY_STATUSES,
+    Answer,
+    body_limit,
+    error_text,
+    not_running,
+    parse_answer,
+    retry_after_s,
+)
+from vlmhub.ocr.images import DEFAULT_MAX_PIXELS
 from vlmhub.ocr.pages import PageRef, PageRenderer, find_inputs, list_pages, output_names
 from vlmhub.spec import ModelSpec
 
 DEFAULT_URL = "http://127.0.0.1:8080/v1"
 GENERIC_PROMPT = "Extract all text from this image."
 MANIFEST = "manifest.jsonl"
-RETRY_STATUSES = frozenset({429, 502, 503})
 FATAL_STATUSES = frozenset({401, 403, 404})  # wrong key or model: every page would fail
-RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
-                httpx.RemoteProtocolError)
+CHECK_TIMEOUT_S = 10.0
+FIT_TRIES = 3  # sends of one page that a 413 may cause
 Status = Literal["ok", "failed", "skipped"]
 
 
@@ -98,6 +115,9 @@ class BatchOptions:
     backoff_s: float = 1.0
     max_wait_s: float = 60.0
     timeout_s: float = 900.0
+    max_pixels: int | None = None  # None: the spec's cap, else DEFAULT_MAX_PIXELS
+    max_body_bytes: int | None = None  # the endpoint's body limit, when known beforehand
+    stop_after: int = 3  # pages in a row that cannot connect before the batch stops
 
 
 @dataclass(frozen=True)
@@ -130,15 +150,22 @@ class PageResult:
     width: int | None = None
     height: int | None = None
     dpi: int | None = None
+    encoding: str | None = None  # "original" (the JPEG file as is), "png" or "jpeg"
+    retryable: bool = False  # a failure that running the batch again can fix
 
 
 @dataclass
 class BatchSummary:
     results: list[PageResult]
     seconds: float
+    stopped: str | None = None  # why the batch stopped early (the endpoint went away)
 
     def count(self, status: Status) -> int:
         return sum(r.status == status for r in self.results)
+
+    def failed(self, retryable: bool) -> list[PageResult]:
+        """The failed pages that a re-run can fix (``retryable``), or the others."""
+        return [r for r in self.results if r.status == "failed" and r.retryable == retryable]
 
     @property
     def pages_per_s(self) -> float:
@@ -185,48 +212,6 @@ def plan(inputs: Sequence[Path], opts: BatchOptions, prompt: Prompt) -> list[Pag
     return jobs
 
 
-def retry_after_s(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (a number or an HTTP date), or None."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
-
-
-def error_text(resp: httpx.Response) -> str:
-    """``HTTP 404: <the server's message>`` (OpenAI's error shape or FastAPI's detail)."""
-    msg: Any = None
-    try:
-        body = resp.json()
-        if isinstance(body, dict):
-            err = body.get("error")
-            msg = err.get("message") if isinstance(err, dict) else err or body.get("detail")
-    except ValueError:
-        pass
-    text = str(msg) if msg else resp.text.strip()
-    return f"HTTP {resp.status_code}: {text[:500] or resp.reason_phrase}"
-
-
-@dataclass
-class Answer:
-    """The result of one page's request (after retries)."""
-
-    text: str | None
-    attempts: int
-    status: int | None
-    error: str | None = None
-    finish_reason: str | None = None
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -239,12 +224,25 @@ class BatchRunner:
 
     def __init__(self, opts: BatchOptions, spec: ModelSpec | None = None,
                  prompt: Prompt | None = None) -> None:
-        if opts.concurrency < 1 or opts.max_attempts < 1:
-            raise VlmhubError("concurrency and max_attempts must be at least 1")
+        if min(opts.concurrency, opts.max_attempts, opts.stop_after, opts.max_pixels or 1) < 1:
+            raise VlmhubError("concurrency, max_attempts, stop_after and max_pixels must be at "
+                              "least 1")
         self.opts, self.spec = opts, spec
         self.prompt = prompt or choose_prompt(spec, opts.preset, opts.model)
-        self.max_pixels = spec.vision.max_pixels if spec and spec.vision else None
+        capped = spec.vision.max_pixels if spec and spec.vision else None
+        caps = [c for c in (capped, opts.max_pixels) if c is not None]
+        self.max_pixels = min(caps) if caps else DEFAULT_MAX_PIXELS
+        self.body_limit = opts.max_body_bytes  # learnt from a 413 when not known
         self.fatal: str | None = None  # set by a 401/403/404: later pages are not sent
+        self.stopped: str | None = None  # set after stop_after unreachable pages in a row
+        self.unreachable = 0  # pages in a row that could not connect
+
+    def url_budget(self) -> int | None:
+        """The longest data URL that keeps a request under the body limit (None: no
+        known limit). Blocks briefly (JSON-encodes the prompt)."""
+        if self.body_limit is None:
+            return None
+        return max(0, self.body_limit - len(self.payload("")) - 256)
 
     def payload(self, data_url: str) -> bytes:
         """The request body for one page. Blocks (JSON-encodes a large string)."""
@@ -266,12 +264,14 @@ class BatchRunner:
         (asynchronously) between attempts; never raises for an HTTP or network failure."""
         opts, last = self.opts, "no attempt"
         status: int | None = None
+        unreachable = True
         for attempt in range(1, opts.max_attempts + 1):
             wait = min(opts.backoff_s * 2 ** (attempt - 1), opts.max_wait_s)
             try:
                 resp = await client.post("/chat/completions", content=body)
             except RETRY_ERRORS as exc:
                 last, status = f"{type(exc).__name__}: {exc or 'connection failed'}", None
+                unreachable = unreachable and isinstance(exc, CONNECT_ERRORS)
             except httpx.TimeoutException:
                 return Answer(None, attempt, None, f"no answer within {opts.timeout_s:.0f} s")
             except httpx.HTTPError as exc:
@@ -279,51 +279,57 @@ class BatchRunner:
             else:
                 status = resp.status_code
                 if status == 200:
-                    return self._parse(resp, attempt)
+                    return parse_answer(resp, attempt)
                 last = error_text(resp)
                 if status not in RETRY_STATUSES:
                     return Answer(None, attempt, status, last)
+                unreachable = False
                 asked = retry_after_s(resp.headers.get("retry-after"))
                 if asked is not None:
                     wait = min(asked, opts.max_wait_s)
+            if self.stopped is not None:  # the endpoint is gone: give up this page now
+                return Answer(None, attempt, status, last, unreachable=unreachable)
             if attempt < opts.max_attempts:
                 await asyncio.sleep(wait)
         return Answer(None, opts.max_attempts, status, f"{last} (gave up after "
-                      f"{opts.max_attempts} attempts)")
-
-    @staticmethod
-    def _parse(resp: httpx.Response, attempt: int) -> Answer:
-        try:
-            choice = resp.json()["choices"][0]
-            text, finish = choice["message"]["content"], choice.get("finish_reason")
-        except (ValueError, KeyError, IndexError, TypeError):
-            return Answer(None, attempt, 200, f"unexpected answer: {resp.text[:300]}")
-        if not isinstance(text, str):
-            return Answer(None, attempt, 200, "the answer has no text content")
-        return Answer(text, attempt, 200, None, finish if isinstance(finish, str) else None)
+                      f"{opts.max_attempts} attempts)", unreachable=unreachable)
 
     async def one(self, client: httpx.AsyncClient, renderer: PageRenderer,
                   job: PageJob) -> PageResult:
-        """Prepare, send and save one page. Never raises for a page's own failure."""
+        """Prepare, send and save one page; prepare and send it again (smaller) after a
+        413. Never raises for a page's own failure."""
         t0 = time.monotonic()
         res = PageResult(str(job.ref.path.resolve()), job.page, job.name, "failed")
         if job.error is not None:
             return replace(res, error=job.error)
         if self.fatal is not None:
             return replace(res, error=f"not sent after {self.fatal}")
-        try:
-            page = await renderer.aload(job.ref, self.max_pixels)
-        except VlmhubError as exc:
-            return replace(res, seconds=time.monotonic() - t0, error=str(exc))
-        res = replace(res, width=page.width, height=page.height, dpi=page.dpi)
-        body = await asyncio.to_thread(self.payload, page.data_url)
-        del page
-        ans = await self.post(client, body)
-        res = replace(res, attempts=ans.attempts, http_status=ans.status)
+        if self.stopped is not None:
+            return replace(res, error=f"not sent: {self.stopped}", retryable=True)
+        attempts = 0
+        for _ in range(FIT_TRIES):
+            try:
+                page = await renderer.aload(job.ref, self.max_pixels, self.url_budget())
+            except VlmhubError as exc:
+                return replace(res, attempts=attempts, seconds=time.monotonic() - t0,
+                               error=str(exc))
+            res = replace(res, width=page.width, height=page.height, dpi=page.dpi,
+                          encoding=page.encoding)
+            body = await asyncio.to_thread(self.payload, page.data_url)
+            del page
+            ans = await self.post(client, body)
+            attempts += ans.attempts
+            if ans.status != 413:
+                break
+            limit = body_limit(ans.error, len(body))  # learnt: later pages fit at once
+            self.body_limit = min(limit, self.body_limit or limit)
+        res = replace(res, attempts=attempts, http_status=ans.status)
+        self.note_reachability(ans)
         if ans.status in FATAL_STATUSES:
             self.fatal = self.fatal or ans.error
         if ans.text is None:
-            return replace(res, seconds=time.monotonic() - t0, error=ans.error)
+            return replace(res, seconds=time.monotonic() - t0, error=ans.error,
+                           retryable=ans.retryable)
         try:
             await asyncio.to_thread(self.save, job.name, ans.text)
         except (OSError, ValueError) as exc:
@@ -331,6 +337,26 @@ class BatchRunner:
                            error=f"saving the result failed: {exc}")
         return replace(res, status="ok", seconds=time.monotonic() - t0,
                        finish_reason=ans.finish_reason)
+
+    def note_reachability(self, ans: Answer) -> None:
+        """Count pages in a row that could not connect; stop the batch after
+        ``stop_after`` of them. Any HTTP answer resets the count."""
+        if not ans.unreachable:
+            self.unreachable = 0
+            return
+        self.unreachable += 1
+        if self.unreachable >= self.opts.stop_after and self.stopped is None:
+            self.stopped = not_running(self.opts.base_url, f"{self.unreachable} pages in a "
+                                       f"row could not connect: {ans.error}")
+
+    async def check(self, client: httpx.AsyncClient) -> None:
+        """``GET /models`` once: raise VlmhubError when nothing answers (any HTTP status,
+        401 included, means the endpoint is there). Waits at most 10 s."""
+        try:
+            await client.get("/models", timeout=CHECK_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise VlmhubError(not_running(self.opts.base_url, why)) from None
 
     def save(self, name: str, text: str) -> None:
         """Write ``name.raw.txt`` and ``name.md``. Blocks (file writes, postprocess)."""
@@ -351,7 +377,8 @@ class BatchRunner:
                   on_page: Callable[[PageResult], None] | None = None) -> BatchSummary:
         """Do every job not marked ``skip``, ``concurrency`` at a time, and return all the
         results in job order. ``on_page`` is called in the event loop once per page (skipped
-        ones first). Cancelling this (Ctrl-C) loses no finished page."""
+        ones first). Cancelling this (Ctrl-C) loses no finished page. Raises VlmhubError,
+        before any page is sent, when the endpoint does not answer."""
         opts = self.opts
         opts.out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
@@ -379,8 +406,11 @@ class BatchRunner:
         client = httpx.AsyncClient(base_url=opts.base_url.rstrip("/"), headers=headers,
                                    timeout=timeout, limits=limits)
         renderer = PageRenderer()
-        tasks = [asyncio.create_task(worker()) for _ in range(opts.concurrency)]
+        tasks: list[asyncio.Task[None]] = []
         try:
+            if len(results) < len(jobs):
+                await self.check(client)
+            tasks = [asyncio.create_task(worker()) for _ in range(opts.concurrency)]
             await asyncio.gather(*tasks)
         finally:  # on an error or a cancel, stop the other workers before closing
             for task in tasks:
@@ -389,7 +419,7 @@ class BatchRunner:
             await client.aclose()
             renderer.close()
         ordered = [results[i] for i in sorted(results)]
-        return BatchSummary(ordered, time.monotonic() - t0)
+        return BatchSummary(ordered, time.monotonic() - t0, self.stopped)
 
 
 async def ocr_batch(inputs: Sequence[Path], opts: BatchOptions, spec: ModelSpec | None = None,

@@ -1,15 +1,16 @@
-"""Inputs -> page images -> PNG data URLs, the way dots.ocr's own client prepares them.
+"""Inputs -> pages -> data URLs, the way dots.ocr's own client prepares them.
 
-* Image files (png, jpg, jpeg, webp, tif/tiff, bmp) are one page each, as they are; a
-  multi-frame TIFF is one page per frame.
+* Image files (png, jpg, jpeg, webp, tif/tiff, bmp) are one page each; a multi-frame TIFF is
+  one page per frame. Their EXIF orientation is applied (a phone photo is sent upright).
 * PDFs are rendered page by page with pypdfium2 at 200 dpi; a page that would be more than
   4500 px on a side at 200 dpi is rendered at 72 dpi instead (dots.ocr's rule).
-* A page over the model's ``vision.max_pixels`` is downscaled, keeping its aspect ratio, so
-  that no request carries more pixels than the engine's context was sized for.
+* Each page then goes through :func:`vlmhub.ocr.images.prepare`: bit depth scaled to 8 bits,
+  downscaled to ``max_pixels``, encoded (a JPEG file that needs no change as its own bytes),
+  and made to fit ``max_bytes``.
 
 Pillow and pypdfium2 are the optional extra ``vlmhub[ocr]``; they are imported only when a
 page is opened, and a missing one raises :class:`~vlmhub.errors.VlmhubError` with the fix.
-Every function here blocks (file reads, decoding, rendering, PNG encoding): the batch runner
+Every function here blocks (file reads, decoding, rendering, encoding): the batch runner
 calls them in worker threads. PDFium is not thread-safe, so :class:`PageRenderer` runs every
 pypdfium2 call in one dedicated thread, while Pillow work runs in the default pool.
 """
@@ -17,10 +18,8 @@ pypdfium2 call in one dedicated thread, while Pillow work runs in the default po
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import importlib
-import io
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from vlmhub.errors import VlmhubError
+from vlmhub.ocr.images import PreparedPage, prepare, upright
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -163,86 +163,28 @@ def pdf_dpi(width_pt: float, height_pt: float) -> int:
     return PDF_DPI
 
 
-def fit_within(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
-    """The largest size with the same aspect ratio and at most ``max_pixels`` pixels
-    (unchanged when it already fits, or when there is no limit)."""
-    if max_pixels is None or width * height <= max_pixels:
-        return width, height
-    scale = math.sqrt(max_pixels / (width * height))
-    w, h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
-    while w * h > max_pixels and (w > 1 or h > 1):  # only for degenerate 1-px-wide pages
-        w, h = (w - 1, h) if w >= h else (w, h - 1)
-    return w, h
-
-
-def downscale(img: Image, max_pixels: int | None) -> Image:
-    """``img`` resized (Lanczos) to fit ``max_pixels``, or ``img`` itself when it fits."""
-    size = fit_within(img.width, img.height, max_pixels)
-    if size == (img.width, img.height):
-        return img
-    from PIL import Image as PILImage
-
-    return img.resize(size, PILImage.Resampling.LANCZOS, reducing_gap=3.0)
-
-
-def to_rgb(img: Image) -> Image:
-    """RGB or L as they are; transparency flattened onto white; other modes to RGB."""
-    if img.mode in ("RGB", "L"):
-        return img
-    from PIL import Image as PILImage
-
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = PILImage.new("RGB", rgba.size, (255, 255, 255))
-        white.paste(rgba, mask=rgba.getchannel("A"))
-        return white
-    return img.convert("RGB")
-
-
-def to_data_url(img: Image) -> str:
-    """A ``data:image/png;base64,...`` URL of ``img``."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def load_image(ref: PageRef) -> Image:
-    """An image file's page (its frame ``ref.index`` for a multi-frame TIFF), decoded."""
+def load_image(ref: PageRef) -> tuple[Image, bytes | None]:
+    """An image file's page (its frame ``ref.index`` for a multi-frame TIFF), decoded and
+    turned upright, plus the file's bytes when it is a JPEG that can be sent as it is (RGB
+    or greyscale, already upright), else None."""
     require("PIL.Image")
     from PIL import Image as PILImage
 
-    try:
-        with PILImage.open(ref.path) as img:
+    try:  # a file object, not the path: Pillow 13 mis-turns memory-mapped TIFFs
+        with ref.path.open("rb") as fh, PILImage.open(fh) as img:
             if ref.kind == "frames":
                 img.seek(ref.index)
             img.load()
-            return img.copy() if ref.kind == "frames" else img
+            page = upright(img)
+            if page is img and ref.kind == "frames":
+                page = img.copy()
+            keep = (ref.kind == "image" and img.format == "JPEG" and page is img
+                    and img.mode in ("RGB", "L"))
+            return page, ref.path.read_bytes() if keep else None
     except VlmhubError:
         raise
     except Exception as exc:  # Pillow raises many kinds: the page fails with the reason
         raise VlmhubError(f"{ref.label()}: cannot read the image: {exc}") from None
-
-
-@dataclass(frozen=True)
-class PreparedPage:
-    """What is sent for one page, and how it was made."""
-
-    data_url: str
-    width: int
-    height: int
-    source_width: int
-    source_height: int
-    dpi: int | None
-
-    @property
-    def downscaled(self) -> bool:
-        return (self.width, self.height) != (self.source_width, self.source_height)
-
-
-def prepare(img: Image, max_pixels: int | None, dpi: int | None = None) -> PreparedPage:
-    """Flatten to RGB, downscale to ``max_pixels``, encode. Blocks (CPU)."""
-    small = downscale(to_rgb(img), max_pixels)
-    return PreparedPage(to_data_url(small), small.width, small.height, img.width, img.height, dpi)
 
 
 class PageRenderer:
@@ -286,23 +228,27 @@ class PageRenderer:
             self._docs.popitem(last=False)[1].close()
         return img, dpi
 
-    def load(self, ref: PageRef, max_pixels: int | None) -> PreparedPage:
-        """Render or read one page and prepare it. Blocks; PDFs must go through
-        :meth:`aload` (or this must be called from the PDFium thread)."""
+    def load(self, ref: PageRef, max_pixels: int | None,
+             max_bytes: int | None = None) -> PreparedPage:
+        """Render or read one page and prepare it (see :func:`~vlmhub.ocr.images.prepare`).
+        Blocks; PDFs must go through :meth:`aload` (or this must be called from the PDFium
+        thread)."""
         if ref.kind == "pdf":
             img, dpi = self.render_pdf_page(ref)
-            return prepare(img, max_pixels, dpi)
-        return prepare(load_image(ref), max_pixels)
+            return prepare(img, max_pixels, dpi, max_bytes=max_bytes)
+        img, original = load_image(ref)
+        return prepare(img, max_pixels, max_bytes=max_bytes, original=original)
 
-    async def aload(self, ref: PageRef, max_pixels: int | None) -> PreparedPage:
+    async def aload(self, ref: PageRef, max_pixels: int | None,
+                    max_bytes: int | None = None) -> PreparedPage:
         """:meth:`load` without blocking the event loop: PDF rendering in the PDFium thread
         (one page at a time), decoding, resizing and encoding in the default thread pool
         (concurrent with other pages)."""
         loop = asyncio.get_running_loop()
         if ref.kind == "pdf":
             img, dpi = await loop.run_in_executor(self._pdf_thread, self.render_pdf_page, ref)
-            return await asyncio.to_thread(prepare, img, max_pixels, dpi)
-        return await asyncio.to_thread(self.load, ref, max_pixels)
+            return await asyncio.to_thread(prepare, img, max_pixels, dpi, max_bytes=max_bytes)
+        return await asyncio.to_thread(self.load, ref, max_pixels, max_bytes)
 
     def _close_docs(self) -> None:
         while self._docs:
