@@ -26,6 +26,7 @@ class FlakyServer:
         self.seen: dict[str, list[float]] = {}
         self.bodies: dict[str, list[dict[str, Any]]] = {}
         self.gets = 0
+        self.heads: list[bytes] = []
         self.vanish_after = vanish_after
         self.server: asyncio.Server | None = None
 
@@ -37,6 +38,7 @@ class FlakyServer:
             await writer.drain()
             writer.close()
             return
+        self.heads.append(head.lower())
         length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n")
                       if h.lower().startswith(b"content-length"))
         body = json.loads(await reader.readexactly(length))

@@ -121,7 +121,7 @@ class TestSupervisor:
     def names(self) -> list[str]:
         return list(self.backends)
 
-    async def acquire(self, name: str) -> Lease:
+    async def acquire(self, name: str, priority: str | None = None) -> Lease:
         if name in self.fail:
             raise self.fail[name]
         if name in self.acquire_delay:

@@ -118,12 +118,12 @@ async def test_fault_client_leaving_the_queue_frees_its_slot_during_the_start(
     tmp_path: Path,
 ) -> None:
     """Item 5: a departed client stops counting against the queue while the model starts."""
-    sup, _, _ = build(tmp_path, {"a": model(1.0)}, delay=4.0, router={"max_queue": 1})
+    sup, _, _ = build(tmp_path, {"a": model(1.0)}, delay=8.0, router={"max_queue": 1})
     async with routed(sup) as url:
         async with httpx.AsyncClient(base_url=url, timeout=0.5) as c:
             with pytest.raises(httpx.TimeoutException):
                 await c.post("/v1/chat/completions", json=CHAT)
-        await wait_for(lambda: sup.snapshot()[0].queued == 0, 2)
+        await wait_for(lambda: sup.snapshot()[0].queued == 0, 5)
         assert sup.snapshot()[0].state == "starting"
         async with httpx.AsyncClient(base_url=url, timeout=15) as c:
             # max_queue is 1: this request would get 503 if the departed one still counted

@@ -50,6 +50,8 @@ class RouterConfig(Strict):
     restart_backoff_s: float = Field(default=2.0, ge=0)
     crash_loop_max: int = Field(default=3, ge=1)
     crash_loop_window_s: float = Field(default=300.0, gt=0)
+    policy: Literal["vlmhub", "fifo", "lru", "exclusive"] = "vlmhub"
+    """The swap policy (vlmhub.policy; docs/scheduling.md)."""
 
 
 class RuntimeConfig(Strict):
@@ -101,6 +103,10 @@ class ModelEntry(Strict):
     preload: bool = False
     sleep: bool = False
     max_queue: int | None = Field(default=None, ge=0)
+    priority: Literal["interactive", "batch"] = "interactive"
+    """The class of this model's requests unless a request says otherwise (header)."""
+    max_wait_s: float | None = Field(default=None, gt=0)
+    """The longest a request waits before its model's swap is forced (default: derived)."""
     enabled: bool = True
     env: dict[str, str] = Field(default_factory=dict)
 

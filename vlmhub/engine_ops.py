@@ -113,7 +113,7 @@ class EngineOps:
             return
         r.last_load_s = time.monotonic() - began
         r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
-        r.healthy_at = time.monotonic()
+        r.healthy_at = r.loaded_at = time.monotonic()
         r.restarts += 1 if r.failures else 0
         if self.on_start is not None:
             self.on_start(r, parser, None)
@@ -187,6 +187,6 @@ class EngineOps:
             ok = False
         if ok:
             r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
-            r.healthy_at = time.monotonic()
+            r.healthy_at = r.loaded_at = time.monotonic()
             self.observer.observe_load(r.name, time.monotonic() - began, True)
         return ok

@@ -48,7 +48,7 @@ async def engine_failure(
         return known.summary
     if st.state == "missing":
         return "engine gone (its process or container no longer exists)"
-    if st.exit_code == 0:
+    if st.stopped or st.exit_code == 0:
         return (
             "engine exited cleanly (exit code 0): it was stopped outside this router "
             "(`vlmhub stop`, docker stop, or another router)"

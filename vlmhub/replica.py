@@ -40,6 +40,15 @@ class Lease:
             self.revoked.set_result(reason)
 
 
+@dataclass(eq=False)
+class Queued:
+    """One request waiting in a model's queue: its future lease, arrival and priority."""
+
+    fut: asyncio.Future[Lease]
+    arrived: float
+    priority: str = "interactive"
+
+
 @dataclass(frozen=True)
 class ReplicaInfo:
     """A read-only snapshot of one model for /v1/models, /api/models, ps and metrics."""
@@ -61,6 +70,8 @@ class ReplicaInfo:
     max_model_len: int | None = None
     draining: bool = False
     restarts: int = 0
+    waiting_reason: str | None = None
+    """Why the policy has not brought this model in yet for its queued requests."""
 
 
 class AcquireError(Exception):
@@ -110,8 +121,9 @@ class SupervisorLike(Protocol):
     def names(self) -> list[str]:
         """Every configured model name."""
 
-    async def acquire(self, name: str) -> Lease:
-        """A lease on a ready engine, or an :class:`AcquireError` subclass."""
+    async def acquire(self, name: str, priority: str | None = None) -> Lease:
+        """A lease on a ready engine, or an :class:`AcquireError` subclass. ``priority``
+        (``interactive`` or ``batch``; None: the model's own) orders swaps between queues."""
 
     def release(self, lease: Lease) -> None:
         """Give the lease back (idempotent). The model is idle again when none are held."""
@@ -156,7 +168,7 @@ class Replica:
     phase: str = ""
     handle: EngineHandle | None = None
     in_flight: int = 0
-    waiters: deque[asyncio.Future[Lease]] = field(default_factory=deque)
+    waiters: deque[Queued] = field(default_factory=deque)
     wanted: list[asyncio.Future[None]] = field(default_factory=list)
     last_used: float = 0.0
     last_load_s: float | None = None
@@ -166,6 +178,11 @@ class Replica:
     restarts: int = 0
     sleep_ok: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    loaded_at: float = 0.0
+    """When the engine last became ready (monotonic): the policy holds a costly load."""
+    priority: str = "interactive"
+    """The class of the latest request leased on it (the policy protects interactive work)."""
+    waiting_reason: str | None = None
     healthy_at: float = 0.0
     """When the engine last answered its health path (monotonic)."""
     leases: dict[int, Lease] = field(default_factory=dict)

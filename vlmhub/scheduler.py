@@ -46,6 +46,10 @@ class ReplicaView:
     can_sleep: bool = False
     external: bool = False
     draining: bool = False
+    loaded_at: float = 0.0
+    """When it last became ready (the policy's hold after a costly load)."""
+    priority: str = "interactive"
+    """The class of its latest work: ``interactive`` or ``batch`` (see :mod:`vlmhub.policy`)."""
 
     @property
     def held_gib(self) -> float:

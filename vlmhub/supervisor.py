@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from vlmhub import scheduler
+from vlmhub import policy, scheduler
 from vlmhub.config import Config, ResolvedModel
 from vlmhub.engine_ops import EngineOps, StartHook
 from vlmhub.errors import VlmhubError
@@ -41,6 +41,7 @@ from vlmhub.replica import (
     LoadTimeout,
     NullObserver,
     Observer,
+    Queued,
     QueueFull,
     Refused,
     Replica,
@@ -93,7 +94,7 @@ class Supervisor:
             fail_waiters=self._fail_waiters, on_start=on_start,
         )
         self._closing = False
-        self._arrivals: dict[str, float] = {}
+        self.params = policy_params(config, models)
         self.foreign: list[EngineHandle] = []
         """Engines of models not in this config, found running at start: not managed."""
 
@@ -104,8 +105,12 @@ class Supervisor:
     def names(self) -> list[str]:
         return list(self.replicas)
 
-    async def acquire(self, name: str) -> Lease:
-        """Wait in the model's queue until it is ready; raise an AcquireError otherwise."""
+    async def acquire(self, name: str, priority: str | None = None) -> Lease:
+        """Wait in the model's queue until it is ready; raise an AcquireError otherwise.
+
+        ``priority`` (``interactive``/``batch``; None: the model's ``priority``) is what the
+        swap policy weighs when several queues need a swap (vlmhub.policy).
+        """
         real = self.resolve(name)
         if real is None:
             raise UnknownModel(
@@ -114,8 +119,9 @@ class Supervisor:
         r = self.replicas[real]
         if self._closing:
             raise AcquireError("the router is shutting down", retry_after=5)
+        klass = priority or r.model.entry.priority
         if r.state == "ready" and not r.draining and not r.waiters:
-            return self._lease(r)
+            return self._lease(r, klass)
         limit = (
             r.model.entry.max_queue if r.model.entry.max_queue is not None else self.rc.max_queue
         )
@@ -127,31 +133,31 @@ class Supervisor:
         if r.model.external and r.state == "failed":
             raise LoadFailed(f"{real} at {r.model.entry.url} is unreachable: {r.last_error}")
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        if not r.waiters:
-            self._arrivals[real] = time.monotonic()
-        r.waiters.append(fut)
+        entry = Queued(fut, time.monotonic(), klass)
+        r.waiters.append(entry)
         self.kick()
         try:
             done, _ = await asyncio.wait({fut}, timeout=self.rc.queue_timeout_s)
         except asyncio.CancelledError:  # the client left while queued: leak no lease
-            self._abandon(r, fut)
+            self._abandon(r, entry)
             raise
         if fut in done:
             return fut.result()
-        self._abandon(r, fut)
+        self._abandon(r, entry)
         raise LoadTimeout(
             f"{real} was not ready after {self.rc.queue_timeout_s:.0f} s in the queue "
             f"(state {r.state}, phase {r.phase or '-'})"
             + (f"; last error: {r.last_error}" if r.last_error else "")
         )
 
-    def _abandon(self, r: Replica, fut: asyncio.Future[Lease]) -> None:
+    def _abandon(self, r: Replica, entry: Queued) -> None:
         """Take a waiter out of the queue; a lease it was handed meanwhile goes back."""
+        fut = entry.fut
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             self.release(fut.result())
         fut.cancel()
         with contextlib.suppress(ValueError):
-            r.waiters.remove(fut)
+            r.waiters.remove(entry)
 
     def release(self, lease: Lease) -> None:
         if lease.released:
@@ -264,6 +270,8 @@ class Supervisor:
                 can_sleep=r.sleep_ok,
                 external=r.model.external,
                 draining=r.draining,
+                loaded_at=r.loaded_at,
+                priority=r.priority,
             )
             for r in self.replicas.values()
         ]
@@ -273,9 +281,9 @@ class Supervisor:
         for r in self.replicas.values():
             if r.state == "ready" and not r.draining:
                 while r.waiters:
-                    fut = r.waiters.popleft()
-                    if not fut.done():
-                        fut.set_result(self._lease(r))
+                    q = r.waiters.popleft()
+                    if not q.fut.done():
+                        q.fut.set_result(self._lease(r, q.priority))
                 self._resolve_wanted(r)
         if self._op is not None and not self._op.done():
             return
@@ -283,22 +291,33 @@ class Supervisor:
             if r.state == "stopping":  # no operation runs, so nobody else is stopping it
                 self._op = asyncio.create_task(self._run(self.ops.stop_failed(r)))
                 return
-        pending = [
-            r for r in self.replicas.values() if (r.waiters or r.wanted) and r.state != "ready"
+        demand = [
+            policy.Demand(
+                r.name,
+                tuple(policy.Waiter(q.arrived, q.priority) for q in r.waiters),  # type: ignore[arg-type]
+                bool(r.wanted),
+            )
+            for r in self.replicas.values()
+            if (r.waiters or r.wanted)
+            and r.state != "ready"
+            and (r.state != "failed" or self._may_restart(r, now))
         ]
-        pending.sort(key=lambda r: (0 if r.wanted else 1, self._arrivals.get(r.name, now)))
-        for r in pending:
-            if r.state == "failed" and not self._may_restart(r, now):
-                continue
-            p = scheduler.plan(r.name, self._views(), self.gpu.usable_gib, now)
-            if p.action == "wait":
+        if demand:
+            d = policy.decide(self._views(), demand, self.gpu.usable_gib, now, self.params)
+            for r in self.replicas.values():
+                r.waiting_reason = None
+            for name, why in d.deferred:
+                self.replicas[name].waiting_reason = why
+            for name, why in d.refuse:
+                self._fail_waiters(self.replicas[name], Refused(why, retry_after=30))
+            if d.plan is not None:
+                target = self.replicas[d.plan.target]
+                target.waiting_reason = None
+                self._op = asyncio.create_task(self._run(self._execute(target, d.plan)))
                 return
-            if p.action == "refuse":
-                self._fail_waiters(r, Refused(p.reason))
-                continue
-            if p.action in ("start", "wake"):
-                self._op = asyncio.create_task(self._run(self._execute(r, p)))
-                return
+            if any(r.waiting_reason is None for r in self.replicas.values()
+                   if r.waiters and r.state != "ready"):
+                return  # an engine is changing: wait for it (one operation at a time)
         ttl = {r.name: r.model.entry.ttl for r in self.replicas.values()}
         for name in scheduler.expired(self._views(), ttl, now):
             self._op = asyncio.create_task(
@@ -419,8 +438,9 @@ class Supervisor:
                 r.handle, r.state, r.phase = h, "ready", "ready (adopted)"
                 r.last_used = r.healthy_at = time.monotonic()
 
-    def _lease(self, r: Replica) -> Lease:
+    def _lease(self, r: Replica, priority: str = "interactive") -> Lease:
         r.in_flight += 1
+        r.priority = priority
         r.idle.clear()
         r.last_used = time.monotonic()
         if r.model.external:
@@ -440,7 +460,7 @@ class Supervisor:
         if retry_after is not None:
             err.retry_after = retry_after
         while r.waiters:
-            fut = r.waiters.popleft()
+            fut = r.waiters.popleft().fut
             if not fut.done():
                 fut.set_exception(err)
         for w in r.wanted:
@@ -494,4 +514,14 @@ class Supervisor:
             max_model_len=spec.options.max_model_len if spec else None,
             draining=r.draining,
             restarts=r.restarts,
+            waiting_reason=r.waiting_reason if r.waiters else None,
         )
+
+
+def policy_params(config: Config, models: Sequence[ResolvedModel]) -> policy.Params:
+    """The swap policy's parameters from models.yaml (``router.policy``, ``max_wait_s``)."""
+    waits: dict[str, dict[policy.Priority, float]] = {}
+    for m in models:
+        if m.entry.max_wait_s is not None:
+            waits[m.name] = {"interactive": m.entry.max_wait_s, "batch": m.entry.max_wait_s}
+    return policy.Params(name=config.router.policy, max_wait_s=waits)

@@ -390,7 +390,8 @@ class BatchRunner:
                 if on_page:
                     on_page(results[i])
         todo = iter([(i, j) for i, j in enumerate(jobs) if not j.skip])
-        headers = {"Content-Type": "application/json"}
+        # a batch yields to interactive work when a swap is needed (docs/scheduling.md)
+        headers = {"Content-Type": "application/json", "X-Vlmhub-Priority": "batch"}
         if opts.api_key:
             headers["Authorization"] = f"Bearer {opts.api_key}"
         timeout = httpx.Timeout(opts.timeout_s, connect=min(30.0, opts.timeout_s))

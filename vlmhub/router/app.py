@@ -117,7 +117,10 @@ async def proxy_endpoint(request: Request) -> Response:
         model = st.supervisor.resolve(wanted)
         if model is None:
             raise unknown_model(wanted, st.supervisor)
-        stayed, lease = await until_disconnect(request, _acquire(st.supervisor, model))
+        priority = request_priority(request)
+        stayed, lease = await until_disconnect(
+            request, _acquire(st.supervisor, model, priority)
+        )
         if not stayed or lease is None:
             status = CLIENT_CLOSED
             return Response(status_code=CLIENT_CLOSED)
@@ -160,8 +163,27 @@ async def proxy_endpoint(request: Request) -> Response:
             st.metrics.observe_request(model, status, time.monotonic() - started)
 
 
-async def _acquire(supervisor: SupervisorLike, model: str) -> Lease:
-    return await supervisor.acquire(model)
+async def _acquire(supervisor: SupervisorLike, model: str, priority: str | None) -> Lease:
+    if priority is None:
+        return await supervisor.acquire(model)
+    return await supervisor.acquire(model, priority)
+
+
+PRIORITY_HEADER = "x-vlmhub-priority"
+
+
+def request_priority(request: Request) -> str | None:
+    """The request's ``X-Vlmhub-Priority`` (``interactive`` or ``batch``), or None: the model's
+    own. Anything else is a 400."""
+    value = request.headers.get(PRIORITY_HEADER)
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if value not in ("interactive", "batch"):
+        raise Reject(error_response(
+            400, f"{PRIORITY_HEADER} must be `interactive` or `batch`, not {value[:40]!r}",
+            "invalid_request_error", "invalid_priority"))
+    return value
 
 
 def model_card(info: ReplicaInfo, created: int) -> dict[str, Any]:

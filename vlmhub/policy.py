@@ -1,0 +1,219 @@
+"""The swap policy: which waiting model the loop serves next, and whether a swap pays now.
+
+Pure, like :mod:`vlmhub.scheduler` (whose :func:`~vlmhub.scheduler.plan` it uses for each
+candidate): no I/O, no logging, the clock only through ``now``. The supervisor's control loop
+calls :func:`decide` on every pass, and ``vlmhub simulate`` calls the same function with
+simulated time, so what is simulated is what runs.
+
+Policies (``--policy`` in ``vlmhub simulate``; ``router.policy`` in models.yaml):
+
+``vlmhub`` (the default) amortizes every reload over the work it unlocks:
+  1. A start that needs no eviction happens at once (it costs nobody anything).
+  2. A swap (a start that evicts a model) happens when it is worth its price:
+     the waiting work ``value = sum(weight(priority) x age)`` over the target's waiters reaches
+     ``value_factor x cost``, where ``cost`` is the target's reload cost plus the reload cost of
+     every victim that still has work (in flight or queued). Victims with no work cost nothing.
+  3. A model that was loaded at cost C and still has work keeps its place for
+     ``hold_factor x C`` seconds after it became ready.
+  4. Interactive before batch: an interactive target evicts batch-only victims at once (batch
+     yields), and a model with recent interactive use (within its hold) is not evicted for
+     batch work. Among candidates, interactive ones are served first.
+  5. The bound: a waiter older than its model's ``max_wait_s`` (per priority) forces the swap,
+     whatever the rules above say. Overdue targets go first, oldest first.
+``fifo``: vlmhub's policy before the swap-cost rules: the oldest waiting request's model is
+  started at once, evicting as :func:`~vlmhub.scheduler.plan` says.
+``lru``: like fifo, but victims are chosen by least recent use alone, and never put to sleep.
+``exclusive``: one model at a time (llama-swap's groups): every other model is stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from vlmhub.scheduler import Evict, Plan, ReplicaView, plan
+
+Priority = Literal["interactive", "batch"]
+PolicyName = Literal["vlmhub", "fifo", "lru", "exclusive"]
+POLICIES: tuple[PolicyName, ...] = ("vlmhub", "fifo", "lru", "exclusive")
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """One queued request: when it arrived and its priority."""
+
+    arrived: float
+    priority: Priority = "interactive"
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What waits for one model that is not ready."""
+
+    name: str
+    waiters: tuple[Waiter, ...] = ()
+    wanted: bool = False
+    """A start was asked for without a request (preload, admin load): it goes first."""
+
+
+@dataclass(frozen=True)
+class Params:
+    """The policy's knobs (docs/scheduling.md lists them with their defaults)."""
+
+    name: PolicyName = "vlmhub"
+    value_factor: float = 2.0
+    hold_factor: float = 4.0
+    interactive_weight: float = 4.0
+    interactive_wait_factor: float = 3.0
+    batch_wait_factor: float = 10.0
+    min_wait_s: float = 10.0
+    max_wait_cap_s: float = 1800.0
+    max_wait_s: Mapping[str, Mapping[Priority, float]] = field(default_factory=dict)
+    """Per model (and priority), set in models.yaml: overrides the derived default."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the loop does now: at most one operation (``plan``), plus requests to refuse."""
+
+    plan: Plan | None = None
+    refuse: tuple[tuple[str, str], ...] = ()
+    deferred: tuple[tuple[str, str], ...] = ()
+    """Swaps not worth their price yet, with why (shown in /api/models, not acted on)."""
+
+
+def max_wait(
+    target: ReplicaView, replicas: Sequence[ReplicaView], priority: Priority, p: Params
+) -> float:
+    """The longest a ``priority`` request for ``target`` waits before its swap is forced.
+
+    Default: a multiple of what the swap can cost (the target's reload plus the costliest
+    other model's), ``interactive_wait_factor`` or ``batch_wait_factor``, within
+    ``[min_wait_s, max_wait_cap_s]``; a per-model setting wins.
+    """
+    own = p.max_wait_s.get(target.name, {}).get(priority)
+    if own is not None:
+        return own
+    out = max((r.reload_cost_s for r in replicas if r.name != target.name), default=0.0)
+    factor = p.interactive_wait_factor if priority == "interactive" else p.batch_wait_factor
+    return min(max(factor * (target.reload_cost_s + out), p.min_wait_s), p.max_wait_cap_s)
+
+
+def decide(
+    replicas: Sequence[ReplicaView],
+    demand: Sequence[Demand],
+    usable_gib: float,
+    now: float,
+    params: Params | None = None,
+) -> Decision:
+    """The one operation to run now (or none), given every replica and what waits. Pure."""
+    p = params or Params()
+    views = _views_for(p, replicas)
+    by_name = {r.name: r for r in views}
+    refuse: list[tuple[str, str]] = []
+    deferred: list[tuple[str, str]] = []
+    ranked: list[tuple[tuple[float, ...], Plan]] = []
+    for d in demand:
+        t = by_name[d.name]
+        if t.state == "ready" or (not d.waiters and not d.wanted):
+            continue
+        pl = _plan(p, d.name, views, usable_gib, now)
+        if pl.action == "wait":
+            return Decision(None, tuple(refuse), tuple(deferred))
+        if pl.action == "refuse":
+            refuse.append((d.name, pl.reason))
+            continue
+        if pl.action == "ready":
+            continue
+        oldest = min((w.arrived for w in d.waiters), default=now)
+        if p.name != "vlmhub":
+            ranked.append(((0 if d.wanted else 1, oldest), pl))
+            continue
+        rank, why = _rank(p, d, t, pl, views, demand, now)
+        if rank is None:
+            deferred.append((d.name, why))
+            continue
+        ranked.append((rank, pl))
+    if not ranked:
+        return Decision(None, tuple(refuse), tuple(deferred))
+    ranked.sort(key=lambda x: x[0])
+    return Decision(ranked[0][1], tuple(refuse), tuple(deferred))
+
+
+def _views_for(p: Params, replicas: Sequence[ReplicaView]) -> list[ReplicaView]:
+    if p.name in ("lru", "exclusive"):  # plain baselines: no sleep, recency only
+        return [replace(r, can_sleep=False, reload_cost_s=1.0) for r in replicas]
+    return list(replicas)
+
+
+def _plan(
+    p: Params, target: str, views: list[ReplicaView], usable_gib: float, now: float
+) -> Plan:
+    pl = plan(target, views, usable_gib, now)
+    if p.name != "exclusive" or pl.action not in ("start", "wake"):
+        return pl
+    named = {e.name for e in pl.evict}
+    extra = tuple(
+        Evict(r.name, "stop", busy=r.in_flight > 0)
+        for r in views
+        if r.name != target and r.name not in named and not r.pinned and not r.external
+        and r.state in ("ready", "sleeping")
+    )
+    return replace(pl, evict=(*pl.evict, *extra))
+
+
+def _rank(
+    p: Params,
+    d: Demand,
+    t: ReplicaView,
+    pl: Plan,
+    views: list[ReplicaView],
+    demand: Sequence[Demand],
+    now: float,
+) -> tuple[tuple[float, ...] | None, str]:
+    """The vlmhub policy's order key for this candidate (lower first), or None and why not."""
+    oldest = min((w.arrived for w in d.waiters), default=now)
+    interactive = any(w.priority == "interactive" for w in d.waiters) or d.wanted
+    klass = 0.0 if interactive else 1.0
+    if d.wanted:
+        return (0.0, oldest), ""
+    overdue = [
+        now - w.arrived - max_wait(t, views, w.priority, p)
+        for w in d.waiters
+        if now - w.arrived >= max_wait(t, views, w.priority, p)
+    ]
+    if overdue:
+        return (1.0, -max(overdue)), ""
+    if not pl.evict:
+        return (2.0, klass, oldest), ""
+    by_name = {r.name: r for r in views}
+    queued = {x.name: x.waiters for x in demand}
+    cost = t.reload_cost_s
+    for ev in pl.evict:
+        v = by_name[ev.name]
+        v_waiters = queued.get(v.name, ())
+        has_work = v.in_flight > 0 or bool(v_waiters)
+        v_interactive = v.priority == "interactive" or any(
+            w.priority == "interactive" for w in v_waiters
+        )
+        hold = p.hold_factor * v.reload_cost_s
+        if not interactive and v_interactive and (has_work or now - v.last_used < hold):
+            return None, f"{v.name} has recent interactive work; batch waits (max_wait bounds it)"
+        if interactive and not v_interactive:
+            continue  # batch yields to interactive: no hold, no price
+        if has_work and now - v.loaded_at < hold:
+            return None, f"{v.name} was loaded {now - v.loaded_at:.0f} s ago and still has work"
+        if has_work:
+            cost += v.reload_cost_s
+    value = sum(
+        (p.interactive_weight if w.priority == "interactive" else 1.0) * (now - w.arrived)
+        for w in d.waiters
+    )
+    if cost > t.reload_cost_s and value + 1e-9 < p.value_factor * cost:
+        return None, (
+            f"waiting work ({value:.1f} request-s) is worth less than {p.value_factor:g} x the "
+            f"swap's cost ({cost:.1f} s)"
+        )
+    return (3.0, klass, -value, oldest), ""
