@@ -3,13 +3,24 @@
 Numbers: vllm-notes.md (3.04B params, ~5.67 GiB BF16, 28 layers x 2 KV heads x 128 = 28 KiB
 of KV per token). One page at dots.ocr's MAX_PIXELS (11,289,600, factor 28) is up to 14,400
 visual tokens, so max_model_len is chosen with the pixel cap: 14,400 + 8,192 output < 24,576.
-The seed's ``--max-model-len 1024`` could not hold a page.
+The seed's ``--max-model-len 1024`` could not hold a page. Most of the activation peak is the
+42-layer vision tower run on the largest page vLLM profiles (57,600 patches at 1,536 wide):
+``vision_activation_gib`` scales with the pixel cap. Floors for ``together``: one sequence,
+pages down to ~2 Mpx (an A4 page at 150 dpi), always 8,192 tokens of output.
 """
 
 from __future__ import annotations
 
 from vlmhub.ocr.layout import layout_to_markdown
-from vlmhub.spec import ModelSpec, PromptPreset, Variant, VisionLimits, VllmOptions, VramModel
+from vlmhub.spec import (
+    Floors,
+    ModelSpec,
+    PromptPreset,
+    Variant,
+    VisionLimits,
+    VllmOptions,
+    VramModel,
+)
 
 _CATEGORIES = (
     "['Caption', 'Footnote', 'Formula', 'List-item', 'Page-footer', 'Page-header', "
@@ -75,8 +86,10 @@ def plugin() -> ModelSpec:
             kv_heads=2,
             head_dim=128,
             activation_gib=1.5,
+            vision_activation_gib=1.2,
             kv_sequences=2,
         ),
+        floors=Floors(max_num_seqs=1, max_pixels=2007040),
         reload_cost_s=120.0,
         presets={
             "layout": PromptPreset(
@@ -117,6 +130,15 @@ def plugin() -> ModelSpec:
                 description="FP8 KV cache: half the KV memory (14 KiB/token), more pages at once",
                 options={"kv_cache_dtype": "fp8"},
                 vram={"kv_dtype_bytes": 1},
+            ),
+            # No FP8 or AWQ dots.ocr checkpoint is published by rednote-hilab; vLLM 0.32
+            # quantizes the official BF16 weights at load (``fp8_per_tensor``, layer by layer
+            # on the meta device, so no BF16 peak; Marlin W8A16 kernels before Ada).
+            # https://docs.vllm.ai/en/stable/features/quantization/online/
+            "fp8": Variant(
+                description="FP8 weights quantized by vLLM at load (~3.6 GiB instead of 5.67)",
+                options={"quantization": "fp8_per_tensor"},
+                vram={"weights_gib": 3.6},
             ),
         },
     )

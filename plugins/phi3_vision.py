@@ -7,7 +7,7 @@ tokens (144 per 336x336 crop); 4 crops keep two images well inside the context.
 
 from __future__ import annotations
 
-from vlmhub.spec import ModelSpec, PromptPreset, VllmOptions, VramModel
+from vlmhub.spec import Floors, ModelSpec, PromptPreset, VllmOptions, VramModel
 
 
 def plugin() -> ModelSpec:
@@ -30,6 +30,7 @@ def plugin() -> ModelSpec:
             mm_processor_kwargs={"num_crops": 4},
         ),
         vram=VramModel(weights_gib=7.73, layers=32, kv_heads=32, head_dim=96, activation_gib=0.8),
+        floors=Floors(max_num_seqs=1, max_model_len=2048),
         reload_cost_s=60.0,
         presets={"describe": PromptPreset(prompt="Describe this image in detail.")},
     )

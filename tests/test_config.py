@@ -208,10 +208,12 @@ def test_config_check_cli_ok_and_error_without_traceback(tmp_path: Path) -> None
 def test_plan_cli_shows_argv_and_fitting_sets() -> None:
     res = run_cli("plan", "--config", str(REPO / "models.yaml"), "--gpu-gib", "24")
     assert res.returncode == 0, res.stderr
-    assert "--gpu-memory-utilization" in res.stdout and "--kv-cache-memory-bytes" in res.stdout
+    # estimated budgets: vLLM profiles, so the fraction only (measured ones add the KV bytes)
+    assert "--gpu-memory-utilization" in res.stdout and "estimated" in res.stdout
     assert "dots-ocr + qwen3-vl" in res.stdout
     res12 = run_cli("plan", "--config", str(REPO / "models.yaml"), "--gpu-gib", "12")
-    assert " + " not in res12.stdout.split("What fits together")[1].split("\n")[1]
+    # models.yaml keeps dots-ocr and qwen3-vl together: on 12 GB with lower caps
+    assert "dots-ocr + qwen3-vl" in res12.stdout.split("What fits together")[1].split("\n")[1]
 
 
 def test_models_cli_lists_sources_and_budgets() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from vlmhub.engine_log import (
     ERROR_PRIORITY,
+    MEMORY_FACTS,
     PHASES,
     ErrorEvent,
     FactEvent,
@@ -491,3 +492,102 @@ def test_known_error_is_frozen_and_hashable() -> None:
     with pytest.raises(AttributeError):
         err.code = "cuda_oom"  # type: ignore[misc]
     assert hash(err) == hash(KnownError("no_gpu", "s", "f", "l"))
+
+
+# --- memory lines (issue 8): real log excerpts, each with its source ----------------------
+# Verbatim lines from public vLLM >= 0.11 GPU logs; the source URL is next to each excerpt.
+REAL_GPU_MEMORY = {
+    # Qwen3-VL-2B-Instruct (BF16) on an RX 7800 XT, vLLM 0.1x:
+    # https://github.com/vllm-project/vllm/issues/27706
+    "https://github.com/vllm-project/vllm/issues/27706": (
+        ["(EngineCore_DP0 pid=90) INFO 01-03 07:16:26 [gpu_model_runner.py:3859] Model loading "
+         "took 4.4570 GiB memory and 3.372827 seconds"],
+        {"model_load_gib": 4.457, "model_load_seconds": 3.372827},
+    ),
+    # profiling with CUDA-graph estimation (vLLM 0.19):
+    # https://github.com/vllm-project/vllm/pull/39559
+    "https://github.com/vllm-project/vllm/pull/39559": (
+        ["(EngineCore pid=1259857) INFO 04-13 19:51:23 [gpu_model_runner.py:5993] Estimated "
+         "CUDA graph memory: 1.62 GiB total",
+         "(EngineCore pid=1259857) INFO 04-13 19:51:24 [gpu_worker.py:436] Available KV cache "
+         "memory: 6.9 GiB",
+         "(EngineCore pid=1259857) INFO 04-13 19:51:24 [kv_cache_utils.py:1319] GPU KV cache "
+         "size: 89,760 tokens",
+         "(EngineCore pid=1259857) INFO 04-13 19:51:24 [kv_cache_utils.py:1324] Maximum "
+         "concurrency for 262,144 tokens per request: 1.36x"],
+        {"cuda_graph_estimate_gib": 1.62, "kv_cache_gib": 6.9, "kv_cache_tokens": 89760,
+         "max_model_len": 262144, "max_concurrency": 1.36},
+    ),
+    # the post-warm-up summary line (vLLM 0.2x, 2x RTX 3090):
+    # https://github.com/noonghunna/club-3090/pull/1139
+    "https://github.com/noonghunna/club-3090/pull/1139": (
+        ["(Worker_TP0 pid=150) INFO 09-02 13:12:19 [gpu_worker.py:789] Free memory on device "
+         "(23.15/23.56 GiB) on startup. Desired GPU memory utilization is (0.92, 21.67 GiB). "
+         "Actual usage is 15.25 GiB for consumed memory (weights + non-torch), 1.66 GiB for "
+         "peak activation, and 0.14 GiB for CUDAGraph memory. Replace gpu_memory_utilization "
+         "config with `--kv-cache-memory=4805904446` (4.48 GiB) to fit into requested memory, "
+         "or `--kv-cache-memory=6390038016` (5.95 GiB) to fully utilize gpu memory. Current kv "
+         "cache memory in use is 4.76 GiB.",
+         "(Worker_TP1 pid=165) INFO 09-02 13:12:19 [gpu_worker.py:726] CUDA graph pool memory: "
+         "0.14 GiB (actual), 0.2 GiB (estimated), difference: 0.06 GiB (47.1%)."],
+        {"start_free_gib": 23.15, "gpu_total_gib": 23.56, "requested_utilization": 0.92,
+         "requested_gib": 21.67, "consumed_gib": 15.25, "peak_activation_gib": 1.66,
+         "cuda_graph_gib": 0.14, "cuda_graph_estimate_gib": 0.2},
+    ),
+    # fp8 KV cache on vLLM 0.10: https://github.com/vllm-project/vllm/issues/25350
+    "https://github.com/vllm-project/vllm/issues/25350": (
+        ["Available KV cache memory: 10.55 GiB", "GPU KV cache size: 230,528 tokens",
+         "[kv_cache_utils.py:868] Maximum concurrency for 100,000 tokens per request: 2.31x"],
+        {"kv_cache_gib": 10.55, "kv_cache_tokens": 230528, "max_model_len": 100000,
+         "max_concurrency": 2.31},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("source", sorted(REAL_GPU_MEMORY))
+def test_real_gpu_memory_lines(source: str) -> None:
+    lines, facts = REAL_GPU_MEMORY[source]
+    parser = LogParser()
+    for line in lines:
+        parser.feed(line)
+    assert parser.facts == facts
+    assert parser.errors == []  # "Free memory on device ... on startup." is no error here
+
+
+@pytest.mark.parametrize(
+    ("line", "facts"),
+    [
+        # vLLM 0.32 CPU (vllm/model_executor/model_loader/weight_utils.py), seen on this machine
+        ("(Worker pid=6998) INFO 12-03 09:10:11 [weight_utils.py:1109] Filesystem type for "
+         "checkpoints: EXT4. Checkpoint size: 0.56 GiB. Available RAM: 21.76 GiB.",
+         {"checkpoint_gib": 0.56, "available_ram_gib": 21.76}),
+        # the older wording of the summary line, each part on its own
+        ("INFO Actual usage is 5.1 GiB for weight, 0.9 GiB for peak activation, 0.2 GiB for "
+         "non-torch memory, and 0.3 GiB for CUDAGraph memory.",
+         {"weights_gib": 5.1, "peak_activation_gib": 0.9, "non_torch_gib": 0.2,
+          "cuda_graph_gib": 0.3}),
+        # --kv-cache-memory-bytes: vLLM 0.32's gpu_worker.py skips profiling and says so
+        ("INFO 12-03 09:10:11 [gpu_worker.py:669] Initial free memory 11.20 GiB, reserved 1.31 "
+         "GiB memory for KV Cache as specified by kv_cache_memory_bytes config and skipped "
+         "memory profiling.",
+         {"start_free_gib": 11.2, "kv_cache_gib": 1.31}),
+    ],
+)  # fmt: skip
+def test_memory_fact_lines(line: str, facts: dict[str, float]) -> None:
+    parser = LogParser()
+    parser.feed(line)
+    assert parser.facts == facts
+    assert set(facts) - {"available_ram_gib"} <= set(MEMORY_FACTS)
+
+
+def test_kv_shortfall_is_parsed_from_the_max_model_len_error() -> None:
+    # the error of vllm-project/vllm#25350, vLLM 0.10:
+    line = ("ValueError: To serve at least one request with the models's max seq len (221000), "
+            "(10.12 GiB KV cache is needed, which is larger than the available KV cache memory "
+            "(5.59 GiB). Based on the available memory, the estimated maximum model length is "
+            "122080. Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when "
+            "initializing the engine.")  # fmt: skip
+    err = diagnose([line])
+    assert err is not None and err.code == "max_model_len"
+    assert err.details == {"needed_gib": 10.12, "available_gib": 5.59}
+    assert err.suggested_max_model_len == 122080

@@ -10,9 +10,11 @@ from pydantic import ValidationError
 from vlmhub.flags import engine_version, redact, render_argv
 from vlmhub.registry import Registry
 from vlmhub.spec import GIB, KIB, ModelSpec, VllmOptions, VramModel
+from vlmhub.together import fit_together
 from vlmhub.vram import (
     DoesNotFit,
     Gpu,
+    Measured,
     budget_for,
     check_fits_alone,
     fitting_sets,
@@ -37,7 +39,9 @@ def test_builtin_plugins_load_through_entry_points() -> None:
     [
         ("dots-ocr", None, 28, 5.67),  # 28 layers x 2 KV heads x 128 x 2 x bf16
         ("dots-ocr", "fp8-kv", 14, 5.67),  # the same with a 1-byte KV cache
-        ("qwen3-vl", None, 112, 3.98),  # 2B: 4.27 GB
+        ("dots-ocr", "fp8", 28, 3.6),  # FP8 weights quantized by vLLM at load
+        ("qwen3-vl", None, 112, 4.46),  # 2B: vLLM's "Model loading took 4.4570 GiB" (#27706)
+        ("qwen3-vl", "2b-fp8", 112, 3.15),  # 2B FP8: the linear layers' second byte saved
         ("qwen3-vl", "4b-fp8", 144, 4.66),  # 4B FP8: ~5 GB
         ("phi3-vision", None, 384, 7.73),  # 8.3 GB, 32 x 32 x 96
     ],
@@ -53,13 +57,109 @@ def test_published_sizes(name: str, variant: str | None, kv_kib: int, weights_gi
     assert check_fits_alone(spec, CARD_12).footprint_gib <= CARD_12.usable_gib
 
 
-def test_on_12_gb_no_two_builtins_fit_together_but_on_24_all_pairs_do() -> None:
+def test_at_default_settings_no_two_builtins_fit_12_gb_but_on_24_all_pairs_do() -> None:
     budgets = [budget_for(SPECS[n]) for n in ("dots-ocr", "qwen3-vl", "phi3-vision")]
     sets12 = fitting_sets(budgets, CARD_12)
     assert all(len(s) == 1 for s in sets12) and len(sets12) == 3
     sets24 = fitting_sets(budgets, Gpu(24.0, 0.5))
     assert {len(s) for s in sets24} == {2}
     assert len(sets24) == 3
+
+
+def named(spec: ModelSpec, name: str) -> ModelSpec:
+    return spec.model_copy(update={"name": name})
+
+
+def test_on_12_gb_dots_ocr_and_qwen3_vl_fp8_fit_together_with_caps() -> None:
+    dots = named(SPECS["dots-ocr"].with_variant("fp8"), "dots")
+    qwen = named(SPECS["qwen3-vl"].with_variant("2b-fp8"), "qwen")
+    assert budget_for(dots).footprint_gib + budget_for(qwen).footprint_gib > CARD_12.usable_gib
+    plan = fit_together([dots, qwen], CARD_12)
+    assert plan.fits, plan.reason
+    assert plan.total_gib <= CARD_12.usable_gib + 1e-9 < plan.default_total_gib
+    by = {m.name: m for m in plan.members}
+    for m in plan.members:  # every member lowered, never below its plugin's floors
+        assert m.lowered and m.caps.max_num_seqs is not None
+        assert m.caps.max_num_seqs >= m.spec.floors.max_num_seqs
+        top, floor = m.default_caps.max_pixels, m.spec.floors.max_pixels
+        assert m.caps.max_pixels is not None and floor is not None and top is not None
+        assert floor <= m.caps.max_pixels < top
+        assert m.budget == budget_for(m.spec)
+        assert m.spec.options.mm_processor_kwargs is not None
+        assert m.spec.options.mm_processor_kwargs["max_pixels"] == m.caps.max_pixels
+    # dots.ocr keeps one full page: every image token of the capped page plus 8,192 of output
+    d = by["dots"].spec
+    assert d.vision is not None and d.vision.max_pixels == by["dots"].caps.max_pixels
+    assert d.options.max_model_len >= d.vision.max_image_tokens + 8192
+    assert "max_pixels 11289600 -> " in plan.summary()
+    # the caps are the largest that fit: a little more pixels would not
+    assert d.vram.activation_gib < SPECS["dots-ocr"].vram.activation_gib
+
+
+def test_the_planner_lowers_seqs_first_then_length_then_pixels() -> None:
+    dots = named(SPECS["dots-ocr"].with_variant("fp8"), "dots")
+    qwen = named(SPECS["qwen3-vl"].with_variant("2b-fp8"), "qwen")
+    pair = budget_for(dots).footprint_gib + budget_for(qwen).footprint_gib
+    # room for both at one sequence each: only max_num_seqs moves
+    one_seq = budget_for(dots.with_caps(max_num_seqs=1)).footprint_gib + budget_for(
+        qwen.with_caps(max_num_seqs=1)).footprint_gib  # fmt: skip
+    assert one_seq < pair
+    plan = fit_together([dots, qwen], Gpu(one_seq + 0.01))
+    # dots.ocr's KV cache holds two pages: one sequence halves it; Qwen's holds one, so its
+    # max_num_seqs would save nothing and stays
+    assert plan.fits and [m.lowered for m in plan.members] == [["max_num_seqs 4 -> 1"], []]
+    # a little less room: the context shrinks next, pixels stay
+    plan = fit_together([dots, qwen], Gpu(one_seq - 0.3))
+    assert plan.fits
+    assert all(m.caps.max_pixels == m.default_caps.max_pixels for m in plan.members)
+    assert any(m.caps.max_model_len < m.default_caps.max_model_len for m in plan.members)
+
+
+def test_a_group_that_cannot_fit_says_why() -> None:
+    plan = fit_together([SPECS["dots-ocr"], SPECS["phi3-vision"]], CARD_12)
+    assert not plan.fits
+    assert "dots-ocr + phi3-vision cannot be resident together" in plan.summary()
+    assert "lowest settings" in plan.reason and "11.50 GiB is usable" in plan.reason
+    assert "quantized variants" in plan.reason
+
+
+def test_pixel_caps_scale_the_vision_activation() -> None:
+    spec = SPECS["dots-ocr"]
+    half = spec.with_caps(max_pixels=spec.vision.max_pixels // 2 if spec.vision else 0)
+    assert half.vram.vision_activation_gib == pytest.approx(spec.vram.vision_activation_gib / 2)
+    assert half.vram.activation_gib == pytest.approx(
+        spec.vram.activation_gib - spec.vram.vision_activation_gib / 2
+    )
+    assert half.min_model_len_at(half.max_pixels) < spec.min_model_len_at(spec.max_pixels)
+    with pytest.raises(ValidationError, match="vision_activation_gib"):
+        VramModel(weights_gib=1, kv_bytes_per_token=1, activation_gib=0.5,
+                  vision_activation_gib=0.6)  # fmt: skip
+
+
+def test_kv_cache_holds_no_more_sequences_than_max_num_seqs() -> None:
+    spec = SPECS["dots-ocr"]  # kv_sequences 2
+    assert budget_for(spec.with_caps(max_num_seqs=1)).kv_cache_gib == pytest.approx(
+        budget_for(spec).kv_cache_gib / 2
+    )
+
+
+def test_a_measured_budget_replaces_the_estimate_with_a_margin() -> None:
+    spec = SPECS["qwen3-vl"]
+    est = budget_for(spec)
+    m = Measured(weights_gib=4.0, activation_gib=0.6, non_torch_gib=0.15, cuda_graph_gib=0.2,
+                 measured_on="2026-12-02")  # fmt: skip
+    b = budget_for(spec, None, m)
+    assert est.source == "estimated" and b.source == "measured 2026-12-02" and b.measured
+    assert (b.weights_gib, b.activation_gib, b.non_torch_gib, b.cuda_graph_gib) == (
+        4.0, 0.6, 0.15, 0.2)  # fmt: skip
+    assert b.margin_gib == pytest.approx(max(0.05 * 4.95, 0.1))
+    assert b.kv_cache_gib == est.kv_cache_gib  # the KV cache is planned, not measured
+    assert b.engine_gib == pytest.approx(4.95 + b.margin_gib + b.kv_cache_gib)
+    # a raise after a memory failure, with no measurement yet, stays "estimated"
+    raised = budget_for(spec, None, Measured(raised_activation_gib=0.5, raised_on="2026-12-02"))
+    assert raised.source == "estimated" and raised.raised_gib == 0.5
+    assert raised.footprint_gib == pytest.approx(est.footprint_gib + 0.5)
+    assert "after a memory failure" in raised.label
 
 
 def test_qwen3_vl_8b_does_not_fit_12gb() -> None:
@@ -103,15 +203,19 @@ def test_gpu_memory_utilization_is_per_instance_not_ninety_percent() -> None:
     assert 0.5 < u < 0.9  # the engine's share, not GPUStack's 90 %
     # the CUDA context is outside U
     assert b.footprint_gib == pytest.approx(b.engine_gib + spec.vram.cuda_context_gib)
-    flags = memory_flags(spec, b, CARD_12)
-    assert flags == [
+    # an estimate lets vLLM profile (and log what it measured): the fraction only
+    assert memory_flags(spec, b, CARD_12) == ["--gpu-memory-utilization", f"{u:.3f}"]
+    # a measured budget also pins the KV cache in bytes
+    mb = budget_for(spec, None, Measured(weights_gib=5.6, measured_on="2026-12-02"))
+    mu = gpu_memory_utilization(mb, CARD_12)
+    assert memory_flags(spec, mb, CARD_12) == [
         "--gpu-memory-utilization",
-        f"{u:.3f}",
+        f"{mu:.3f}",
         "--kv-cache-memory-bytes",
-        str(b.kv_cache_bytes),
+        str(mb.kv_cache_bytes),
     ]
     old = spec.model_copy(update={"vllm_version": "0.10.1"})
-    assert memory_flags(old, b, CARD_12) == ["--gpu-memory-utilization", f"{u:.3f}"]
+    assert memory_flags(old, mb, CARD_12) == ["--gpu-memory-utilization", f"{mu:.3f}"]
 
 
 def test_budget_override_gives_kv_the_rest() -> None:

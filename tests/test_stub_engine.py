@@ -24,6 +24,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from vlmhub.engine_log import LogParser, diagnose
 from vlmhub.testing.pytest_plugin import skip_or_fail
 from vlmhub.testing.stub_engine import ledger_used_gib, read_ledger
 
@@ -505,6 +506,79 @@ def test_ledger_refuses_an_engine_that_does_not_fit_and_frees_on_sigterm(
     third.proc.send_signal(signal.SIGTERM)
     assert third.wait_exit(timeout=5) == 0
     assert read_ledger(ledger) == [] and ledger_used_gib(ledger) == 0.0
+
+
+MEM = ["--stub-gpu-total-gib", "8", "--stub-weights-gib", "1.2", "--stub-activation-gib", "0.3",
+       "--stub-non-torch-gib", "0.1", "--stub-cuda-graph-gib", "0.25", "--max-model-len", "4096"]
+
+
+def parsed(engine: Engine) -> LogParser:
+    parser = LogParser()
+    for line in (engine.stdout() + engine.stderr()).splitlines():
+        parser.feed(line)
+    return parser
+
+
+def test_memory_lines_when_profiling_are_vllms_and_parse_back(stub: StartStub) -> None:
+    engine = stub("m", *MEM, "--gpu-memory-utilization", "0.4")
+    out = engine.stdout()
+    assert "Model loading took 1.2000 GiB memory and " in out
+    assert "Available KV cache memory: 1.35 GiB" in out  # 3.2 - 1.2 - 0.3 - 0.1 - 0.25
+    assert ("Free memory on device (8.00/8.00 GiB) on startup. Desired GPU memory utilization "
+            "is (0.4, 3.20 GiB). Actual usage is 1.30 GiB for consumed memory (weights + "
+            "non-torch), 0.30 GiB for peak activation, and 0.25 GiB for CUDAGraph memory.") in out
+    facts = parsed(engine).facts
+    names = ("model_load_gib", "consumed_gib", "peak_activation_gib", "cuda_graph_gib",
+             "kv_cache_gib")
+    assert [facts[k] for k in names] == [1.2, 1.3, 0.3, 0.25, 1.35]
+    assert facts["kv_cache_tokens"] == int(1.35 * 1024**3 // 131072) // 16 * 16
+
+
+def test_enforce_eager_drops_graphs_and_kv_bytes_skip_profiling(stub: StartStub) -> None:
+    engine = stub("m", *MEM, "--enforce-eager", "--kv-cache-memory-bytes", str(2**29),
+                  "--stub-kv-bytes-per-token", "65536")  # fmt: skip
+    out = engine.stdout()
+    assert "reserved 0.50 GiB memory for KV Cache as specified by kv_cache_memory_bytes" in out
+    assert "Graph capturing" not in out and "Actual usage" not in out
+    assert "GPU KV cache size: 8,192 tokens" in out
+    facts = parsed(engine).facts
+    assert facts["kv_cache_gib"] == 0.5 and "peak_activation_gib" not in facts
+
+
+@pytest.mark.parametrize(
+    ("flags", "code", "line"),
+    [
+        (["--gpu-memory-utilization", "0.2"], "no_cache_blocks",  # 1.6 < 1.85 of fixed parts
+         "ValueError: No available memory for the cache blocks."),
+        (["--gpu-memory-utilization", "0.29"], "max_model_len",  # 0.47 GiB < 0.5 needed
+         "ValueError: To serve at least one request with the model's max seq len (4096), (0.50 "
+         "GiB KV cache is needed, which is larger than the available KV cache memory (0.47 "
+         "GiB). Based on the available memory, the estimated maximum model length is 3840."),
+        (["--kv-cache-memory-bytes", str(7 * 2**30)], "cuda_oom",  # 1.85 + 7 > 8 GiB
+         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 7.00 GiB. GPU 0 has a "
+         "total capacity of 8.00 GiB of which 6.15 GiB is free."),
+    ],
+)  # fmt: skip
+def test_short_memory_fails_with_vllms_errors(
+    stub: StartStub, flags: list[str], code: str, line: str
+) -> None:
+    engine = stub("m", *MEM, *flags, wait=False)
+    assert engine.wait_exit() == 1
+    assert line in engine.stderr()
+    err = diagnose(engine.stderr().splitlines())
+    assert err is not None and err.code == code
+
+
+def test_ledger_holds_what_the_engine_really_uses(stub: StartStub, tmp_path: Path) -> None:
+    ledger = tmp_path / "gpu"
+    profiled = stub("a", *MEM, "--stub-ledger", str(ledger), "--gpu-memory-utilization", "0.4")
+    assert ledger_used_gib(ledger) == pytest.approx(3.2)  # profiling: the KV cache takes the rest
+    stub("b", *MEM, "--stub-ledger", str(ledger), "--kv-cache-memory-bytes", str(2**30),
+         "--gpu-memory-utilization", "0.4")  # the start-up check still asks for 3.2 GiB free
+    assert ledger_used_gib(ledger) == pytest.approx(3.2 + 1.85 + 1.0)  # exactly its parts
+    profiled.proc.send_signal(signal.SIGTERM)
+    assert profiled.wait_exit(timeout=5) == 0
+    assert ledger_used_gib(ledger) == pytest.approx(2.85)
 
 
 def test_ledger_readers_skip_dead_pids_and_keep_idents(tmp_path: Path) -> None:

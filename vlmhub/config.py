@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,11 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from vlmhub.locate import ConfigError, Locator, explain, load_yaml
+from vlmhub.budgets import BudgetStore, key_for
+from vlmhub.locate import ConfigError, Loc, Locator, explain, load_yaml
 from vlmhub.spec import ModelSpec, Strict
-from vlmhub.vram import Budget, DoesNotFit, Gpu, check_fits_alone
+from vlmhub.together import GroupPlan, MeasureFn, fit_together
+from vlmhub.vram import Budget, DoesNotFit, Gpu, Measured, check_fits_alone
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_CONFIG = PACKAGE_DIR / "examples" / "demo.yaml"
@@ -109,6 +112,9 @@ class ModelEntry(Strict):
     """The longest a request waits before its model's swap is forced (default: derived)."""
     enabled: bool = True
     env: dict[str, str] = Field(default_factory=dict)
+    fit_with: list[str] = Field(
+        default_factory=list, description="Models that must be resident with this one."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelEntry:
@@ -124,6 +130,9 @@ class Config(Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+    together: list[list[str]] = Field(
+        default_factory=list, description="Groups of models planned to be resident at once."
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,8 @@ class ResolvedModel:
     spec: ModelSpec | None
     budget: Budget | None
     source: str
+    group: GroupPlan | None = None
+    """The ``together`` group this model is planned in (its caps and the trade-off)."""
 
     @property
     def external(self) -> bool:
@@ -210,13 +221,24 @@ def resolve(
     *,
     only: list[str] | None = None,
     check_fit: bool = True,
+    measured: BudgetStore | None = None,
 ) -> list[ResolvedModel]:
-    """Join the file with the plugins. All problems are collected, then raised together."""
+    """Join the file with the plugins. All problems are collected, then raised together.
+    Budgets use what ``measured`` recorded for a model where it has a measurement; models in
+    a ``together`` group get the caps that make the group fit (see :mod:`vlmhub.together`)."""
     config, loc = loaded.config, loaded.locator
     problems: list[str] = []
     out: list[ResolvedModel] = []
+    groups = together_groups(config)
+    wanted = None if only is None else set(only).union(*(g for g in groups if g & set(only)))
+
+    def measure(spec: ModelSpec) -> Measured | None:
+        if measured is None:
+            return None
+        return measured.lookup(key_for(spec, gpu, config.runtime.vllm_version))
+
     for name, entry in config.models.items():
-        if not entry.enabled or (only is not None and name not in only):
+        if not entry.enabled or (wanted is not None and name not in wanted):
             continue
         where = ("models", name)
         if entry.url is not None:
@@ -249,7 +271,9 @@ def resolve(
             spec = spec.with_overrides(
                 max_model_len=entry.max_model_len, max_num_seqs=entry.max_num_seqs
             )
-            budget = check_fits_alone(spec, gpu, entry.budget_gib) if check_fit else None
+            budget = (
+                check_fits_alone(spec, gpu, entry.budget_gib, measure(spec)) if check_fit else None
+            )
         except ConfigError as exc:
             problems += exc.problems
             continue
@@ -262,9 +286,63 @@ def resolve(
             continue
         out.append(ResolvedModel(name, entry, spec, budget, source))
     problems += _check_names(out, loc)
+    if check_fit and not problems:
+        out, problems = _fit_groups(out, config, groups, gpu, measure, loc)
     if problems:
         raise ConfigError(problems)
-    return out
+    return [m for m in out if only is None or m.name in only]
+
+
+def together_groups(config: Config) -> list[frozenset[str]]:
+    """The models that must be resident at once: every ``together`` entry and every model
+    with its ``fit_with``; groups that share a model are one group."""
+    merged: list[set[str]] = []
+    raw = [*config.together, *([n, *e.fit_with] for n, e in config.models.items() if e.fit_with)]
+    for group in raw:
+        joined = set(group)
+        for other in [m for m in merged if m & joined]:
+            joined |= other
+            merged.remove(other)
+        merged.append(joined)
+    return [frozenset(g) for g in merged if len(g) > 1]
+
+
+def _fit_groups(
+    models: list[ResolvedModel],
+    config: Config,
+    groups: list[frozenset[str]],
+    gpu: Gpu,
+    measure: MeasureFn,
+    loc: Locator,
+) -> tuple[list[ResolvedModel], list[str]]:
+    """Plan each group with :func:`~vlmhub.together.fit_together`; models get its caps."""
+    problems: list[str] = []
+    by_name = {m.name: m for m in models}
+    for group in groups:
+        where: Loc = _group_loc(config, group)
+        unknown = sorted(n for n in group if n not in config.models)
+        if unknown:
+            problems.append(loc.error(where, f"no model named {', '.join(unknown)} in `models:`",
+                                      "list only models defined under `models:`"))  # fmt: skip
+            continue
+        members = [by_name[n] for n in sorted(group) if n in by_name and by_name[n].spec]
+        plan = fit_together([m.spec for m in members if m.spec is not None], gpu, measure)
+        if not plan.fits:
+            problems.append(loc.error(where, plan.summary()))
+            continue
+        for member, m in zip(plan.members, members, strict=True):
+            by_name[m.name] = dataclasses.replace(
+                m, spec=member.spec, budget=member.budget, group=plan
+            )
+    return [by_name[m.name] for m in models], problems
+
+
+def _group_loc(config: Config, group: frozenset[str]) -> Loc:
+    for i, listed in enumerate(config.together):
+        if set(listed) <= group:
+            return ("together", i)
+    name = next(n for n, e in config.models.items() if e.fit_with and n in group)
+    return ("models", name, "fit_with")
 
 
 def _check_names(models: list[ResolvedModel], loc: Locator) -> list[str]:

@@ -171,8 +171,37 @@ _FACT_PATTERNS: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = tuple(
          "cuda_graph_seconds cuda_graph_gib"),
         (rf"init engine \(profile, create kv cache, warmup model\) took {_NUM} ?s",
          "init_engine_seconds"),
+        # Memory lines (see MEMORY_FACTS). vLLM >= 0.11 on a GPU, after warm-up, in one line:
+        # "Free memory on device (F/T GiB) on startup. Desired GPU memory utilization is
+        # (U, R GiB). Actual usage is C GiB for consumed memory (weights + non-torch), A GiB
+        # for peak activation, and G GiB for CUDAGraph memory. ..." Older releases said
+        # "X GiB for weight, A GiB for peak activation, N GiB for non-torch memory, and ...".
+        (rf"Free memory on device \({_NUM}/{_NUM} GiB\) on startup\. Desired GPU memory "
+         rf"utilization is \({_NUM}, {_NUM} GiB\)",
+         "start_free_gib gpu_total_gib requested_utilization requested_gib"),
+        (rf"Actual usage.*?{_NUM} ?GiB for consumed memory", "consumed_gib"),
+        (rf"Actual usage.*?{_NUM} ?GiB for weights?\b", "weights_gib"),
+        (rf"Actual usage.*?{_NUM} ?GiB for peak activation", "peak_activation_gib"),
+        (rf"Actual usage.*?{_NUM} ?GiB for non-torch memory", "non_torch_gib"),
+        (rf"Actual usage.*?{_NUM} ?GiB for CUDAGraph memory", "cuda_graph_gib"),
+        (rf"CUDA graph pool memory: {_NUM} ?GiB \(actual\), {_NUM} ?GiB \(estimated\)",
+         "cuda_graph_gib cuda_graph_estimate_gib"),
+        (rf"Estimated CUDA graph memory: {_NUM} ?GiB", "cuda_graph_estimate_gib"),
+        # --kv-cache-memory-bytes skips profiling and says so:
+        (rf"Initial free memory {_NUM} ?GiB, reserved {_NUM} ?GiB memory for KV Cache",
+         "start_free_gib kv_cache_gib"),
+        # vLLM on a CPU has no memory profiling; the weights show as the checkpoint size.
+        (rf"Checkpoint size: {_NUM} ?GiB", "checkpoint_gib"),
+        (rf"Checkpoint size: .*Available RAM: {_NUM} ?GiB", "available_ram_gib"),
     )
 )
+MEMORY_FACTS: tuple[str, ...] = (
+    "model_load_gib", "checkpoint_gib", "consumed_gib", "weights_gib", "peak_activation_gib",
+    "non_torch_gib", "cuda_graph_gib", "cuda_graph_estimate_gib", "kv_cache_gib",
+    "kv_cache_tokens", "start_free_gib", "gpu_total_gib", "requested_utilization",
+    "requested_gib",
+)
+"""The facts :mod:`vlmhub.budgets` records: what one engine start measured (GiB, tokens)."""
 # fmt: on
 
 
@@ -226,6 +255,10 @@ def _invalid_argument(m: re.Match[str], line: str) -> KnownError:
 def _max_len(m: re.Match[str], line: str) -> KnownError:
     est = re.search(r"estimated maximum model length is ([\d,]+)", line)
     found = est.group(1) if est else m.group(2) or m.group(5)
+    sizes = re.search(rf"\({_NUM} GiB KV cache is needed, .*?available KV cache memory \({_NUM}"
+                      r" GiB\)", line)  # fmt: skip
+    details = {"needed_gib": float(sizes.group(1)), "available_gib": float(sizes.group(2))} if (
+        sizes) else {}  # fmt: skip
     suggested = _int(found) if found else None
     if m.group(4):
         summary = f"--max-model-len {m.group(4)} is longer than the model allows ({found})."
@@ -235,7 +268,9 @@ def _max_len(m: re.Match[str], line: str) -> KnownError:
         summary += f"; it fits about {suggested} tokens." if suggested else "."
     fix = f"Set --max-model-len {suggested} (or lower)" if suggested else "Lower --max-model-len"
     fix += ", or give the engine more memory."
-    return KnownError("max_model_len", summary, fix, line, suggested_max_model_len=suggested)
+    return KnownError(
+        "max_model_len", summary, fix, line, suggested_max_model_len=suggested, details=details
+    )
 
 
 @_rule(

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 GIB = 1024**3
 KIB = 1024
+DEFAULT_MIN_MODEL_LEN = 2048
+"""The lowest max_model_len a planner picks for a model that declares no floor nor vision."""
 
 Capability = Literal["chat", "completion", "vision", "ocr", "embedding"]
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[a-z0-9][a-z0-9._-]*)?$")
@@ -99,6 +101,12 @@ class VramModel(Strict):
     sleep_residual_gib: float = Field(
         default=1.25, ge=0, description="What a sleeping instance keeps on the GPU."
     )
+    vision_activation_gib: float = Field(
+        default=0.0,
+        ge=0,
+        description="The part of activation_gib that is the vision encoder's profile run at "
+        "vision.max_pixels (vLLM profiles the largest image); it scales with the pixel cap.",
+    )
 
     @model_validator(mode="after")
     def _kv_known(self) -> VramModel:
@@ -106,6 +114,8 @@ class VramModel(Strict):
             raise ValueError(
                 "give kv_bytes_per_token, or all of layers, kv_heads and head_dim to derive it"
             )
+        if self.vision_activation_gib > self.activation_gib:
+            raise ValueError("vision_activation_gib is a part of activation_gib: make it smaller")
         return self
 
     @property
@@ -133,6 +143,17 @@ class VllmOptions(Strict):
     async_scheduling: bool = False
     enable_log_requests: bool | None = None
     extra_args: list[str] = Field(default_factory=list)
+
+
+class Floors(Strict):
+    """How far a planner may lower this model's settings to fit it beside others
+    (``together`` in models.yaml). ``max_model_len`` None means: what ``vision`` needs for
+    one full input plus ``min_output_tokens`` (a full page of output for an OCR model), or
+    2,048 tokens without ``vision``; ``max_pixels`` None means the image cap is not lowered."""
+
+    max_num_seqs: int = Field(default=1, ge=1)
+    max_model_len: int | None = Field(default=None, gt=0)
+    max_pixels: int | None = Field(default=None, gt=0)
 
 
 class Variant(Strict):
@@ -173,6 +194,7 @@ class ModelSpec(Strict):
     default_preset: str | None = None
     variants: dict[str, Variant] = Field(default_factory=dict)
     variant: str | None = Field(default=None, description="Set when this spec is a variant.")
+    floors: Floors = Field(default_factory=Floors)
 
     @field_validator("name")
     @classmethod
@@ -241,6 +263,51 @@ class ModelSpec(Strict):
             return self
         data = self.model_dump()
         data["options"] = {**data["options"], **changed}
+        return type(self).model_validate(data)
+
+    @property
+    def max_pixels(self) -> int | None:
+        """The image cap the engine profiles with (``vision.max_pixels``), if declared."""
+        return self.vision.max_pixels if self.vision is not None else None
+
+    def min_model_len_at(self, max_pixels: int | None) -> int:
+        """The smallest max_model_len allowed with images capped at ``max_pixels``."""
+        need = self.floors.max_model_len or (1 if self.vision else DEFAULT_MIN_MODEL_LEN)
+        if self.vision is not None:
+            v = self.vision
+            pixels = max_pixels or v.max_pixels
+            need = max(need, v.max_images * -(-pixels // v.patch_factor**2) + v.min_output_tokens)
+        return need
+
+    def with_caps(
+        self,
+        *,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
+        max_pixels: int | None = None,
+    ) -> ModelSpec:
+        """This spec with lower engine settings (``None`` keeps one). A pixel cap also goes to
+        ``mm_processor_kwargs`` and scales ``vision_activation_gib`` (and so the activation
+        estimate) with the pixels, since vLLM profiles the largest image allowed."""
+        data = self.model_dump()
+        options = data["options"]
+        if max_num_seqs is not None:
+            options["max_num_seqs"] = max_num_seqs
+        if max_model_len is not None:
+            options["max_model_len"] = max_model_len
+        if max_pixels is not None and self.vision is not None:
+            old = self.vision.max_pixels
+            data["vision"]["max_pixels"] = max_pixels
+            kwargs = dict(options.get("mm_processor_kwargs") or {})
+            kwargs["max_pixels"] = max_pixels
+            if "min_pixels" in kwargs:
+                kwargs["min_pixels"] = min(kwargs["min_pixels"], max_pixels)
+            options["mm_processor_kwargs"] = kwargs
+            vram = data["vram"]
+            scaled = vram["vision_activation_gib"] * max_pixels / old
+            vram["activation_gib"] = max(vram["activation_gib"] - vram["vision_activation_gib"]
+                                         + scaled, 0.0)
+            vram["vision_activation_gib"] = min(scaled, vram["activation_gib"])
         return type(self).model_validate(data)
 
     def spec_hash(self) -> str:

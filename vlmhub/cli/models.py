@@ -1,4 +1,9 @@
-"""``vlmhub models``, ``vlmhub plan`` and ``vlmhub config check``: read-only, no engine touched."""
+"""``vlmhub models``, ``vlmhub plan`` and ``vlmhub config check``: read-only, no engine touched.
+
+Budgets say where they come from: "measured YYYY-MM-DD" (what vLLM reported at a start, kept
+by :mod:`vlmhub.budgets`) or "estimated" (the plugin's figures). ``plan`` also shows each
+``together`` group's trade-off: the caps chosen beside the default settings.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,14 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from vlmhub.budgets import key_for
+from vlmhub.cli.budgets import resolve_measured, store
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, user_errors
-from vlmhub.config import find_config
+from vlmhub.config import ResolvedModel, find_config
 from vlmhub.flags import redact, render_argv
+from vlmhub.locate import ConfigError
+from vlmhub.spec import ModelSpec
+from vlmhub.together import GroupPlan
 from vlmhub.vram import Budget, Gpu, budget_for, fitting_sets
 
 config_app = typer.Typer(help="Check models.yaml.", no_args_is_help=True)
@@ -39,11 +49,11 @@ def models(config: Path | None = ConfigOption) -> None:
                 )
                 continue
             spec = info.spec
-            b = budget_for(spec)
+            b = _plugin_budget(ctx, spec)
             table.add_row(
                 name,
                 info.source,
-                f"{b.footprint_gib:.2f} GiB",
+                f"{b.footprint_gib:.2f} GiB ({b.label})",
                 str(spec.options.max_model_len),
                 spec.image,
                 ", ".join(spec.variants) or "-",
@@ -54,11 +64,20 @@ def models(config: Path | None = ConfigOption) -> None:
             raise typer.Exit(1)
 
 
+def _plugin_budget(ctx: Context, spec: ModelSpec) -> Budget:
+    """The plugin's budget at its own settings, measured on this GPU if it ever was."""
+    try:
+        gpu, version = ctx.gpu, ctx.loaded.config.runtime.vllm_version
+    except ConfigError:  # a broken models.yaml must not hide the plugin list
+        return budget_for(spec)
+    return budget_for(spec, None, store().lookup(key_for(spec, gpu, version)))
+
+
 def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption) -> None:
     """Each configured model's budget, its exact vLLM argv, and what fits together."""
     ctx = Context(config, gpu_gib)
     with user_errors():
-        gpu, resolved = ctx.gpu, ctx.models()
+        gpu, resolved = ctx.gpu, resolve_measured(ctx)
         rc = ctx.loaded.config.runtime
         console.print(
             f"[bold]{gpu.name}[/]: {gpu.total_gib:.2f} GiB total ({gpu.source}), "
@@ -98,14 +117,39 @@ def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption) 
             )
             table.add_row(
                 m.name,
-                f"{b.footprint_gib:.2f} GiB",
+                f"{b.footprint_gib:.2f} GiB\n{b.label}",
                 f"{b.weights_gib:.2f} GiB",
                 f"{b.kv_cache_gib:.2f} GiB ({b.kv_tokens} tok)",
                 flags,
                 shlex.join(["vllm", "serve", *redact(argv)]),
             )
         console.print(table)
+        _groups(resolved)
         _gpu_bar(gpu, budgets)
+
+
+def _groups(resolved: list[ResolvedModel]) -> None:
+    """Each ``together`` group: the caps chosen beside the defaults, and the totals."""
+    plans: list[GroupPlan] = []
+    for m in resolved:
+        if m.group is not None and all(m.group is not p for p in plans):
+            plans.append(m.group)
+    for plan in plans:
+        console.print(f"\n[bold]Together[/]: {plan.summary()}", highlight=False)
+        table = Table(show_header=True)
+        for col in ("MODEL", "DEFAULT", "TOGETHER", "CAPS LOWERED"):
+            table.add_column(col, overflow="fold")
+        for member in plan.members:
+            d, c = member.default_caps, member.caps
+            table.add_row(
+                member.name,
+                f"{member.default_budget.footprint_gib:.2f} GiB (len {d.max_model_len}, "
+                f"seqs {d.max_num_seqs}" + (f", px {d.max_pixels})" if d.max_pixels else ")"),
+                f"{member.budget.footprint_gib:.2f} GiB (len {c.max_model_len}, "
+                f"seqs {c.max_num_seqs}" + (f", px {c.max_pixels})" if c.max_pixels else ")"),
+                ", ".join(member.lowered) or "none",
+            )
+        console.print(table)
 
 
 def _gpu_bar(gpu: Gpu, bs: list[Budget]) -> None:

@@ -1,6 +1,9 @@
 """``vlmhub serve MODEL``: start one engine, show its start-up phases, print how to call it,
 then follow its log until Ctrl-C (or return at once with ``--detach``).
 
+The engine's start-up memory lines are recorded as the model's measured budget (or, after a
+start that failed for memory, its estimate is raised): see :mod:`vlmhub.budgets`.
+
 Everything runs in one ``asyncio.run``. SIGINT and SIGTERM are caught by the event loop: during
 start-up they stop the engine and exit 130; while following the log they stop it gracefully
 and exit 0. An image pull runs in a background thread and shows a progress bar.
@@ -27,9 +30,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.spinner import Spinner
 from rich.text import Text
 
+from vlmhub.budgets import observe_start
 from vlmhub.cli import engines as engine_cmds
+from vlmhub.cli.budgets import resolve_measured, store
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, err_console, user_errors
 from vlmhub.config import ResolvedModel, RuntimeConfig
+from vlmhub.engine_log import LogParser
 from vlmhub.errors import EngineStartError, VlmhubError
 from vlmhub.flags import redact
 from vlmhub.launch import launch_request, make_runtime
@@ -232,7 +238,7 @@ async def _already_running(rt: Runtime, model: ResolvedModel, req_hash: str,
 async def run_serve(ctx: Context, name: str, kind: RuntimeKind | None, port: int | None,
                     detach: bool) -> int:
     """The whole ``serve`` command; returns the exit code."""
-    model = ctx.model(name)
+    model = resolve_measured(ctx, only=[ctx.model(name).name])[0]
     if model.spec is None:
         raise VlmhubError(f"{model.name} is an external endpoint ({model.entry.url}); "
                           "vlmhub does not launch it")
@@ -257,28 +263,30 @@ async def run_serve(ctx: Context, name: str, kind: RuntimeKind | None, port: int
         except Interrupted:
             err_console.print("interrupted during the image pull")
             return 130
-        return await _start_and_watch(rt, model, req, signals, detach)
+        return await _start_and_watch(rt, model, req, signals, detach, ctx)
     finally:
         signals.remove()
         await rt.close()
 
 
 async def _start_and_watch(rt: Runtime, model: ResolvedModel, req: LaunchRequest,
-                           signals: Signals, detach: bool) -> int:
+                           signals: Signals, detach: bool, ctx: Context) -> int:
     handle = await rt.start(req)
     view = PhaseView(model.name)
     t0 = time.monotonic()
+    parser = LogParser()
     try:
         with Live(view, console=console, refresh_per_second=8) if view.live else _Null():
             view.on_phase("starting", "")
             try:
                 await signals.guard(wait_ready(rt, handle, timeout_s=req.startup_timeout_s,
-                                               on_phase=view.on_phase))
+                                               on_phase=view.on_phase, parser=parser))
             finally:
                 view.finish()
     except EngineStartError as exc:
         err_console.print(f"[bold red]{model.name} failed to start[/]", highlight=False)
         err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        _record(ctx, model, parser, exc)
         await rt.stop(handle, timeout_s=5.0)
         return 1
     except Interrupted:
@@ -286,9 +294,25 @@ async def _start_and_watch(rt: Runtime, model: ResolvedModel, req: LaunchRequest
         await rt.stop(handle)
         return 130
     print_ready(model, handle, time.monotonic() - t0, detach)
+    _record(ctx, model, parser, None)
     if detach:
         return 0
     return await _follow(rt, handle, signals)
+
+
+def _record(ctx: Context, model: ResolvedModel, parser: LogParser,
+            error: EngineStartError | None) -> None:
+    """Record the start's memory figures (or raise the estimate after a memory failure)."""
+    try:
+        seen = observe_start(store(), model, ctx.gpu, parser.facts, error is None, error,
+                             vllm_version=ctx.loaded.config.runtime.vllm_version)
+    except OSError as exc:  # an unwritable state dir must not fail the serve
+        err_console.print(f"[yellow]could not record the measured budget: {exc}[/]",
+                          highlight=False)
+        return
+    if seen.message:
+        out = console if seen.kind == "measured" else err_console
+        out.print(seen.message, markup=False, highlight=False, soft_wrap=True)
 
 
 async def _follow(rt: Runtime, handle: EngineHandle, signals: Signals) -> int:

@@ -139,14 +139,17 @@ async def wait_ready(
     timeout_s: float,
     on_phase: PhaseCallback | None = None,
     poll_s: float = 0.25,
+    parser: LogParser | None = None,
 ) -> LogParser:
     """Block (asynchronously) until the engine is healthy; return the parsed start-up log.
 
     Follows the log to report phases, polls the health path (vLLM refuses connections while it
     loads), and raises :class:`EngineStartError` with the parsed vLLM reason if the engine
-    exits first, or :class:`EngineStartTimeout` after ``timeout_s``.
+    exits first, or :class:`EngineStartTimeout` after ``timeout_s``. ``parser.facts`` holds
+    the memory vLLM reported (see :data:`vlmhub.engine_log.MEMORY_FACTS`); pass your own
+    ``parser`` to read them after a failed start too (for :func:`vlmhub.budgets.observe_start`).
     """
-    parser = LogParser()
+    parser = parser if parser is not None else LogParser()
 
     async def pump() -> None:
         async for line in runtime.follow(handle):

@@ -6,6 +6,12 @@ made-up text whose first word is the served model name plus a colon. Knobs (``--
 or ``VLMHUB_STUB_*`` env vars; a flag wins) make it slow to start, fail at start-up with vLLM's
 real errors, crash mid-stream, or share a simulated GPU with other stubs through a ledger dir;
 ``VLMHUB_STUB_SLEEP_FAILS=1`` makes ``/sleep`` answer 500.
+With ``--stub-weights-gib`` it also simulates vLLM's memory accounting and prints vLLM's real
+memory lines with those figures (``--stub-activation-gib``, ``--stub-non-torch-gib``,
+``--stub-cuda-graph-gib``, ``--stub-kv-bytes-per-token``): without ``--kv-cache-memory-bytes``
+it "profiles" (the KV cache gets ``--gpu-memory-utilization`` x total less the rest, and a
+shortfall fails with vLLM's no-cache-blocks or max-model-len error); with it, the engine holds
+exactly its parts, and more than the simulated GPU has free is CUDA out of memory.
 Standard library only, imports nothing from vlmhub: it runs as ``python3 /app/stub_engine.py``
 in a bare Debian image as well as ``python -m vlmhub.testing.stub_engine``.
 """
@@ -69,7 +75,13 @@ KNOBS: tuple[tuple[str, str, type], ...] = (  # flag, env var, type
     ("--stub-token-delay", "VLMHUB_STUB_TOKEN_DELAY", float),
     ("--stub-gpu-total-gib", "VLMHUB_STUB_GPU_TOTAL_GIB", float),
     ("--stub-ledger", "VLMHUB_STUB_LEDGER", str),
+    ("--stub-weights-gib", "VLMHUB_STUB_WEIGHTS_GIB", float),
+    ("--stub-activation-gib", "VLMHUB_STUB_ACTIVATION_GIB", float),
+    ("--stub-non-torch-gib", "VLMHUB_STUB_NON_TORCH_GIB", float),
+    ("--stub-cuda-graph-gib", "VLMHUB_STUB_CUDA_GRAPH_GIB", float),
+    ("--stub-kv-bytes-per-token", "VLMHUB_STUB_KV_BYTES_PER_TOKEN", int),
 )
+DEFAULT_TOTAL_GIB = 24.0  # the simulated card when no --stub-gpu-total-gib is given
 # Unknown vLLM flags take one value, except these booleans (and --enable-*/--disable-*/--no-*).
 BOOL_FLAGS = {"--trust-remote-code", "--enforce-eager", "--async-scheduling", "--headless",
               "--skip-tokenizer-init", "--return-tokens-as-token-ids", "--allow-credentials"}
@@ -140,6 +152,7 @@ class Ledger:
         if ident:
             self.entry["ident"] = ident
         self.written = False
+        self.free_at_start = total
 
     def acquire(self) -> str | None:
         """vLLM's start-up free-memory check against the other engines, then write the entry.
@@ -151,6 +164,7 @@ class Ledger:
             fcntl.flock(lock, fcntl.LOCK_EX)  # check-and-write is atomic across stubs
             others = [e for e in read_ledger(self.dir) if e["file"] != self.path.name]
             free = max(0.0, self.total - sum(float(e.get("claim_gib", 0.0)) for e in others))
+            self.free_at_start = free
             if free < self.claim:
                 return FREE_MEMORY.format(free=free, total=self.total, util=self.util,
                                           claim=self.claim)
@@ -188,6 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--api-key", default=None)
     p.add_argument("--enable-sleep-mode", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true")
     for flag, _env, kind in KNOBS:
         p.add_argument(flag, type=kind, default=None)
     known = {s for a in p._actions for s in a.option_strings}
@@ -571,6 +586,80 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
 
+# ----------------------------------------------------------------------------- memory
+Step = tuple[float, str, str]  # (fraction of the start-up delay, source file, message)
+Failure = tuple[str, int, str, str]  # (file, line, function, error line) as in FAILURES
+
+
+def memory_startup(args: argparse.Namespace, ledger: Ledger | None,
+                   delay: float) -> tuple[list[Step], Failure | None]:
+    """vLLM's memory accounting on the simulated GPU, as log lines (and the failure, if any).
+
+    Profiling (no --kv-cache-memory-bytes): the KV cache gets U x total less weights,
+    activation, non-torch and CUDA graphs. With --kv-cache-memory-bytes the engine holds its
+    parts exactly, and CUDA runs out of memory when they exceed what was free at start.
+    """
+    total = float(args.stub_gpu_total_gib or DEFAULT_TOTAL_GIB)
+    util, length = args.gpu_memory_utilization, args.max_model_len
+    w, act = float(args.stub_weights_gib), float(args.stub_activation_gib or 0.0)
+    nt = 0.1 if args.stub_non_torch_gib is None else float(args.stub_non_torch_gib)
+    graphs = 0.0 if args.enforce_eager else float(args.stub_cuda_graph_gib or 0.0)
+    per_token = int(args.stub_kv_bytes_per_token or 131072)
+    requested, fixed = util * total, w + act + nt + graphs
+    free = ledger.free_at_start if ledger else total
+    steps: list[Step] = [
+        (0.05, "gpu_model_runner.py:2602", f"Starting to load model {args.model}..."),
+        (0.45, "default_loader.py:267", "Loading weights took 0.40 seconds"),
+        (0.55, "gpu_model_runner.py:5150",
+         f"Model loading took {w:.4f} GiB memory and {delay:.6f} seconds")]
+    if args.kv_cache_memory_bytes:
+        kv = args.kv_cache_memory_bytes / GIB
+        steps.append((0.7, "gpu_worker.py:669", (
+            f"Initial free memory {free:.2f} GiB, reserved {kv:.2f} GiB memory for KV Cache as "
+            "specified by kv_cache_memory_bytes config and skipped memory profiling. This does "
+            "not respect the gpu_memory_utilization config.")))
+        if fixed + kv > free + 1e-9:
+            return steps, ("worker/gpu_worker.py", 401, "initialize_from_config",
+                           f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                           f"{kv:.2f} GiB. GPU 0 has a total capacity of {total:.2f} GiB of which "
+                           f"{max(free - fixed, 0.0):.2f} GiB is free.")
+        claim = fixed + kv
+    else:
+        kv = requested - fixed
+        steps += [(0.7, "gpu_worker.py:298", "Memory profiling takes 0.10 seconds"),
+                  (0.75, "gpu_worker.py:760", f"Available KV cache memory: {kv:.2f} GiB")]
+        if kv <= 0:
+            return steps, FAILURES["no-cache-blocks"]
+        if kv * GIB < length * per_token:
+            need, most = length * per_token / GIB, int(kv * GIB // per_token) // 16 * 16
+            return steps, ("core/kv_cache_utils.py", 1027, "_check_enough_kv_cache_memory", (
+                f"ValueError: To serve at least one request with the model's max seq len "
+                f"({length}), ({need:.2f} GiB KV cache is needed, which is larger than the "
+                f"available KV cache memory ({kv:.2f} GiB). Based on the available memory, the "
+                f"estimated maximum model length is {most}. Try increasing "
+                "`gpu_memory_utilization` or decreasing `max_model_len` when initializing the "
+                "engine."))
+        claim = requested
+    tokens = int(kv * GIB // per_token) // 16 * 16
+    steps.append((0.85, "kv_cache_utils.py:2328", (
+        f"GPU KV cache size: {tokens:,} tokens, Maximum concurrency for {length:,} tokens per "
+        f"request: {tokens / length:.2f}x")))
+    if graphs:
+        steps.append((0.9, "gpu_model_runner.py:6582",
+                      f"Graph capturing finished in 1 secs, took {graphs:.2f} GiB"))
+    if not args.kv_cache_memory_bytes:
+        steps.append((0.95, "gpu_worker.py:1034", (
+            f"Free memory on device ({free:.2f}/{total:.2f} GiB) on startup. Desired GPU memory "
+            f"utilization is ({util}, {requested:.2f} GiB). Actual usage is {w + nt:.2f} GiB "
+            f"for consumed memory (weights + non-torch), {act:.2f} GiB for peak activation, "
+            f"and {graphs:.2f} GiB for CUDAGraph memory. Current kv cache memory in use is "
+            f"{kv:.2f} GiB.")))
+    if ledger:  # the engine now holds what it really uses
+        ledger.claim = claim
+        ledger.write(sleeping=False)
+    return steps, None
+
+
 # ----------------------------------------------------------------------------- main
 def fail(src: str, line_no: int, func: str, error: str) -> int:
     """Print vLLM's start-up failure (ERROR line, then a traceback on stderr); exit code 1."""
@@ -613,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
         kv_gib = max(0.1, args.gpu_memory_utilization * args.stub_gpu_total_gib - 1.6)
     reason = args.stub_fail_at_startup
     fail_at = 0.3 if reason == "free-memory" else 0.75
+    if args.stub_weights_gib is not None and not reason:
+        steps, oom = memory_startup(args, ledger, delay)
+        return run_steps(args, ledger, steps, oom and (steps[-1][0] + 0.05, oom), delay)
     steps = [
         (0.05, "gpu_model_runner.py:2602", f"Starting to load model {args.model}..."),
         (0.45, "default_loader.py:267", "Loading weights took 0.40 seconds"),
@@ -622,15 +714,26 @@ def main(argv: list[str] | None = None) -> int:
         (0.9, "kv_cache_utils.py:1087", f"GPU KV cache size: {int(kv_gib * GIB / 131072)} tokens"),
         (1.0, "", ""),
     ]
+    failure: tuple[float, Failure] | None = None
+    if reason:
+        steps = [step for step in steps if step[0] <= fail_at]
+        failure = (fail_at, FAILURES.get(reason, ("engine/core.py", 83, "__init__",
+                                                  f"RuntimeError: {reason}")))
+    return run_steps(args, ledger, steps, failure, delay)
+
+
+def run_steps(args: argparse.Namespace, ledger: Ledger | None, steps: list[Step],
+              failure: tuple[float, Failure] | None, delay: float) -> int:
+    """Print the start-up lines at their times; then fail (at its time), or serve."""
     start = time.monotonic()
     for frac, src, msg in steps:
-        if reason and frac > fail_at:
-            time.sleep(max(0.0, start + fail_at * delay - time.monotonic()))
-            return fail(*FAILURES.get(reason, ("engine/core.py", 83, "__init__",
-                                               f"RuntimeError: {reason}")))
         time.sleep(max(0.0, start + frac * delay - time.monotonic()))
         if msg:
             log(msg, src)
+    if failure is not None:
+        time.sleep(max(0.0, start + failure[0] * delay - time.monotonic()))
+        return fail(*failure[1])
+    time.sleep(max(0.0, start + delay - time.monotonic()))
     try:  # bound only now: while "loading", connections are refused, as with vLLM
         server = StubServer((args.host, args.port), Stub(args, ledger))
     except OSError as exc:
