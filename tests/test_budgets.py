@@ -189,7 +189,7 @@ def test_a_memory_failure_raises_the_estimate_and_the_next_start_succeeds(
     env = {**REAL, "VLMHUB_STUB_ACTIVATION_GIB": "1.5"}
     first = model(tmp_path, store, env)
     _, parser, err = start(tmp_path, first)
-    assert isinstance(err, EngineStartError) and err.code == "max_model_len"
+    assert isinstance(err, EngineStartError) and err.code == "max_model_len", err
     seen = observe_start(store, first, GPU, parser.facts, False, err, now=NOW)
     assert seen.kind == "raised" and "raised its budget by 0.15 GiB" in seen.message
     assert seen.before is not None and seen.after is not None
@@ -210,7 +210,7 @@ def test_no_cache_blocks_raises_by_at_least_the_planned_kv_cache(tmp_path: Path)
     env = {**REAL, "VLMHUB_STUB_ACTIVATION_GIB": "2.0"}  # 3.3 GiB of fixed parts > U x total
     first = model(tmp_path, store, env)
     _, parser, err = start(tmp_path, first)
-    assert isinstance(err, EngineStartError) and err.code == "no_cache_blocks"
+    assert isinstance(err, EngineStartError) and err.code == "no_cache_blocks", err
     seen = observe_start(store, first, GPU, parser.facts, False, err, now=NOW)
     assert seen.after is not None and seen.after.raised_gib == pytest.approx(0.5 + 0.25)
     _, _, err2 = start(tmp_path, model(tmp_path, store, env))
@@ -226,7 +226,7 @@ def test_free_memory_failure_keeps_more_room_free_instead(tmp_path: Path) -> Non
     env = {**REAL, "VLMHUB_STUB_LEDGER": str(ledger)}
     first = model(tmp_path, store, env)
     _, parser, err = start(tmp_path, first)
-    assert isinstance(err, EngineStartError) and err.code == "free_memory"
+    assert isinstance(err, EngineStartError) and err.code == "free_memory", err
     seen = observe_start(store, first, GPU, parser.facts, False, err, now=NOW)
     assert seen.before is not None and seen.after is not None
     # 3.2 GiB requested, 2.0 free: 1.2 short (+0.1); the engine asks for the same fraction
