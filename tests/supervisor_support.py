@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from starlette.applications import Starlette
 
+from vlmhub.budgets import BudgetStore
 from vlmhub.config import load_config, resolve
 from vlmhub.registry import Registry
 from vlmhub.router.app import create_app
@@ -67,7 +68,7 @@ def model(weights: float, sleep_gib: float = 1.25, **entry: Any) -> dict[str, An
 def build(tmp_path: Path, models: dict[str, dict[str, Any]], *, total_gib: float = 8.0,
           delay: float = 0.3, router: dict[str, Any] | None = None,
           stub_env: dict[str, str] | None = None, ledger: bool = True,
-          docker_prefix: str | None = None,
+          docker_prefix: str | None = None, budgets: BudgetStore | None = None,
           ) -> tuple[Supervisor, Recorder, Path]:
     """A supervisor whose stand-in engines share a simulated GPU ledger of ``total_gib``:
     an engine that would over-commit it fails at start-up with vLLM's free-memory error.
@@ -105,14 +106,15 @@ def build(tmp_path: Path, models: dict[str, dict[str, Any]], *, total_gib: float
     path.write_text(yaml.safe_dump(cfg))
     loaded = load_config(path)
     gpu = Gpu(total_gib, 0, None, "test", "config")
-    resolved = resolve(loaded, Registry().specs(), gpu)
+    resolved = resolve(loaded, Registry().specs(), gpu, measured=budgets)
     rt: Runtime
     if docker_prefix is None:
         rt = ProcessRuntime(loaded.config.runtime, state_dir=tmp_path / "state")
     else:
         rt = DockerRuntime(loaded.config.runtime)
     rec = Recorder()
-    sup = Supervisor(resolved, loaded.config, gpu, rt, observer=rec, tick_s=0.05)
+    sup = Supervisor(resolved, loaded.config, gpu, rt, observer=rec, tick_s=0.05,
+                     budgets=budgets)
     return sup, rec, ledger_dir
 
 

@@ -203,3 +203,17 @@ def test_ttl_expiry() -> None:
 def test_restart_backoff() -> None:
     assert [restart_delay(n, 2.0) for n in range(6)] == [0, 0, 2, 4, 8, 16]
     assert restart_delay(20, 2.0, cap_s=60) == 60
+
+
+def test_a_together_group_is_kept_resident_together() -> None:
+    """A member of the target's group is never evicted for it; outsiders go first."""
+    views = [
+        rv("a", "ready", 3, group="a,b", last_used=1.0),
+        rv("x", "ready", 3, last_used=900.0),
+        rv("b", "stopped", 3, group="a,b"),
+    ]
+    p = plan("b", views, 7, NOW)  # a is idler than x, but it is b's partner
+    assert p == Plan("start", "b", (Evict("x", "stop"),))
+    # without the group, the idlest model (a) would have gone
+    plain = [rv("a", "ready", 3, last_used=1.0), views[1], rv("b", "stopped", 3)]
+    assert plan("b", plain, 7, NOW) == Plan("start", "b", (Evict("a", "stop"),))

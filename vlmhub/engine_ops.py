@@ -87,7 +87,7 @@ class EngineOps:
         r.state, r.phase, r.last_error = "starting", "starting", None
         began = time.monotonic()
         handle: EngineHandle | None = None
-        parser: LogParser | None = None
+        parser = LogParser()  # read even when the start fails: a memory error's figures
         try:
             port, _ = pick_port(None, self.config.runtime.port_range, taken_ports)
             req = launch_request(
@@ -98,8 +98,9 @@ class EngineOps:
             def on_phase(phase: str, _line: str) -> None:
                 r.phase = phase
 
-            parser = await wait_ready(
-                self.runtime, handle, timeout_s=r.model.spec.startup_timeout_s, on_phase=on_phase
+            await wait_ready(
+                self.runtime, handle, timeout_s=r.model.spec.startup_timeout_s,
+                on_phase=on_phase, parser=parser,
             )
         except (VlmhubError, OSError) as exc:
             err = exc if isinstance(exc, VlmhubError) else None

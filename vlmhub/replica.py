@@ -183,6 +183,8 @@ class Replica:
     priority: str = "interactive"
     """The class of the latest request leased on it (the policy protects interactive work)."""
     waiting_reason: str | None = None
+    budget_note: str | None = None
+    """What the last start taught the budgets file ("measured ...", "raised ...")."""
     healthy_at: float = 0.0
     """When the engine last answered its health path (monotonic)."""
     leases: dict[int, Lease] = field(default_factory=dict)

@@ -14,7 +14,8 @@ Eviction order (see docs/scheduling.md):
 3. least recently used as the tie-break, then the name;
 and victims that turn out not to be needed are kept (most valuable first), so one large
 eviction beats two small ones.
-Pinned and external replicas are never victims; a sleep-capable victim is put to sleep
+Pinned and external replicas are never victims, nor a member of the target's ``together``
+group (the group was sized to fit together); a sleep-capable victim is put to sleep
 (keeping ``sleep_gib``) unless that does not free enough, in which case it is stopped.
 """
 
@@ -50,6 +51,9 @@ class ReplicaView:
     """When it last became ready (the policy's hold after a costly load)."""
     priority: str = "interactive"
     """The class of its latest work: ``interactive`` or ``batch`` (see :mod:`vlmhub.policy`)."""
+    group: str | None = None
+    """Its ``together`` group: planned to fit with the others, never evicted to make room for
+    one of them (docs/vram.md)."""
 
     @property
     def held_gib(self) -> float:
@@ -136,6 +140,7 @@ def plan(target: str, replicas: Sequence[ReplicaView], usable_gib: float, now: f
             and not r.pinned
             and not r.external
             and r.state in ("ready", "sleeping")
+            and (t.group is None or r.group != t.group)
         ],
         now,
     )

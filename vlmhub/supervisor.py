@@ -28,7 +28,9 @@ from typing import Any
 import httpx
 
 from vlmhub import policy, scheduler
+from vlmhub.budgets import BudgetStore, observe_start
 from vlmhub.config import Config, ResolvedModel
+from vlmhub.engine_log import LogParser
 from vlmhub.engine_ops import EngineOps, StartHook
 from vlmhub.errors import VlmhubError
 from vlmhub.flags import engine_version
@@ -67,6 +69,7 @@ class Supervisor:
         observer: Observer | None = None,
         tick_s: float = 0.5,
         on_start: StartHook | None = None,
+        budgets: BudgetStore | None = None,
     ) -> None:
         self.config, self.gpu, self.runtime = config, gpu, runtime
         self.rc = config.router
@@ -89,9 +92,12 @@ class Supervisor:
         self._tasks: list[asyncio.Task[None]] = []
         self._tick_s = tick_s
         self._http = httpx.AsyncClient(timeout=10.0)
+        self.budgets = budgets
+        """Where engine starts record what they measured (vlmhub.budgets); None: nowhere."""
+        self._on_start = on_start
         self.ops = EngineOps(
             config, gpu, runtime, self._http, self.observer,
-            fail_waiters=self._fail_waiters, on_start=on_start,
+            fail_waiters=self._fail_waiters, on_start=self._started,
         )
         self._closing = False
         self.params = policy_params(config, models)
@@ -272,6 +278,7 @@ class Supervisor:
                 draining=r.draining,
                 loaded_at=r.loaded_at,
                 priority=r.priority,
+                group=",".join(r.model.group.names) if r.model.group else None,
             )
             for r in self.replicas.values()
         ]
@@ -372,6 +379,21 @@ class Supervisor:
             r.healthy_at = time.monotonic()
             return
         self._engine_failed(r, reason)
+
+    def _started(self, r: Replica, parser: LogParser | None, err: VlmhubError | None) -> None:
+        """After every start attempt (inside the operation): record the memory the engine
+        reported, or raise the estimate of one that failed for memory. The next start of ``r``
+        plans with the new budget. Blocks briefly on the budgets file."""
+        if self.budgets is not None and not r.model.external:
+            obs = observe_start(
+                self.budgets, r.model, self.gpu, parser.facts if parser else {}, err is None,
+                err, vllm_version=self.config.runtime.vllm_version,
+            )
+            if obs.kind != "none":
+                r.model = obs.model
+                r.budget_note = obs.message
+        if self._on_start is not None:
+            self._on_start(r, parser, err)
 
     def _engine_failed(self, r: Replica, reason: str) -> None:
         """A ready engine is dead or hung: no new lease, revoke the running ones, queue its

@@ -22,8 +22,9 @@ from typing import Annotated, Literal
 import typer
 from rich.table import Table
 
+from vlmhub.budgets import BudgetStore
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, err_console, user_errors
-from vlmhub.config import Config, api_keys
+from vlmhub.config import Config, api_keys, resolve
 from vlmhub.launch import make_runtime
 from vlmhub.replica import ReplicaInfo
 from vlmhub.router.app import create_app
@@ -87,7 +88,8 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
 
     config = ctx.loaded.config
     rc = config.router
-    models = ctx.models()
+    budgets = BudgetStore(state / "budgets.json")  # this router's state dir owns it
+    models = resolve(ctx.loaded, ctx.registry.specs(), ctx.gpu, measured=budgets)
     gpu = ctx.gpu
     if not is_loopback(host) and host != "localhost" and not api_keys(config):
         err_console.print(f"[yellow]Warning:[/] listening on {host} without router.api_keys: "
@@ -101,7 +103,7 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
         runtime = make_runtime(config, kind)
         if isinstance(runtime, ProcessRuntime):
             runtime.state_dir = state
-        supervisor = Supervisor(models, config, gpu, runtime, observer=metrics)
+        supervisor = Supervisor(models, config, gpu, runtime, observer=metrics, budgets=budgets)
         app = create_app(supervisor, config, metrics=metrics)
         sup = supervisor
 

@@ -1,0 +1,79 @@
+"""Measured budgets through the real supervisor (issue 8): the router's first start of a
+stand-in model records what its log reported, and the next start plans and launches with it;
+a start that fails for memory raises the estimate and the next start succeeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from supervisor_support import build
+
+from vlmhub.budgets import BudgetStore
+from vlmhub.replica import LoadFailed
+
+SPEC: dict[str, Any] = {
+    "hf_repo": "stub/m", "image": "vlmhub/stub-engine:dev", "vllm_version": "0.32.0",
+    "startup_timeout_s": 30, "reload_cost_s": 1,
+    "options": {"max_model_len": 4096, "max_num_seqs": 4, "enforce_eager": True},
+    "vram": {"weights_gib": 2.0, "activation_gib": 0.5, "non_torch_gib": 0.2,
+             "kv_bytes_per_token": 131072, "cuda_context_gib": 0.5},
+}  # fmt: skip
+MEASURED = {"VLMHUB_STUB_WEIGHTS_GIB": "1.2", "VLMHUB_STUB_ACTIVATION_GIB": "0.3",
+            "VLMHUB_STUB_NON_TORCH_GIB": "0.1", "VLMHUB_STUB_KV_BYTES_PER_TOKEN": "131072"}
+
+
+def engine_argv(tmp_path: Path) -> list[str]:
+    (state,) = (tmp_path / "state" / "process").glob("*.json")
+    argv: list[str] = json.loads(state.read_text())["argv"]
+    return argv
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+async def test_the_routers_second_start_uses_the_measured_budget(tmp_path: Path) -> None:
+    store = BudgetStore(tmp_path / "budgets.json")
+    sup, _, _ = build(tmp_path, {"m": {"spec": SPEC, "env": MEASURED}}, budgets=store)
+    await sup.start()
+    try:
+        assert sup.snapshot()[0].budget_gib == pytest.approx(3.7)  # the estimate
+        sup.release(await sup.acquire("m"))
+        assert flag(engine_argv(tmp_path), "--kv-cache-memory-bytes") is None  # vLLM profiles
+        r = sup.replicas["m"]
+        assert r.budget_note and "measured" in r.budget_note
+        assert r.model.budget is not None and r.model.budget.source.startswith("measured")
+        assert len(store.entries()) == 1
+        measured = sup.snapshot()[0].budget_gib
+        assert measured == pytest.approx(2.7, rel=1e-2)  # 1.6 measured + margin + KV + context
+        await sup.unload("m")
+        sup.release(await sup.acquire("m"))
+        argv = engine_argv(tmp_path)
+        assert flag(argv, "--gpu-memory-utilization") == "0.275"  # 2.2 GiB of 8, not 3.2
+        assert flag(argv, "--kv-cache-memory-bytes") is not None
+    finally:
+        await sup.shutdown()
+
+
+async def test_a_memory_failure_in_the_router_raises_the_budget(tmp_path: Path) -> None:
+    store = BudgetStore(tmp_path / "budgets.json")
+    env = {**MEASURED, "VLMHUB_STUB_ACTIVATION_GIB": "1.5"}  # three times the estimate
+    sup, _, _ = build(
+        tmp_path, {"m": {"spec": SPEC, "env": env}}, budgets=store,
+        router={"restart_backoff_s": 0.1},
+    )
+    await sup.start()
+    try:
+        before = sup.snapshot()[0].budget_gib
+        with pytest.raises(LoadFailed):
+            await sup.acquire("m")
+        r = sup.replicas["m"]
+        assert r.budget_note and "raised" in r.budget_note
+        assert sup.snapshot()[0].budget_gib > before
+        sup.release(await sup.acquire("m"))  # the next start succeeds with the raised budget
+        assert sup.snapshot()[0].state == "ready"
+    finally:
+        await sup.shutdown()
