@@ -183,6 +183,8 @@ class Replica:
     priority: str = "interactive"
     """The class of the latest request leased on it (the policy protects interactive work)."""
     waiting_reason: str | None = None
+    retire: str | None = None
+    """Set by a config reload: ``removed`` or ``changed``; its engine is drained and stopped."""
     budget_note: str | None = None
     """What the last start taught the budgets file ("measured ...", "raised ...")."""
     healthy_at: float = 0.0

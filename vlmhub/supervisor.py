@@ -36,6 +36,7 @@ from vlmhub.errors import VlmhubError
 from vlmhub.flags import engine_version
 from vlmhub.health import engine_failure, external_alive
 from vlmhub.launch import engine_hash
+from vlmhub.reload import ModelDiff, diff_models
 from vlmhub.replica import (
     AcquireError,
     Lease,
@@ -74,18 +75,7 @@ class Supervisor:
         self.config, self.gpu, self.runtime = config, gpu, runtime
         self.rc = config.router
         self.observer: Observer = observer or NullObserver()
-        self.replicas: dict[str, Replica] = {}
-        for m in models:
-            r = Replica(m)
-            r.idle.set()
-            r.sleep_ok = bool(
-                m.entry.sleep
-                and m.spec is not None
-                and version_tuple(engine_version(m.spec)) >= version_tuple(m.spec.sleep_min_vllm)
-            )
-            if m.external:
-                r.state = "ready"
-            self.replicas[m.name] = r
+        self.replicas: dict[str, Replica] = {m.name: new_replica(m) for m in models}
         self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
         self._kick = asyncio.Event()
         self._op: asyncio.Task[Any] | None = None
@@ -169,7 +159,9 @@ class Supervisor:
         if lease.released:
             return
         lease.released = True
-        r = self.replicas[lease.model]
+        r = self.replicas.get(lease.model)
+        if r is None:  # a reload removed the model while this request ran
+            return
         r.leases.pop(id(lease), None)
         r.in_flight = max(r.in_flight - 1, 0)
         r.last_used = time.monotonic()
@@ -178,8 +170,8 @@ class Supervisor:
         self.kick()
 
     def report_failure(self, lease: Lease, reason: str) -> None:
-        r = self.replicas[lease.model]
-        if r.model.external or r.state != "ready" or r.handle is None:
+        r = self.replicas.get(lease.model)
+        if r is None or r.model.external or r.state != "ready" or r.handle is None:
             return
         if r.handle.base_url != lease.base_url:
             return  # the lease was on an engine that is already gone
@@ -298,6 +290,13 @@ class Supervisor:
             if r.state == "stopping":  # no operation runs, so nobody else is stopping it
                 self._op = asyncio.create_task(self._run(self.ops.stop_failed(r)))
                 return
+        for r in list(self.replicas.values()):  # models a reload removed or changed
+            if r.retire is None:
+                continue
+            if r.handle is not None and not r.model.external:
+                self._op = asyncio.create_task(self._run(self._retire(r)))
+                return
+            self._retired(r)
         demand = [
             policy.Demand(
                 r.name,
@@ -434,6 +433,48 @@ class Supervisor:
         taken = [x.handle.port for x in self.replicas.values() if x.handle is not None]
         await self.ops.start(r, taken)
 
+    # -- reload ---------------------------------------------------------------------------------
+    def reload(self, models: Sequence[ResolvedModel], config: Config) -> ModelDiff:
+        """Apply a new config (vlmhub.reload). Synchronous: added models appear and removed
+        ones disappear from routing at once; the stops they need (removed, or changed and
+        running) drain and run as operations. Unchanged models keep serving untouched."""
+        diff = diff_models({n: r.model for n, r in self.replicas.items()}, models)
+        fresh = {m.name: m for m in models}
+        for name in diff.removed:
+            r = self.replicas[name]
+            r.retire = "removed"
+            self._fail_waiters(r, UnknownModel(f"model {name!r} was removed from the config"))
+        for name in (*diff.changed, *diff.unchanged):
+            r = self.replicas[name]
+            r.model = fresh[name]
+            if name in diff.changed:
+                r.sleep_ok = sleep_ok(fresh[name])
+                r.retire = "changed" if r.handle is not None else None
+                if fresh[name].external:
+                    r.state, r.retire = "ready", None
+        order = [m.name for m in models] + list(diff.removed)
+        self.replicas = {
+            n: self.replicas[n] if n in self.replicas else new_replica(fresh[n]) for n in order
+        }
+        self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
+        self.config, self.rc = config, config.router
+        self.ops.config, self.ops.rc = config, config.router
+        self.params = policy_params(config, models)
+        self.kick()
+        return diff
+
+    async def _retire(self, r: Replica) -> None:
+        if await self.ops.evict(r, scheduler.Evict(r.name, "stop")):
+            self._retired(r)
+
+    def _retired(self, r: Replica) -> None:
+        if r.retire == "removed" and not r.in_flight:
+            self.replicas.pop(r.name, None)
+        elif r.retire == "changed":
+            r.retire = None
+            if r.state == "failed":
+                r.state, r.failures = "stopped", []
+
     async def _evict(self, v: Replica, ev: scheduler.Evict) -> bool:
         try:
             return await self.ops.evict(v, ev)
@@ -538,6 +579,23 @@ class Supervisor:
             restarts=r.restarts,
             waiting_reason=r.waiting_reason if r.waiters else None,
         )
+
+
+def sleep_ok(m: ResolvedModel) -> bool:
+    """Whether ``m``'s engine is started with sleep mode (asked for, and vLLM can)."""
+    return bool(
+        m.entry.sleep
+        and m.spec is not None
+        and version_tuple(engine_version(m.spec)) >= version_tuple(m.spec.sleep_min_vllm)
+    )
+
+
+def new_replica(m: ResolvedModel) -> Replica:
+    r = Replica(m, sleep_ok=sleep_ok(m))
+    r.idle.set()
+    if m.external:
+        r.state = "ready"
+    return r
 
 
 def policy_params(config: Config, models: Sequence[ResolvedModel]) -> policy.Params:

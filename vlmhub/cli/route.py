@@ -15,25 +15,34 @@ second router on the same state dir refuses at once, naming the first (pid, port
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import signal
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.table import Table
 
 from vlmhub.budgets import BudgetStore
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, err_console, user_errors
-from vlmhub.config import Config, api_keys, resolve
+from vlmhub.config import Config, api_keys, load_config, resolve
+from vlmhub.errors import VlmhubError
 from vlmhub.launch import make_runtime
+from vlmhub.locate import ConfigError
+from vlmhub.reload import ModelDiff
 from vlmhub.replica import ReplicaInfo
 from vlmhub.router.app import create_app
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.server import RouterServer
+from vlmhub.router.server import run as server_run
 from vlmhub.router.state import is_loopback
 from vlmhub.runtimes.owner import StateDirLock, lock_state_dir
 from vlmhub.runtimes.process import ProcessRuntime, default_state_dir
 from vlmhub.vram import Gpu
+
+if TYPE_CHECKING:
+    from vlmhub.supervisor import Supervisor
 
 RuntimeKind = Literal["docker", "process"]
 
@@ -66,8 +75,58 @@ def print_summary(url: str, config: Config, gpu: Gpu, models: list[ReplicaInfo])
     console.print(f"Ctrl-C drains requests in flight and {stop}.", highlight=False)
 
 
+class Reloader:
+    """Re-read models.yaml and apply it to the running supervisor: on SIGHUP, on
+    ``POST /api/reload`` and, with ``--watch``, when the file changes. Runs on the event loop;
+    the reload itself is synchronous (the engine stops it needs run as operations)."""
+
+    def __init__(self, ctx: Context, supervisor: Supervisor, budgets: BudgetStore) -> None:
+        self.ctx, self.supervisor, self.budgets = ctx, supervisor, budgets
+        self.path = ctx.loaded.path
+        self.mtime = self._mtime()
+
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def __call__(self) -> ModelDiff:
+        """Reload now. Raises ConfigError (located) for a bad file: nothing changes then."""
+        self.mtime = self._mtime()
+        try:
+            loaded = load_config(self.path)
+            models = resolve(
+                loaded, self.ctx.registry.specs(), self.ctx.gpu, measured=self.budgets
+            )
+        except (ConfigError, VlmhubError) as exc:
+            err_console.print(f"[red]Not reloaded[/] (the running config stays):\n{exc}",
+                              highlight=False)
+            raise
+        old = self.supervisor.config.router
+        diff = self.supervisor.reload(models, loaded.config)
+        err_console.print(f"Reloaded {self.path}: {diff.summary()}", highlight=False)
+        if (old.host, old.port) != (loaded.config.router.host, loaded.config.router.port):
+            err_console.print("Note: router.host and router.port take effect at the next "
+                              "start of `vlmhub route`.", highlight=False)
+        return diff
+
+    def safely(self) -> None:
+        """Reload, printing (not raising) a bad file's located error."""
+        with contextlib.suppress(ConfigError, VlmhubError):
+            self()
+
+    async def watch(self, every_s: float = 1.0) -> None:
+        """Reload whenever the file's mtime changes. Runs until cancelled."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self._mtime() != self.mtime:
+                self.safely()
+
+
 async def run_route(ctx: Context, host: str | None, port: int | None,
-                    kind: RuntimeKind | None, state_dir: Path | None = None) -> int:
+                    kind: RuntimeKind | None, state_dir: Path | None = None,
+                    watch: bool = False) -> int:
     """Take the state dir, build the supervisor and the router, serve until stopped, then
     shut down. Blocks (asynchronously) for the router's whole life."""
     config = ctx.loaded.config
@@ -77,13 +136,13 @@ async def run_route(ctx: Context, host: str | None, port: int | None,
     state = (state_dir or default_state_dir()).expanduser().resolve()
     lock = lock_state_dir(state, port=port, url=f"http://{host}:{port}")  # or StateDirBusy
     try:
-        return await _serve(ctx, host, port, kind, state, lock)
+        return await _serve(ctx, host, port, kind, state, lock, watch)
     finally:
         lock.release()
 
 
 async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, state: Path,
-                 lock: StateDirLock) -> int:
+                 lock: StateDirLock, watch: bool) -> int:
     from vlmhub.supervisor import Supervisor
 
     config = ctx.loaded.config
@@ -105,6 +164,8 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
             runtime.state_dir = state
         supervisor = Supervisor(models, config, gpu, runtime, observer=metrics, budgets=budgets)
         app = create_app(supervisor, config, metrics=metrics)
+        reloader = Reloader(ctx, supervisor, budgets)
+        app.state.reloader = reloader
         sup = supervisor
 
         def ready(bound: int) -> None:
@@ -126,11 +187,19 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
                               on_ready=ready, on_stop=stopping)  # binds now: PortInUse
         started = True
         await supervisor.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reloader.safely)
+        watcher = asyncio.create_task(reloader.watch()) if watch else None
         # Everything built so far lives as long as the router: keep it out of the cyclic GC,
         # whose full collections otherwise stall every request for 30-50 ms (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
-        await server.serve()
+        try:
+            await server.serve()
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            if watcher is not None:
+                watcher.cancel()
     finally:
         if server is not None:
             server.sock.close()
@@ -158,13 +227,16 @@ def route(
         "--state-dir", help="The router's state dir: its lock, engine records and logs "
         "(default: $VLMHUB_STATE_DIR, else ~/.local/state/vlmhub). One router per state dir; "
         "give a second router its own to run both side by side.")] = None,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="Reload models.yaml when it changes (SIGHUP and POST /api/reload "
+        "always do).")] = False,
 ) -> None:
     """Serve every model in models.yaml behind one OpenAI-compatible endpoint, starting and
     swapping engines on demand to fit the GPU."""
     with user_errors():
         ctx = Context(config, gpu_gib)
         try:
-            code = asyncio.run(run_route(ctx, host, port, runtime, state_dir))
+            code = server_run(run_route(ctx, host, port, runtime, state_dir, watch))
         except KeyboardInterrupt:
             err_console.print("interrupted")
             code = 130

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vlmhub.errors import VlmhubError
+from vlmhub.locate import ConfigError
 from vlmhub.replica import AcquireError, ReplicaInfo
 from vlmhub.router.errors import acquire_error_response, error_response
 from vlmhub.router.state import RouterState, bearer, is_loopback, key_matches, router_state
@@ -100,8 +101,27 @@ async def unload_model(request: Request) -> Response:
     return await _act(request, "unload")
 
 
+async def reload_config(request: Request) -> Response:
+    """POST /api/reload: re-read models.yaml and apply it (vlmhub.reload). An invalid file is
+    refused (400, with its located error) and the running config stays."""
+    st = _state(request)
+    if (denied := check_admin(request, st)) is not None:
+        return denied
+    reloader = getattr(request.app.state, "reloader", None)
+    if reloader is None:
+        return error_response(501, "this router was not started from a models.yaml it can "
+                              "re-read", "invalid_request_error", "reload_unavailable")
+    try:
+        diff = reloader()
+    except (VlmhubError, ConfigError) as exc:
+        return error_response(400, f"models.yaml was not reloaded; the running config stays. "
+                              f"{exc}", "invalid_request_error", "invalid_config")
+    return JSONResponse({**dataclasses.asdict(diff), "summary": diff.summary()})
+
+
 def admin_routes() -> list[Route]:
     return [
+        Route("/api/reload", reload_config, methods=["POST"]),
         Route("/api/models", list_replicas, methods=["GET"]),
         Route("/api/models/{name:path}/load", load_model, methods=["POST"]),
         Route("/api/models/{name:path}/unload", unload_model, methods=["POST"]),

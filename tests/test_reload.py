@@ -1,0 +1,148 @@
+"""Config reload without a restart (issue 17 item 4), on a real `vlmhub route` process over a
+copy of the demo: POST /api/reload, SIGHUP and --watch; clients keep sending requests the whole
+time and every one of them is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from test_state_owner import wait_healthy
+
+from vlmhub.runtimes.ports import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
+
+
+def start_router(
+    tmp_path: Path, cfg: dict[str, Any], *extra: str
+) -> tuple[subprocess.Popen[str], str, Path]:
+    port = free_port()
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, "VLMHUB_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmhub", "route", "--config", str(path), "--port", str(port),
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc)
+    return proc, url, path
+
+
+def demo(tmp_path: Path) -> dict[str, Any]:
+    cfg: dict[str, Any] = yaml.safe_load(yaml.safe_dump(DEMO))
+    cfg.pop("together", None)  # these tests remove a grouped model
+    lo = 20000 + (os.getpid() * 7) % 30000
+    cfg["runtime"]["port_range"] = [lo, lo + 99]
+    cfg["runtime"]["process_argv"] = [sys.executable, "-m", "vlmhub.testing.stub_engine",
+                                      "--stub-startup-delay", "0.5"]
+    return cfg
+
+
+def models(url: str) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in httpx.get(url + "/api/models", timeout=10).json()["models"]}
+
+
+async def hammer(url: str, model: str, stop: asyncio.Event, statuses: list[int]) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        while not stop.is_set():
+            statuses.append((await c.post("/v1/chat/completions", json=body)).status_code)
+
+
+def stop_router(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
+async def test_reload_under_load_adds_removes_and_changes_models_without_a_blip(
+    tmp_path: Path,
+) -> None:
+    cfg = demo(tmp_path)
+    proc, url, path = start_router(tmp_path, cfg)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            for m in ("demo-ocr", "demo-vl"):
+                body = {"model": m, "messages": [{"role": "user", "content": "hi"}]}
+                assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+        before = models(url)
+        stop, statuses = asyncio.Event(), []
+        clients = [asyncio.create_task(hammer(url, "demo-ocr", stop, statuses)) for _ in range(6)]
+        await asyncio.sleep(1.0)
+
+        cfg["models"]["demo-new"] = cfg["models"]["demo-vl"]
+        del cfg["models"]["demo-phi"]
+        cfg["models"]["demo-vl"] = {**cfg["models"]["demo-vl"], "max_queue": 3,
+                                    "spec": {**cfg["models"]["demo-vl"]["spec"],
+                                             "options": {"max_model_len": 2048,
+                                                         "enforce_eager": True}}}
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            r = await c.post("/api/reload")
+            assert r.status_code == 200, r.text
+            diff = r.json()
+            assert diff["added"] == ["demo-new"] and diff["removed"] == ["demo-phi"]
+            assert diff["changed"] == ["demo-vl"] and diff["unchanged"] == ["demo-ocr"]
+            for _ in range(200):  # the changed model drains and stops: its next use restarts
+                if models(url)["demo-vl"]["state"] == "stopped":
+                    break
+                await asyncio.sleep(0.05)
+            now = models(url)
+            assert set(now) == {"demo-ocr", "demo-vl", "demo-new"}
+            assert now["demo-vl"]["state"] == "stopped" and now["demo-vl"]["max_model_len"] == 2048
+            body = {"model": "demo-new", "messages": [{"role": "user", "content": "hi"}]}
+            assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+            gone = await c.post("/v1/chat/completions", json={**body, "model": "demo-phi"})
+            assert gone.status_code == 404
+
+            path.write_text(path.read_text() + "\nrouter: {port: 0\n")  # broken YAML
+            bad = await c.post("/api/reload")
+            assert bad.status_code == 400
+            assert "models.yaml" in bad.json()["error"]["message"]
+            assert ":" in bad.json()["error"]["message"]  # located (file:line)
+            assert set(models(url)) == {"demo-ocr", "demo-vl", "demo-new"}  # config stays
+
+            del cfg["models"]["demo-new"]  # SIGHUP reloads too
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            proc.send_signal(signal.SIGHUP)
+            for _ in range(200):
+                if "demo-new" not in models(url):
+                    break
+                await asyncio.sleep(0.05)
+            assert "demo-new" not in models(url)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*clients)
+        # the unchanged model kept its engine and lost no request across three reloads
+        assert models(url)["demo-ocr"]["port"] == before["demo-ocr"]["port"]
+        assert len(statuses) > 20 and set(statuses) == {200}, statuses
+    finally:
+        out = stop_router(proc)
+    assert "Reloaded" in out and "Not reloaded" in out
+
+
+def test_watch_reloads_when_the_file_changes(tmp_path: Path) -> None:
+    cfg = demo(tmp_path)
+    proc, url, path = start_router(tmp_path, cfg, "--watch")
+    try:
+        time.sleep(1.1)  # a different mtime than the start's
+        del cfg["models"]["demo-phi"]
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        for _ in range(100):
+            if "demo-phi" not in models(url):
+                break
+            time.sleep(0.1)
+        assert "demo-phi" not in models(url)
+    finally:
+        stop_router(proc)
