@@ -55,6 +55,8 @@ class RouterConfig(Strict):
     crash_loop_window_s: float = Field(default=300.0, gt=0)
     policy: Literal["vlmhub", "fifo", "lru", "exclusive"] = "vlmhub"
     """The swap policy (vlmhub.policy; docs/scheduling.md)."""
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class RuntimeConfig(Strict):

@@ -25,6 +25,7 @@ from vlmhub.config import Config, RouterConfig
 from vlmhub.engine_log import LogParser
 from vlmhub.errors import EngineStartError, EngineStartTimeout, VlmhubError
 from vlmhub.launch import launch_request
+from vlmhub.logs import ENGINE
 from vlmhub.replica import AcquireError, LoadFailed, LoadTimeout, Observer, Replica
 from vlmhub.runtimes.base import EngineHandle, Runtime, probe, wait_ready
 from vlmhub.runtimes.ports import pick_port
@@ -94,8 +95,14 @@ class EngineOps:
                 r.model, self.gpu, self.runtime, self.config.runtime, port, sleep_mode=r.sleep_ok
             )
             handle = r.handle = await self.runtime.start(req)
+            ENGINE.info("%s: starting (%s, port %d, budget %.2f GiB)", r.name,
+                        self.runtime.kind, port, r.footprint,
+                        extra={"model": r.name, "event": "start", "port": port})
 
             def on_phase(phase: str, _line: str) -> None:
+                if phase != r.phase:
+                    ENGINE.info("%s: %s", r.name, phase,
+                                extra={"model": r.name, "event": "phase", "phase": phase})
                 r.phase = phase
 
             await wait_ready(
@@ -107,6 +114,9 @@ class EngineOps:
             if self.on_start is not None:
                 self.on_start(r, parser, err)
             timeout = isinstance(exc, EngineStartTimeout)
+            ENGINE.warning("%s: start failed: %s%s", r.name, str(exc).splitlines()[0],
+                           f" ({r.budget_note})" if r.budget_note else "",
+                           extra={"model": r.name, "event": "fail"})
             await self.start_failed(r, handle, str(exc), timeout=timeout)
             if isinstance(exc, EngineStartError) and exc.code == "sleep_unsupported":
                 r.sleep_ok = False  # this engine cannot sleep: fall back to stop/start
@@ -118,6 +128,10 @@ class EngineOps:
         r.restarts += 1 if r.failures else 0
         if self.on_start is not None:
             self.on_start(r, parser, None)
+        ENGINE.info("%s: ready in %.1f s on port %d%s", r.name, r.last_load_s, handle.port,
+                    f"; {r.budget_note}" if r.budget_note else "",
+                    extra={"model": r.name, "event": "ready", "load_s": round(r.last_load_s, 3),
+                           "port": handle.port, "budget_gib": round(r.footprint, 3)})
         self.observer.observe_load(r.name, r.last_load_s, True)
 
     async def start_failed(
@@ -143,8 +157,9 @@ class EngineOps:
         )
 
     # -- evict ----------------------------------------------------------------------------------
-    async def evict(self, v: Replica, ev: scheduler.Evict) -> bool:
-        """Drain ``v`` (new requests queue), then sleep or stop it. False if it stayed busy."""
+    async def evict(self, v: Replica, ev: scheduler.Evict, reason: str = "") -> bool:
+        """Drain ``v`` (new requests queue), then sleep or stop it. False if it stayed busy.
+        ``reason`` (why it goes) is logged."""
         v.draining = True
         try:
             if v.in_flight:
@@ -153,12 +168,16 @@ class EngineOps:
                 except TimeoutError:
                     return False
             if ev.mode == "sleep" and v.state == "ready" and await self.sleep(v):
+                ENGINE.info("%s: put to sleep (%s)", v.name, reason or "evicted",
+                            extra={"model": v.name, "event": "sleep", "reason": reason})
                 self.observer.observe_eviction(v.name, "sleep")
                 return True
             v.state = "stopping"
             if v.handle is not None:
                 await self.stop_engine(v, v.handle, grace_s=20.0)
             v.state, v.phase = "stopped", ""
+            ENGINE.info("%s: stopped (%s)", v.name, reason or "evicted",
+                        extra={"model": v.name, "event": "evict", "reason": reason})
             self.observer.observe_eviction(v.name, "stop")
             return True
         finally:
@@ -189,5 +208,7 @@ class EngineOps:
         if ok:
             r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
             r.healthy_at = r.loaded_at = time.monotonic()
+            ENGINE.info("%s: woken in %.1f s", r.name, time.monotonic() - began,
+                        extra={"model": r.name, "event": "wake"})
             self.observer.observe_load(r.name, time.monotonic() - began, True)
         return ok

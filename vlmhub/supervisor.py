@@ -36,6 +36,7 @@ from vlmhub.errors import VlmhubError
 from vlmhub.flags import engine_version
 from vlmhub.health import engine_failure, external_alive
 from vlmhub.launch import engine_hash
+from vlmhub.logs import ENGINE
 from vlmhub.reload import ModelDiff, diff_models
 from vlmhub.replica import (
     AcquireError,
@@ -197,7 +198,9 @@ class Supervisor:
         while self._op is not None and not self._op.done():
             await asyncio.wait({self._op})
         if not r.model.external and r.state in ("ready", "sleeping"):
-            self._op = asyncio.create_task(self._evict(r, scheduler.Evict(r.name, "stop")))
+            self._op = asyncio.create_task(
+                self._evict(r, scheduler.Evict(r.name, "stop"), "unloaded by the admin API")
+            )
             await asyncio.wait({self._op})
         elif r.state == "failed" and r.handle is not None:
             self._op = asyncio.create_task(self.ops.stop_failed(r))
@@ -327,7 +330,9 @@ class Supervisor:
         ttl = {r.name: r.model.entry.ttl for r in self.replicas.values()}
         for name in scheduler.expired(self._views(), ttl, now):
             self._op = asyncio.create_task(
-                self._run(self._evict(self.replicas[name], scheduler.Evict(name, "stop")))
+                self._run(self._evict(
+                    self.replicas[name], scheduler.Evict(name, "stop"), "idle past its ttl"
+                ))
             )
             return
 
@@ -405,6 +410,7 @@ class Supervisor:
         )
         r.last_error = f"{r.name} {what}: {reason}"
         r.failures.append(time.monotonic())
+        ENGINE.warning("%s", r.last_error, extra={"model": r.name, "event": "fail"})
         for lease in list(r.leases.values()):
             lease.revoke(r.last_error)
         self.kick()
@@ -418,7 +424,7 @@ class Supervisor:
 
     async def _execute(self, r: Replica, p: scheduler.Plan) -> None:
         for ev in p.evict:
-            if not await self._evict(self.replicas[ev.name], ev):
+            if not await self._evict(self.replicas[ev.name], ev, f"room for {r.name}"):
                 self._fail_waiters(
                     r,
                     Refused(
@@ -464,7 +470,7 @@ class Supervisor:
         return diff
 
     async def _retire(self, r: Replica) -> None:
-        if await self.ops.evict(r, scheduler.Evict(r.name, "stop")):
+        if await self.ops.evict(r, scheduler.Evict(r.name, "stop"), f"config {r.retire}"):
             self._retired(r)
 
     def _retired(self, r: Replica) -> None:
@@ -475,9 +481,9 @@ class Supervisor:
             if r.state == "failed":
                 r.state, r.failures = "stopped", []
 
-    async def _evict(self, v: Replica, ev: scheduler.Evict) -> bool:
+    async def _evict(self, v: Replica, ev: scheduler.Evict, reason: str) -> bool:
         try:
-            return await self.ops.evict(v, ev)
+            return await self.ops.evict(v, ev, reason)
         finally:
             self.kick()
 

@@ -30,6 +30,7 @@ from vlmhub.config import Config, api_keys, load_config, resolve
 from vlmhub.errors import VlmhubError
 from vlmhub.launch import make_runtime
 from vlmhub.locate import ConfigError
+from vlmhub.logs import configure as configure_logs
 from vlmhub.reload import ModelDiff
 from vlmhub.replica import ReplicaInfo
 from vlmhub.router.app import create_app
@@ -227,6 +228,11 @@ def route(
         "--state-dir", help="The router's state dir: its lock, engine records and logs "
         "(default: $VLMHUB_STATE_DIR, else ~/.local/state/vlmhub). One router per state dir; "
         "give a second router its own to run both side by side.")] = None,
+    log_level: Annotated[str | None, typer.Option(
+        "--log-level", help="debug, info, warning or error (default: router.log_level, info)."
+    )] = None,
+    log_format: Annotated[str | None, typer.Option(
+        "--log-format", help="text or json (default: router.log_format, text).")] = None,
     watch: Annotated[bool, typer.Option(
         "--watch", help="Reload models.yaml when it changes (SIGHUP and POST /api/reload "
         "always do).")] = False,
@@ -235,6 +241,13 @@ def route(
     swapping engines on demand to fit the GPU."""
     with user_errors():
         ctx = Context(config, gpu_gib)
+        rc = ctx.loaded.config.router
+        level, fmt = (log_level or rc.log_level).lower(), (log_format or rc.log_format).lower()
+        if level not in ("debug", "info", "warning", "error") or fmt not in ("text", "json"):
+            raise VlmhubError(f"--log-level {level!r} / --log-format {fmt!r}: use one of "
+                              "debug|info|warning|error and text|json")
+        configure_logs(level, "json" if fmt == "json" else "text",
+                       [*rc.api_keys, rc.admin_key or ""])
         try:
             code = server_run(run_route(ctx, host, port, runtime, state_dir, watch))
         except KeyboardInterrupt:

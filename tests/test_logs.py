@@ -1,0 +1,65 @@
+"""Operator logs (issue 17 item 1): `vlmhub route --log-format json` prints one line per engine
+event (start, phases, ready with load time and budget, evict with the reason) and never a
+secret, even one planted in the environment and in a request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from test_state_owner import DEMO, REPO, wait_healthy
+
+from vlmhub.logs import Redactor
+from vlmhub.runtimes.ports import free_port
+
+KEY = "sk-planted-router-key-5f3a"
+TOKEN = "hf_PlantedTokenValue0123456789"
+
+
+def test_redactor_masks_keys_and_token_shapes_in_message_and_fields() -> None:
+    rec = logging.LogRecord("vlmhub.x", logging.INFO, __file__, 1, "key %s and %s", (KEY, TOKEN),
+                            None)
+    rec.header = f"Bearer {KEY}"
+    Redactor([KEY]).filter(rec)
+    assert KEY not in rec.getMessage() and TOKEN not in rec.getMessage()
+    assert rec.getMessage() == "key *** and ***" and rec.header == "Bearer ***"
+
+
+def test_route_logs_engine_events_as_json_and_never_a_secret(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "VLMHUB_STATE_DIR": str(tmp_path / "state"), "VLMHUB_API_KEYS": KEY,
+           "HF_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmhub", "route", "--config", str(DEMO), "--port", str(port),
+         "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        for model in ("demo-ocr", "demo-vl", "demo-phi"):  # two fit: the third evicts one
+            body = {"model": model, "messages": [{"role": "user", "content": f"{TOKEN} hi"}]}
+            r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=60)
+            assert r.status_code == 200, r.text
+        bad = httpx.post(url + "/v1/chat/completions", json={"model": "demo-ocr"},
+                         headers={"Authorization": f"Bearer {KEY}x"}, timeout=30)
+        assert bad.status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert KEY not in out + err and TOKEN not in out + err
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    engine = [e for e in events if e["logger"] == "vlmhub.engine"]
+    kinds = {(e.get("model"), e.get("event")) for e in engine}
+    for model in ("demo-ocr", "demo-vl", "demo-phi"):
+        assert (model, "start") in kinds and (model, "ready") in kinds, kinds
+    ready = next(e for e in engine if e.get("event") == "ready")
+    assert ready["load_s"] > 0 and ready["port"] and ready["budget_gib"] > 0
+    evict = [e for e in engine if e.get("event") == "evict"]
+    assert evict and any("room for demo-phi" in e["reason"] for e in evict), evict
