@@ -63,3 +63,42 @@ def test_route_logs_engine_events_as_json_and_never_a_secret(tmp_path: Path) -> 
     assert ready["load_s"] > 0 and ready["port"] and ready["budget_gib"] > 0
     evict = [e for e in engine if e.get("event") == "evict"]
     assert evict and any("room for demo-phi" in e["reason"] for e in evict), evict
+
+
+def test_status_load_and_unload_from_the_shell(tmp_path: Path) -> None:
+    """Issue 17 item 6: `vlmhub status [--json]` and `vlmhub load|unload NAME` through the
+    admin API of a running router; a router that is not there is a clear error."""
+    port = free_port()
+    env = {**os.environ, "VLMHUB_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmhub", "route", "--config", str(DEMO), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vlmhub", *args, "--router", url,
+                               "--config", str(DEMO)],
+                              capture_output=True, text=True, env={**env, "COLUMNS": "80"},
+                              timeout=120)
+
+    try:
+        wait_healthy(url, proc)
+        loaded = cli("load", "demo-vl", "--json")
+        assert loaded.returncode == 0, loaded.stderr
+        assert json.loads(loaded.stdout)["state"] == "ready"
+        shown = cli("status", "--json")
+        states = {m["name"]: m["state"] for m in json.loads(shown.stdout)}
+        assert states["demo-vl"] == "ready" and states["demo-ocr"] == "stopped"
+        table = cli("status")
+        assert table.returncode == 0 and "demo-vl" in table.stdout and "ready" in table.stdout
+        assert cli("unload", "demo-vl").returncode == 0
+        states = {m["name"]: m["state"] for m in json.loads(cli("status", "--json").stdout)}
+        assert states["demo-vl"] == "stopped"
+        missing = cli("load", "nope")
+        assert missing.returncode == 2 and "404" in missing.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    gone = subprocess.run([sys.executable, "-m", "vlmhub", "status", "--router", url],
+                          capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 2 and "cannot reach the router" in gone.stderr

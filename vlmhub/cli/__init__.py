@@ -14,7 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-GROUPS = ("models", "serve", "route", "ocr", "budgets")
+GROUPS = ("models", "serve", "route", "ocr", "budgets", "simulate", "status")
 """Command modules under vlmhub.cli, registered in this order."""
 
 for _group in GROUPS:
