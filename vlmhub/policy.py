@@ -30,9 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from vlmhub.scheduler import Evict, Plan, ReplicaView, plan
+
+if TYPE_CHECKING:
+    from vlmhub.config import Config, ResolvedModel
 
 Priority = Literal["interactive", "batch"]
 PolicyName = Literal["vlmhub", "fifo", "lru", "exclusive"]
@@ -217,3 +220,12 @@ def _rank(
             f"swap's cost ({cost:.1f} s)"
         )
     return (3.0, klass, -value, oldest), ""
+
+
+def params_from(config: Config, models: Sequence[ResolvedModel]) -> Params:
+    """The policy's parameters from models.yaml (``router.policy``, per-model ``max_wait_s``)."""
+    waits: dict[str, dict[Priority, float]] = {}
+    for m in models:
+        if m.entry.max_wait_s is not None:
+            waits[m.name] = {"interactive": m.entry.max_wait_s, "batch": m.entry.max_wait_s}
+    return Params(name=config.router.policy, max_wait_s=waits)

@@ -199,3 +199,48 @@ class Replica:
     @property
     def footprint(self) -> float:
         return self.model.budget.footprint_gib if self.model.budget else 0.0
+
+    def info(self, runtime_kind: str) -> ReplicaInfo:
+        """A read-only snapshot of this replica."""
+        spec = self.model.spec
+        return ReplicaInfo(
+            name=self.name,
+            state=self.state,
+            phase=self.phase,
+            runtime="external" if self.model.external else runtime_kind,
+            port=self.handle.port if self.handle else None,
+            budget_gib=round(self.footprint, 3),
+            in_flight=self.in_flight,
+            queued=len(self.waiters),
+            pinned=self.model.entry.pinned,
+            external=self.model.external,
+            last_used=self.last_used or None,
+            last_load_s=self.last_load_s,
+            last_error=self.last_error,
+            aliases=tuple(self.model.aliases),
+            max_model_len=spec.options.max_model_len if spec else None,
+            draining=self.draining,
+            restarts=self.restarts,
+            waiting_reason=self.waiting_reason if self.waiters else None,
+        )
+
+
+def sleep_ok(m: ResolvedModel) -> bool:
+    """Whether ``m``'s engine is started with sleep mode (asked for, and vLLM can)."""
+    from vlmhub.flags import engine_version
+    from vlmhub.spec import version_tuple
+
+    return bool(
+        m.entry.sleep
+        and m.spec is not None
+        and version_tuple(engine_version(m.spec)) >= version_tuple(m.spec.sleep_min_vllm)
+    )
+
+
+def new_replica(m: ResolvedModel) -> Replica:
+    """A replica for ``m``: stopped (an external endpoint: ready), idle."""
+    r = Replica(m, sleep_ok=sleep_ok(m))
+    r.idle.set()
+    if m.external:
+        r.state = "ready"
+    return r

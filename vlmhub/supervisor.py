@@ -33,7 +33,6 @@ from vlmhub.config import Config, ResolvedModel
 from vlmhub.engine_log import LogParser
 from vlmhub.engine_ops import EngineOps, StartHook
 from vlmhub.errors import VlmhubError
-from vlmhub.flags import engine_version
 from vlmhub.health import engine_failure, external_alive
 from vlmhub.launch import engine_hash
 from vlmhub.logs import ENGINE
@@ -51,10 +50,11 @@ from vlmhub.replica import (
     Replica,
     ReplicaInfo,
     UnknownModel,
+    new_replica,
+    sleep_ok,
 )
 from vlmhub.runtimes.base import EngineHandle, Runtime, probe
 from vlmhub.runtimes.reconcile import reconcile_engines
-from vlmhub.spec import version_tuple
 from vlmhub.vram import Gpu
 
 
@@ -91,7 +91,7 @@ class Supervisor:
             fail_waiters=self._fail_waiters, on_start=self._started,
         )
         self._closing = False
-        self.params = policy_params(config, models)
+        self.params = policy.params_from(config, models)
         self.foreign: list[EngineHandle] = []
         """Engines of models not in this config, found running at start: not managed."""
 
@@ -465,7 +465,7 @@ class Supervisor:
         self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
         self.config, self.rc = config, config.router
         self.ops.config, self.ops.rc = config, config.router
-        self.params = policy_params(config, models)
+        self.params = policy.params_from(config, models)
         self.kick()
         return diff
 
@@ -564,50 +564,8 @@ class Supervisor:
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     def _info(self, r: Replica) -> ReplicaInfo:
-        spec = r.model.spec
-        return ReplicaInfo(
-            name=r.name,
-            state=r.state,
-            phase=r.phase,
-            runtime="external" if r.model.external else self.runtime.kind,
-            port=r.handle.port if r.handle else None,
-            budget_gib=round(r.footprint, 3),
-            in_flight=r.in_flight,
-            queued=len(r.waiters),
-            pinned=r.model.entry.pinned,
-            external=r.model.external,
-            last_used=r.last_used or None,
-            last_load_s=r.last_load_s,
-            last_error=r.last_error,
-            aliases=tuple(r.model.aliases),
-            max_model_len=spec.options.max_model_len if spec else None,
-            draining=r.draining,
-            restarts=r.restarts,
-            waiting_reason=r.waiting_reason if r.waiters else None,
-        )
+        return r.info(self.runtime.kind)
 
 
-def sleep_ok(m: ResolvedModel) -> bool:
-    """Whether ``m``'s engine is started with sleep mode (asked for, and vLLM can)."""
-    return bool(
-        m.entry.sleep
-        and m.spec is not None
-        and version_tuple(engine_version(m.spec)) >= version_tuple(m.spec.sleep_min_vllm)
-    )
-
-
-def new_replica(m: ResolvedModel) -> Replica:
-    r = Replica(m, sleep_ok=sleep_ok(m))
-    r.idle.set()
-    if m.external:
-        r.state = "ready"
-    return r
-
-
-def policy_params(config: Config, models: Sequence[ResolvedModel]) -> policy.Params:
-    """The swap policy's parameters from models.yaml (``router.policy``, ``max_wait_s``)."""
-    waits: dict[str, dict[policy.Priority, float]] = {}
-    for m in models:
-        if m.entry.max_wait_s is not None:
-            waits[m.name] = {"interactive": m.entry.max_wait_s, "batch": m.entry.max_wait_s}
-    return policy.Params(name=config.router.policy, max_wait_s=waits)
+policy_params = policy.params_from
+"""The swap policy's parameters from a config (kept here for callers of the old name)."""
