@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -29,6 +30,7 @@ from vlmhub.errors import PortInUse
 from vlmhub.replica import AcquireError, LoadFailed, LoadTimeout, QueueFull, Refused
 from vlmhub.router.app import create_app, drain, in_flight
 from vlmhub.router.server import RouterServer
+from vlmhub.router.server import run as server_run
 from vlmhub.runtimes.ports import free_port
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
@@ -306,6 +308,46 @@ async def test_concurrent_streams_all_complete(router: RunningRouter, sup: TestS
     await c.close()
     assert all(t.startswith(("alpha:", "bravo-served:")[i % 2]) for i, t in enumerate(texts))
     assert sup.settled() and sup.acquired == 24 and sup.double_releases == 0
+
+
+def test_a_ready_model_costs_one_watch_task_per_request(router: RunningRouter,
+                                                        sup: TestSupervisor) -> None:
+    """Issue 9: one task watches the client from the lease to the last byte; a lease granted at
+    once runs inline, and so does the exchange (no task racing either of them)."""
+    created: list[str] = []
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None and str(frame.f_globals.get("__name__", "")).startswith("vlmhub."):
+            created.append(f"{frame.f_globals['__name__']}.{coro.cr_code.co_qualname}")
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async def install(factory: Any) -> None:
+        asyncio.get_running_loop().set_task_factory(factory)
+
+    router.call(install(counting))
+    try:
+        with httpx.Client(base_url=router.url, timeout=20) as http:
+            for stream in (False, True):
+                r = http.post("/v1/chat/completions", json={
+                    "model": "alpha", "messages": CHAT, "max_tokens": 3, "stream": stream})
+                assert r.status_code == 200 and "alpha:" in r.text
+    finally:
+        router.call(install(None))
+    assert created == ["vlmhub.router.watch._wait_disconnect"] * 2
+    assert sup.settled() and sup.released == 2 and sup.double_releases == 0
+    assert wait_for(lambda: in_flight(router.app) == 0)
+
+
+def test_the_router_runs_on_uvloop_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9: ``vlmhub route`` runs on uvloop (a dependency on Linux and macOS), and on
+    asyncio's own loop where uvloop cannot be imported."""
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert server_run(loop_module()).startswith("uvloop")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    assert server_run(loop_module()).startswith("asyncio")
 
 
 # ----------------------------------------------------------------------------- vlmhub route

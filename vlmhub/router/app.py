@@ -3,7 +3,9 @@
 One Starlette app per router. Each request is handled in its own task on the event loop; the
 handlers parse only what routing needs (the body's ``"model"`` and ``"stream"``), wait
 (asynchronously) in :meth:`SupervisorLike.acquire` for a lease, and hand the request to
-:func:`vlmhub.router.proxy.forward`. Nothing here blocks the loop. The app owns the pooled
+:func:`vlmhub.router.proxy.forward`. Nothing here blocks the loop. One
+:class:`~vlmhub.router.watch.ClientWatch` task per request watches the client from the wait
+for a lease to the last byte; a lease granted at once costs no other task. The app owns the pooled
 aiohttp session of the data path: it is opened at lifespan start-up and closed at shutdown.
 
 ``app.state.draining`` (see :func:`drain`) makes new ``/v1`` requests answer 503 while the
@@ -15,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -36,9 +38,9 @@ from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.proxy import create_session, forward
 from vlmhub.router.state import Reject, RouterState, bearer, key_matches, router_state
 from vlmhub.router.ui import ui_routes
+from vlmhub.router.watch import ClientWatch
 
 log = logging.getLogger("vlmhub.router")
-T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before an answer
 
 PROXIED: dict[str, str] = {  # client path -> engine path
@@ -70,35 +72,12 @@ def unknown_model(model: str, supervisor: SupervisorLike) -> Reject:
         "invalid_request_error", "model_not_found", param="model"))
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def until_disconnect(request: Request, coro: Coroutine[Any, Any, T]) -> tuple[bool, T | None]:
-    """Run ``coro`` unless the client hangs up first: ``(True, result)`` or ``(False, None)``.
-
-    On a hang-up ``coro`` is cancelled (a queued acquire gives its slot back).
-    """
-    task = asyncio.ensure_future(coro)
-    gone = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        return False, None
-    return True, task.result()
-
-
 async def proxy_endpoint(request: Request) -> Response:
     """POST a model route: auth, body, model, lease, forward. Blocks while the model loads."""
     st = router_state(request)
     started = time.monotonic()
     model: str | None = None
+    watch: ClientWatch | None = None
     handed_off = False
     status = 500
     st.in_flight += 1
@@ -118,12 +97,18 @@ async def proxy_endpoint(request: Request) -> Response:
         if model is None:
             raise unknown_model(wanted, st.supervisor)
         priority = request_priority(request)
-        stayed, lease = await until_disconnect(
-            request, _acquire(st.supervisor, model, priority)
-        )
-        if not stayed or lease is None:
+        watch = ClientWatch(request.receive)
+        watch.arm()  # a hang-up while queued cancels the acquire (it gives its slot back)
+        try:
+            lease = await _acquire(st.supervisor, model, priority)  # inline when ready: no task
+        except asyncio.CancelledError:
+            watch.disarm()
+            if watch.caught() is None:
+                raise
             status = CLIENT_CLOSED
             return Response(status_code=CLIENT_CLOSED)
+        finally:
+            watch.disarm()
         label, answered = model, [False]
 
         def headers_sent(code: int) -> None:
@@ -140,7 +125,7 @@ async def proxy_endpoint(request: Request) -> Response:
                 st.http(), st.supervisor, lease, method="POST", path=PROXIED[request.url.path],
                 query=request.url.query, headers=request.headers.items(), body=body,
                 payload=payload, stream=payload.get("stream") is True,
-                on_headers=headers_sent, on_finish=finished)
+                on_headers=headers_sent, on_finish=finished, watch=watch)
         except BaseException as exc:
             st.supervisor.release(lease)  # never handed off: give it back here
             if isinstance(exc, RecursionError):  # re-encoding a deep body (model rewrite)
@@ -159,6 +144,8 @@ async def proxy_endpoint(request: Request) -> Response:
         return Response(status_code=CLIENT_CLOSED)
     finally:
         if not handed_off:
+            if watch is not None:
+                watch.close()
             st.in_flight -= 1
             st.metrics.observe_request(model, status, time.monotonic() - started)
 

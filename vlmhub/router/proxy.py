@@ -6,10 +6,12 @@ through untouched (no decompression, no re-encoding) unless the model name must 
 
 :func:`forward` does no I/O: it returns a :class:`ProxyResponse`, an ASGI response that performs
 the upstream exchange while it is being sent. Sending it blocks (asynchronously) for the whole
-exchange; a second task watches the client meanwhile, so a client that hangs up cancels the
-exchange and closes the upstream connection, which makes vLLM abort the request. The lease is
-released exactly once, when the response has been sent, the client left, or the exchange failed.
-Many responses run concurrently on one event loop; one response is never sent twice.
+exchange, which runs in the sending task itself; the request's :class:`ClientWatch` (one task)
+watches the client meanwhile, so a client that hangs up cancels the exchange and closes the
+upstream connection, which makes vLLM abort the request. A revoked lease (the supervisor failed
+the engine) cancels it the same way. The lease is released exactly once, when the response has
+been sent, the client left, or the exchange failed. Many responses run concurrently on one
+event loop; one response is never sent twice.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from yarl import URL
 
 from vlmhub.replica import Lease, SupervisorLike
 from vlmhub.router.errors import error_body, sse_error_event
+from vlmhub.router.watch import CLIENT_LEFT, ClientWatch
 
 log = logging.getLogger("vlmhub.router.proxy")
 
@@ -43,6 +46,8 @@ UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, Timeout
 
 HeadersCallback = Callable[[int], None]
 FinishCallback = Callable[[], None]
+REVOKED = "engine failed"
+"""The :class:`ClientWatch` reason when the lease was revoked mid-exchange."""
 
 
 def create_session(
@@ -120,27 +125,25 @@ async def forward(
     stream: bool = False,
     on_headers: HeadersCallback | None = None,
     on_finish: FinishCallback | None = None,
+    watch: ClientWatch | None = None,
 ) -> ProxyResponse:
     """The response that forwards this request to ``lease.base_url`` when it is sent.
 
     ``payload`` is the parsed JSON body, if any: its ``"model"`` is rewritten to
     ``lease.api_name`` only when they differ. ``stream`` is the request's ``"stream": true``.
     ``on_headers(status)`` is called just before the response headers go out; ``on_finish()``
-    once at the end, after the lease is released. The caller must send the response (it owns
-    the lease from now on). Does no I/O itself.
+    once at the end, after the lease is released. ``watch`` is the request's hang-up watch,
+    if the caller has one already (the response then owns and closes it; without one it makes
+    its own). The caller must send the response (it owns the lease from now on). Does no I/O
+    itself.
     """
     url = lease.base_url.rstrip("/") + path + (f"?{query}" if query else "")
     return ProxyResponse(
         session, supervisor, lease, method=method, url=url,
         headers=upstream_headers(headers, lease.api_key),
         body=rewrite_model(body, payload, lease.api_name), stream=stream,
-        on_headers=on_headers, on_finish=on_finish,
+        on_headers=on_headers, on_finish=on_finish, watch=watch,
     )
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class ProxyResponse(Response):
@@ -159,6 +162,7 @@ class ProxyResponse(Response):
         stream: bool,
         on_headers: HeadersCallback | None = None,
         on_finish: FinishCallback | None = None,
+        watch: ClientWatch | None = None,
     ) -> None:
         self.status_code = 0  # known once the engine answers
         self.background = None
@@ -166,40 +170,51 @@ class ProxyResponse(Response):
         self.method, self.url, self.upstream_headers, self.body = method, url, headers, body
         self.stream_requested = stream
         self.on_headers, self.on_finish = on_headers, on_finish
+        self.watch = watch
         self.client_gone = False
         self.streaming = False
         self.upstream_failure: str | None = None
-        self._body_sent = False
         self._finished = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the exchange and watch the client at the same time; release the lease at the end.
-
-        Blocks (asynchronously) until the last byte is sent, the client has gone, or the
+        """Run the exchange in this task while the client is watched; release the lease at the
+        end. Blocks (asynchronously) until the last byte is sent, the client has gone, or the
         engine failed. Never raises for an engine or client failure.
         """
-        work = asyncio.create_task(self._exchange(send))
-        watcher = asyncio.create_task(_wait_disconnect(receive))
-        waits: set[asyncio.Future[Any]] = {work, watcher}
+        watch = self.watch if self.watch is not None else ClientWatch(receive)
+        self.watch = watch
         revoked = self.lease.revoked
+
+        def engine_failed(fut: asyncio.Future[str]) -> None:
+            if not fut.cancelled():
+                watch.interrupt(REVOKED)
+
         if revoked is not None:
-            waits.add(revoked)
+            revoked.add_done_callback(engine_failed)
+        watch.arm()  # no await from here to the try: a cancellation lands inside it
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not work.done() and not self._body_sent:
-                self.client_gone = watcher.done() and not watcher.cancelled()
-                work.cancel()  # its finally closes the upstream connection: vLLM aborts
-            await asyncio.gather(work, watcher, return_exceptions=True)
-            if (
-                revoked is not None and revoked.done() and not revoked.cancelled()
-                and work.cancelled() and not self.client_gone
-            ):
+            if watch.gone:
+                self.client_gone = True
+            elif revoked is None or not revoked.done():
+                await self._exchange(send)
+            else:
+                watch.disarm()
                 await self._revoked(send, revoked.result())
+        except asyncio.CancelledError:
+            watch.disarm()
+            reason = watch.caught()
+            if reason is None:
+                raise
+            if reason == CLIENT_LEFT:
+                self.client_gone = True  # _exchange's finally closed the upstream connection
+            elif revoked is not None:
+                await self._revoked(send, revoked.result())
+        finally:
+            watch.disarm()
+            if revoked is not None:
+                revoked.remove_done_callback(engine_failed)
+            watch.close()
             self._finish()
-        if not work.cancelled() and (exc := work.exception()) is not None:
-            raise exc
 
     async def _revoked(self, send: Send, reason: str) -> None:
         """The supervisor failed the engine under this exchange: tell the client now."""
@@ -235,8 +250,8 @@ class ProxyResponse(Response):
         await send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _send_body(self, send: Send, body: bytes, more: bool) -> None:
-        if not more:
-            self._body_sent = True
+        if not more and self.watch is not None:
+            self.watch.disarm()  # the answer is complete: nothing may cut it short now
         message: Message = {"type": "http.response.body", "body": body, "more_body": more}
         await send(message)
 

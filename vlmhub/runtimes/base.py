@@ -123,6 +123,15 @@ class Runtime(abc.ABC):
         """Release clients and threads. Engines keep running."""
 
 
+FAST_POLL_S = 0.05
+"""How often :func:`wait_ready` probes an engine early in its start, and once its log says its
+server is up: a stand-in or a small cached model is ready in a second or two, and a 250 ms poll
+was most of vlmhub's own cold-start cost (docs/benchmarks.md)."""
+FAST_POLL_FOR_S = 3.0
+"""How long after the spawn :func:`wait_ready` polls every :data:`FAST_POLL_S` (then every
+``poll_s``, woken early by the "server up" log line)."""
+
+
 async def probe(handle: EngineHandle, client: httpx.AsyncClient) -> bool:
     """True when the engine answers 200 on its health path. Never raises."""
     try:
@@ -148,18 +157,26 @@ async def wait_ready(
     exits first, or :class:`EngineStartTimeout` after ``timeout_s``. ``parser.facts`` holds
     the memory vLLM reported (see :data:`vlmhub.engine_log.MEMORY_FACTS`); pass your own
     ``parser`` to read them after a failed start too (for :func:`vlmhub.budgets.observe_start`).
+
+    It polls every :data:`FAST_POLL_S` for the first :data:`FAST_POLL_FOR_S`, then every
+    ``poll_s``; the log line that says the server is up wakes it at once.
     """
     parser = parser if parser is not None else LogParser()
+
+    serving = asyncio.Event()  # the engine logged that its HTTP server is up
 
     async def pump() -> None:
         async for line in runtime.follow(handle):
             for event in parser.feed(line):
                 phase = getattr(event, "phase", None)
+                if phase == "ready":
+                    serving.set()
                 if phase is not None and on_phase is not None:
                     on_phase(str(phase), line)
 
     pump_task = asyncio.create_task(pump())
     deadline = time.monotonic() + timeout_s
+    fast_until = time.monotonic() + FAST_POLL_FOR_S
     try:
         async with httpx.AsyncClient(trust_env=False) as client:
             while True:
@@ -175,7 +192,12 @@ async def wait_ready(
                 if time.monotonic() > deadline:
                     tail = await runtime.logs(handle, tail=40)
                     raise _timeout_error(handle, tail, timeout_s, parser.phase)
-                await asyncio.sleep(poll_s)
+                if serving.is_set():  # logged as up: probe every FAST_POLL_S until it answers
+                    await asyncio.sleep(FAST_POLL_S)
+                else:  # the "server up" log line cuts the wait short
+                    fast = time.monotonic() < fast_until
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(serving.wait(), FAST_POLL_S if fast else poll_s)
     finally:
         pump_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
