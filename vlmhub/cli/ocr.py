@@ -92,6 +92,8 @@ def print_summary(summary: BatchSummary, out_dir: Path) -> None:
     failed = summary.count("failed")
     table.add_row("failed", f"[red]{failed}[/]" if failed else "0")
     table.add_row("skipped (done before)", str(summary.count("skipped")))
+    recovered = [r.name for r in summary.results if r.recovered]
+    table.add_row("recovered (repaired)", f"[yellow]{len(recovered)}[/]" if recovered else "0")
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("pages/s", f"{summary.pages_per_s:.2f}")
     table.add_row("output", escape(str(out_dir)))
@@ -105,6 +107,12 @@ def print_summary(summary: BatchSummary, out_dir: Path) -> None:
         err_console.print(f"  [red]failed[/] {escape(shown)}: {escape(error)}", highlight=False)
     if len(by_error) > 10:
         err_console.print(f"  ... {len(by_error) - 10} more errors: see manifest.jsonl")
+    if recovered:
+        shown = ", ".join(recovered[:5]) + (f" and {len(recovered) - 5} more"
+                                            if len(recovered) > 5 else "")
+        err_console.print(f"  [yellow]recovered[/] {escape(shown)}: the answer was cut short "
+                          "or looped; the .md keeps what could be read and says so "
+                          "(manifest: recovered)", highlight=False)
     if summary.stopped:
         err_console.print(f"[bold red]Stopped:[/] {escape(summary.stopped)}", highlight=False)
     if retry := summary.failed(retryable=True):

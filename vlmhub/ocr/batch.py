@@ -57,6 +57,7 @@ from vlmhub.ocr.answers import (
     retry_after_s,
 )
 from vlmhub.ocr.images import DEFAULT_MAX_PIXELS
+from vlmhub.ocr.layout import was_recovered
 from vlmhub.ocr.pages import PageRef, PageRenderer, find_inputs, list_pages, output_names
 from vlmhub.spec import ModelSpec
 
@@ -152,6 +153,7 @@ class PageResult:
     dpi: int | None = None
     encoding: str | None = None  # "original" (the JPEG file as is), "png" or "jpeg"
     retryable: bool = False  # a failure that running the batch again can fix
+    recovered: bool = False  # the answer was repaired (cut short, loops): see ocr.layout
 
 
 @dataclass
@@ -331,12 +333,12 @@ class BatchRunner:
             return replace(res, seconds=time.monotonic() - t0, error=ans.error,
                            retryable=ans.retryable)
         try:
-            await asyncio.to_thread(self.save, job.name, ans.text)
+            md = await asyncio.to_thread(self.save, job.name, ans.text)
         except (OSError, ValueError) as exc:
             return replace(res, seconds=time.monotonic() - t0,
                            error=f"saving the result failed: {exc}")
         return replace(res, status="ok", seconds=time.monotonic() - t0,
-                       finish_reason=ans.finish_reason)
+                       finish_reason=ans.finish_reason, recovered=was_recovered(md))
 
     def note_reachability(self, ans: Answer) -> None:
         """Count pages in a row that could not connect; stop the batch after
@@ -358,12 +360,14 @@ class BatchRunner:
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise VlmhubError(not_running(self.opts.base_url, why)) from None
 
-    def save(self, name: str, text: str) -> None:
-        """Write ``name.raw.txt`` and ``name.md``. Blocks (file writes, postprocess)."""
+    def save(self, name: str, text: str) -> str:
+        """Write ``name.raw.txt`` and ``name.md``; return the Markdown. Blocks (file writes,
+        postprocess)."""
         out = self.opts.out_dir
         write_atomic(out / f"{name}.raw.txt", text)
         md = self.spec.postprocess(text, self.prompt.preset) if self.spec else text
         write_atomic(out / f"{name}.md", md)
+        return md
 
     def record(self, result: PageResult) -> None:
         """Append one manifest line. Blocks briefly (one small write)."""
