@@ -57,6 +57,8 @@ class RouterConfig(Strict):
     """The swap policy (vlmhub.policy; docs/scheduling.md)."""
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cors_origins: list[str] = Field(default_factory=list)
+    """Browser origins (e.g. http://localhost:3000) that may call /v1/* (CORS); "*" for any."""
 
 
 class RuntimeConfig(Strict):

@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from vlmhub.config import Config, api_keys
 from vlmhub.replica import AcquireError, Lease, ReplicaInfo, SupervisorLike
+from vlmhub.router.access import AccessMiddleware, request_info
 from vlmhub.router.admin import admin_routes, replica_json
 from vlmhub.router.body import parse_payload, read_body, too_deep
 from vlmhub.router.errors import DEFAULT_RETRY_AFTER_S, acquire_error_response, error_response
@@ -94,9 +95,13 @@ async def proxy_endpoint(request: Request) -> Response:
                                         + (", ".join(st.supervisor.names()) or "none"),
                                         "invalid_request_error", "missing_model", param="model"))
         model = st.supervisor.resolve(wanted)
+        info = request_info(request.scope)
+        if info is not None:
+            info.model, info.asked = model or wanted, wanted
         if model is None:
             raise unknown_model(wanted, st.supervisor)
         priority = request_priority(request)
+        queued_at = time.monotonic()
         watch = ClientWatch(request.receive)
         watch.arm()  # a hang-up while queued cancels the acquire (it gives its slot back)
         try:
@@ -109,6 +114,12 @@ async def proxy_endpoint(request: Request) -> Response:
             return Response(status_code=CLIENT_CLOSED)
         finally:
             watch.disarm()
+        headers: list[tuple[str, str]] = request.headers.items()
+        if info is not None:
+            info.queue_ms = (time.monotonic() - queued_at) * 1000
+            info.replica = f"{model}@{lease.base_url.rsplit(':', 1)[-1]}"
+            if info.generated:  # the engine sees the same id as the client
+                headers = [*headers, ("x-request-id", info.request_id)]
         label, answered = model, [False]
 
         def headers_sent(code: int) -> None:
@@ -123,7 +134,7 @@ async def proxy_endpoint(request: Request) -> Response:
         try:
             response = await forward(
                 st.http(), st.supervisor, lease, method="POST", path=PROXIED[request.url.path],
-                query=request.url.query, headers=request.headers.items(), body=body,
+                query=request.url.query, headers=headers, body=body,
                 payload=payload, stream=payload.get("stream") is True,
                 on_headers=headers_sent, on_finish=finished, watch=watch)
         except BaseException as exc:
@@ -274,7 +285,10 @@ def create_app(
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         HTTPException: _http_error, Exception: _internal_error}
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                    middleware=[Middleware(BrowserGuard)])
+                    middleware=[
+                        Middleware(AccessMiddleware, cors_origins=config.router.cors_origins),
+                        Middleware(BrowserGuard, cors_origins=config.router.cors_origins),
+                    ])
     app.state.router = state
     app.state.draining = False
     return app

@@ -32,8 +32,9 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def refusal(scope: Scope) -> str | None:
-    """Why this request must be refused, or None."""
+def refusal(scope: Scope, cors_origins: frozenset[str] = frozenset()) -> str | None:
+    """Why this request must be refused, or None. ``cors_origins`` may change state on
+    ``/v1`` (router.cors_origins); never on the admin API."""
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     host = headers.get("host", "")
     server = scope.get("server")
@@ -43,9 +44,13 @@ def refusal(scope: Scope) -> str | None:
             return f"Host {host!r} does not name this machine (the router listens on loopback)"
     if scope.get("method", "GET") in SAFE_METHODS:
         return None
+    origin = headers.get("origin")
+    if origin is not None and str(scope.get("path", "")).startswith("/v1/") and (
+        origin in cors_origins or "*" in cors_origins
+    ):
+        return None
     if headers.get("sec-fetch-site") == "cross-site":
         return "a page on another site may not send requests that change state"
-    origin = headers.get("origin")
     if origin is not None and (origin == "null" or urlsplit(origin).netloc != host):
         return f"a page at {origin} may not send requests that change state"
     return None
@@ -54,12 +59,13 @@ def refusal(scope: Scope) -> str | None:
 class BrowserGuard:
     """ASGI middleware applying :func:`refusal` to every HTTP request (403, OpenAI shape)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, cors_origins: list[str] | None = None) -> None:
         self.app = app
+        self.cors_origins = frozenset(cors_origins or ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            why = refusal(scope)
+            why = refusal(scope, self.cors_origins)
             if why is not None:
                 body = json.dumps(
                     {
