@@ -14,6 +14,7 @@ from rich.table import Table
 
 from vlmhub.budgets import BudgetStore, Entry, measured_from_facts
 from vlmhub.cli.common import Context, console
+from vlmhub.cli.output import JsonOption, print_json
 from vlmhub.config import ResolvedModel, resolve
 from vlmhub.spec import KIB
 
@@ -77,10 +78,13 @@ def main(typer_ctx: typer.Context) -> None:
 
 
 @budgets_app.command("show")
-def show() -> None:
+def show(as_json: Annotated[bool, JsonOption] = False) -> None:
     """Every measured budget: the settings it is for and what vLLM reported (GiB)."""
     s = store()
     entries = sorted(s.entries(), key=lambda e: (e.key.model, e.measured_at or ""))
+    if as_json:
+        print_json({"path": str(s.path), "budgets": [e.as_dict() for e in entries]})
+        return
     if not entries:
         console.print(f"No measured budgets yet ({s.path}): every plan uses the estimates. "
                       "Each engine start records what vLLM reports.", highlight=False)  # fmt: skip

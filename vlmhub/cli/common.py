@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import typer
-from rich.console import Console
 
+from vlmhub.cli.output import PipeConsole
 from vlmhub.config import LoadedConfig, ResolvedModel, find_config, load_config, resolve
 from vlmhub.errors import VlmhubError
 from vlmhub.gpu import detect_gpu
@@ -20,8 +20,8 @@ from vlmhub.locate import ConfigError
 from vlmhub.registry import Registry
 from vlmhub.vram import Gpu
 
-console = Console()
-err_console = Console(stderr=True)
+console = PipeConsole()  # whole values when piped: see vlmhub.cli.output
+err_console = PipeConsole(stderr=True)
 T = TypeVar("T")
 
 ConfigOption = typer.Option(

@@ -20,6 +20,7 @@ import typer
 from rich.table import Table
 
 from vlmhub.cli.common import ConfigOption, Context, console, err_console, user_errors
+from vlmhub.cli.output import JsonOption, print_json
 from vlmhub.config import Config, RuntimeConfig, resolve
 from vlmhub.errors import RuntimeUnavailable, VlmhubError
 from vlmhub.locate import ConfigError
@@ -141,23 +142,31 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 # ----------------------------------------------------------------------------- ps
-def ps(config: Path | None = ConfigOption) -> None:
+def ps(config: Path | None = ConfigOption,
+       as_json: Annotated[bool, JsonOption] = False) -> None:
     """List running engines (both runtimes): state, port, VRAM budget, uptime, health."""
     with user_errors():
         engines = open_engines(config)
         rows = _run(lambda: _ps_rows(engines))
         _print_notes(engines)
+        if as_json:
+            print_json(rows)
+            return
         if not rows:
             console.print("no engines running")
             return
         table = Table("NAME", "STATE", "RUNTIME", "PORT", "VRAM", "UPTIME", "HEALTH",
                       box=None, header_style="bold")
-        for row in rows:
-            table.add_row(*row)
+        for r in rows:
+            vram, up = r["vram_gib"], r["uptime_s"]
+            table.add_row(r["name"], r["state"], r["runtime"], str(r["port"]),
+                          f"{vram:.1f} GiB" if vram is not None else "?",
+                          uptime(up) if up is not None else "?",
+                          "[green]ok[/]" if r["healthy"] else "[red]down[/]")
         console.print(table)
 
 
-async def _ps_rows(engines: Engines) -> list[tuple[str, ...]]:
+async def _ps_rows(engines: Engines) -> list[dict[str, Any]]:
     try:
         found = await engines.running()
         async with httpx.AsyncClient(trust_env=False) as client:
@@ -169,14 +178,13 @@ async def _ps_rows(engines: Engines) -> list[tuple[str, ...]]:
     now = time.time()
     rows = []
     for (rt, h), st, ok in zip(found, statuses, healthy, strict=True):
-        vram = engines.budgets.get(h.name)
-        rows.append((
-            h.name, st.state, rt.kind, str(h.port),
-            f"{vram:.1f} GiB" if vram is not None else "?",
-            uptime(now - h.started_at) if h.started_at else "?",
-            "[green]ok[/]" if ok else "[red]down[/]",
-        ))
-    return sorted(rows)
+        rows.append({
+            "name": h.name, "state": st.state, "runtime": rt.kind, "port": h.port,
+            "vram_gib": engines.budgets.get(h.name),
+            "uptime_s": round(now - h.started_at, 1) if h.started_at else None,
+            "healthy": ok,
+        })
+    return sorted(rows, key=lambda r: (r["name"], r["runtime"]))
 
 
 # ----------------------------------------------------------------------------- logs
@@ -268,24 +276,31 @@ async def _stop(engines: Engines, name: str | None, timeout: float) -> list[tupl
 
 
 # ----------------------------------------------------------------------------- health
-def health(config: Path | None = ConfigOption) -> None:
+def health(config: Path | None = ConfigOption,
+           as_json: Annotated[bool, JsonOption] = False) -> None:
     """Check every running engine: /health and /v1/models. Exit 1 if any is unhealthy."""
     with user_errors():
         engines = open_engines(config)
         rows = _run(lambda: _health_rows(engines))
         _print_notes(engines)
-        if not rows:
+        if as_json:
+            print_json([{"name": r[0], "url": r[1], "healthy": r[5],
+                         "serves": [] if r[3] == "-" else r[3].split(", "),
+                         "max_model_len": [] if r[4] == "-" else r[4].split(", ")}
+                        for r in rows])
+        elif not rows:
             console.print("no engines running")
-            return
-        table = Table("NAME", "URL", "HEALTH", "SERVES", "MAX_MODEL_LEN", box=None,
-                      header_style="bold")
-        for row in rows:
-            table.add_row(*row[:5])
-        console.print(table)
+        else:
+            table = Table("NAME", "URL", "HEALTH", "SERVES", "MAX_MODEL_LEN", box=None,
+                          header_style="bold")
+            for row in rows:
+                table.add_row(*row[:5])
+            console.print(table)
         bad = [row[0] for row in rows if not row[5]]
         if bad:
-            err_console.print(f"[red]unhealthy:[/] {', '.join(bad)} "
-                              "(`vlmhub logs NAME` shows why)", highlight=False)
+            if not as_json:
+                err_console.print(f"[red]unhealthy:[/] {', '.join(bad)} "
+                                  "(`vlmhub logs NAME` shows why)", highlight=False)
             raise typer.Exit(1)
 
 

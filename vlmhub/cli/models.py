@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -17,6 +18,7 @@ from rich.text import Text
 from vlmhub.budgets import key_for
 from vlmhub.cli.budgets import resolve_measured, store
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, user_errors
+from vlmhub.cli.output import JsonOption, print_json
 from vlmhub.config import ResolvedModel, find_config
 from vlmhub.flags import redact, render_argv
 from vlmhub.locate import ConfigError
@@ -34,7 +36,8 @@ def register(app: typer.Typer) -> None:
     app.add_typer(config_app, name="config")
 
 
-def models(config: Path | None = ConfigOption) -> None:
+def models(config: Path | None = ConfigOption,
+           as_json: Annotated[bool, JsonOption] = False) -> None:
     """Every model plugin: its entry point, VRAM budget, image and whether it loaded."""
     ctx = Context(config)
     with user_errors():
@@ -42,14 +45,20 @@ def models(config: Path | None = ConfigOption) -> None:
         table = Table(title="Model plugins (entry points in vlmhub.models)")
         for col in ("NAME", "SOURCE", "VRAM", "MAX LEN", "IMAGE", "VARIANTS", "STATUS"):
             table.add_column(col)
+        rows: list[dict[str, Any]] = []
         for name, info in sorted(reg.plugins.items()):
             if info.spec is None:
+                rows.append({"name": name, "source": info.source, "error": info.error})
                 table.add_row(
                     name, info.source, "", "", "", "", Text(f"error: {info.error}", "red")
                 )
                 continue
             spec = info.spec
             b = _plugin_budget(ctx, spec)
+            rows.append({"name": name, "source": info.source, "vram_gib": round(b.footprint_gib, 3),
+                         "budget_source": b.label, "max_model_len": spec.options.max_model_len,
+                         "image": spec.image, "hf_repo": spec.hf_repo,
+                         "variants": list(spec.variants), "error": None})
             table.add_row(
                 name,
                 info.source,
@@ -59,7 +68,10 @@ def models(config: Path | None = ConfigOption) -> None:
                 ", ".join(spec.variants) or "-",
                 Text("ok", "green"),
             )
-        console.print(table)
+        if as_json:
+            print_json(rows)
+        else:
+            console.print(table)
         if reg.errors():
             raise typer.Exit(1)
 
@@ -73,12 +85,16 @@ def _plugin_budget(ctx: Context, spec: ModelSpec) -> Budget:
     return budget_for(spec, None, store().lookup(key_for(spec, gpu, version)))
 
 
-def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption) -> None:
+def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption,
+         as_json: Annotated[bool, JsonOption] = False) -> None:
     """Each configured model's budget, its exact vLLM argv, and what fits together."""
     ctx = Context(config, gpu_gib)
     with user_errors():
         gpu, resolved = ctx.gpu, resolve_measured(ctx)
         rc = ctx.loaded.config.runtime
+        if as_json:
+            print_json(_plan_json(ctx, gpu, resolved))
+            return
         console.print(
             f"[bold]{gpu.name}[/]: {gpu.total_gib:.2f} GiB total ({gpu.source}), "
             f"{gpu.reserve_gib:.2f} GiB reserved, [bold]{gpu.usable_gib:.2f} GiB usable[/]"
@@ -126,6 +142,34 @@ def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption) 
         console.print(table)
         _groups(resolved)
         _gpu_bar(gpu, budgets)
+
+
+def _plan_json(ctx: Context, gpu: Gpu, resolved: list[ResolvedModel]) -> dict[str, Any]:
+    """What ``plan`` shows, as one JSON document (``--json``)."""
+    rc = ctx.loaded.config.runtime
+    models: list[dict[str, Any]] = []
+    for m in resolved:
+        if m.spec is None or m.budget is None:
+            models.append({"name": m.name, "external": True, "url": m.entry.url})
+            continue
+        b = m.budget
+        argv = render_argv(m.spec, b, gpu, port=8000, host="0.0.0.0", sleep_mode=m.entry.sleep,
+                           with_memory_flags=rc.memory_flags)
+        models.append({
+            "name": m.name, "external": False, "budget_gib": round(b.footprint_gib, 3),
+            "budget_source": b.label, "weights_gib": round(b.weights_gib, 3),
+            "kv_cache_gib": round(b.kv_cache_gib, 3), "kv_tokens": b.kv_tokens,
+            "pinned": m.entry.pinned, "preload": m.entry.preload, "sleep": m.entry.sleep,
+            "group": m.group.summary() if m.group is not None else None,
+            "argv": ["vllm", "serve", *redact(argv)],
+        })
+    budgets = [m.budget for m in resolved if m.spec is not None and m.budget is not None]
+    return {"config": str(ctx.loaded.path),
+            "gpu": {"name": gpu.name, "total_gib": round(gpu.total_gib, 3),
+                    "reserve_gib": round(gpu.reserve_gib, 3),
+                    "usable_gib": round(gpu.usable_gib, 3), "source": gpu.source},
+            "models": models,
+            "fits_together": [sorted(s) for s in fitting_sets(budgets, gpu)]}
 
 
 def _groups(resolved: list[ResolvedModel]) -> None:

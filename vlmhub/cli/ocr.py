@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,7 @@ from rich.progress import (
 from rich.table import Table
 
 from vlmhub.cli.common import ConfigOption, Context, console, err_console, run_async, user_errors
+from vlmhub.cli.output import JsonOption, print_json
 from vlmhub.config import resolve
 from vlmhub.locate import ConfigError
 from vlmhub.ocr.batch import (
@@ -146,6 +148,7 @@ def ocr(
         "--max-pixels", min=1, help="Downscale pages to at most this many pixels (default: "
         "the model's vision.max_pixels, else 11289600); never above the model's own cap.")]
     = None,
+    as_json: Annotated[bool, JsonOption] = False,
 ) -> None:
     """OCR many images and PDF pages through a running router or engine. Writes
     NAME.raw.txt, NAME.md and manifest.jsonl; a re-run resumes. Exit 1 if any page failed."""
@@ -161,11 +164,13 @@ def ocr(
         jobs = plan(inputs, opts, runner.prompt)
         todo = sum(not j.skip for j in jobs)
         what = f"preset {runner.prompt.preset}" if runner.prompt.preset else "generic prompt"
-        console.print(f"OCR {len(jobs)} page(s) with {model} ({what}) via {opts.base_url}"
-                      + (f"; {len(jobs) - todo} already done" if todo < len(jobs) else ""),
-                      highlight=False, markup=False)
+        out_console = err_console if as_json else console  # --json: stdout holds only JSON
+        out_console.print(f"OCR {len(jobs)} page(s) with {model} ({what}) via {opts.base_url}"
+                          + (f"; {len(jobs) - todo} already done" if todo < len(jobs) else ""),
+                          highlight=False, markup=False)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+                      TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=out_console) as bar:
             task = bar.add_task("pages", total=len(jobs))
 
             seen: set[str] = set()
@@ -178,7 +183,15 @@ def ocr(
                                       f"{escape(r.error or '?')}", highlight=False)
 
             summary = run_async(lambda: asyncio.run(runner.run(jobs, on_page)))
-        print_summary(summary, out)
+        if as_json:  # the summary and every page's result (as in manifest.jsonl)
+            print_json({"ok": summary.count("ok"), "failed": summary.count("failed"),
+                        "skipped": summary.count("skipped"),
+                        "recovered": sum(r.recovered for r in summary.results),
+                        "seconds": round(summary.seconds, 3), "output": str(out),
+                        "stopped": summary.stopped,
+                        "pages": [asdict(r) for r in summary.results]})
+        else:
+            print_summary(summary, out)
         if any("HTTP 401" in (r.error or "") for r in summary.results):
             err_console.print(f"The endpoint wants an API key: set it in ${api_key_env}.",
                               highlight=False, markup=False)
