@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -184,12 +185,12 @@ def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert find_config(Path("x.yaml")) == Path("x.yaml")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vlmhub", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
     )
 
@@ -234,3 +235,172 @@ def test_model_argument_follows_the_engine_command(tmp_path: Path) -> None:
     )
     assert api.model_as_flag
     assert RuntimeConfig(kind="process", model_arg="flag").model_as_flag
+
+
+# --- issue 14 item 11: YAML that used to give a traceback (or run for minutes) -------------
+
+
+def load_problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    return err.value.problems
+
+
+def bomb(levels: int, width: int = 9) -> str:
+    """``levels`` anchors, each a list of ``width`` aliases of the previous one."""
+    names = [f"l{i}" for i in range(levels + 1)]
+    lines = [f"{names[0]}: &{names[0]} [{', '.join(['x'] * width)}]"]
+    for prev, name in itertools.pairwise(names):
+        lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * width)}]")
+    return "\n".join([*lines, f"models: *{names[-1]}", ""])
+
+
+# YAML that gave a traceback (RecursionError, ReaderError, UnicodeDecodeError, ValueError).
+UNREADABLE = [
+    (b"gpu: {}\nmodels: &a [*a]\n", 2, "YAML", "recursive alias"),
+    (b"gpu: {}\nmodels: &a {x: {y: *a}}\n", 2, "YAML", "recursive alias"),
+    (b"gpu:\n  total_gib: 8\x00\n", 2, "YAML", "U+0000 is not allowed"),
+    (b"gpu: {}\nmodels:\n  caf\xe9: {}\n", 3, "YAML", "not UTF-8 text (byte 0xe9"),
+    (b"models:\n  dots-ocr:\n    ttl: 2020-99-99\n", 3, "YAML", "cannot read the value"),
+    (b"models:\n  dots-ocr:\n    ttl: " + b"9" * 5000 + b"\n", 3, "YAML", "cannot read the value"),
+    (b"models: " + b"[" * 3000 + b"]" * 3000 + b"\n", 1, "YAML", "nested more than 64 levels"),
+]
+
+
+def test_alias_bomb_is_refused_fast_by_config_check(tmp_path: Path) -> None:
+    p = tmp_path / "models.yaml"
+    p.write_text(bomb(9))  # 9**10 values once expanded: it ran for minutes, growing memory
+    res = run_cli("config", "check", "--config", str(p), timeout=20)
+    assert res.returncode == 2
+    assert f"{p}:" in res.stderr and "more than 20000 values" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_aliases_and_merge_keys_that_fit_still_load(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        """
+        models:
+          dots-ocr:
+            env: &shared {A: "1", B: "2"}
+            ttl: 60
+          qwen3-vl:
+            env: {<<: *shared, B: "3"}
+            aliases: &names [qwen-a, qwen-b]
+          phi3-vision:
+            env: *shared
+    """,
+    )
+    config = load_config(p).config
+    assert config.models["qwen3-vl"].env == {"A": "1", "B": "3"}
+    assert config.models["phi3-vision"].env == {"A": "1", "B": "2"}
+    p.write_text(bomb(2).replace("models: *l2", "gpu: {total_gib: 8}"))
+    with pytest.raises(ConfigError, match="unknown key"):  # 9**3 values: read, then validated
+        load_config(p)
+
+
+# --- issue 14 item 12: accepted but wrong ---------------------------------------------------
+
+
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        """
+        gpu:
+          total_gib: 8
+        models:
+          dots-ocr:
+            ttl: 60
+            ttl: 600
+        gpu:
+          total_gib: 80
+    """,
+    )
+    msgs = load_problems(p)
+    assert len(msgs) == 2
+    assert msgs[0].startswith(f"{p}:6: models.dots-ocr.ttl: duplicate key (first on line 5)")
+    assert "Fix: keep the one `ttl:` you mean and delete the other" in msgs[0]
+    assert msgs[1].startswith(f"{p}:7: gpu: duplicate key (first on line 1)")
+    assert "Fix: merge the two `gpu:` blocks into one" in msgs[1]
+
+
+# Values that were accepted although wrong.
+WRONG = [
+    (b"runtime:\n  port_range: [200, 100]\n", 2, "runtime.port_range", "1 <= low <= high"),
+    (b"runtime:\n  port_range: [0, 0]\n", 2, "runtime.port_range", "1 <= low <= high"),
+    (b"runtime:\n  port_range: [-5, 3]\n", 2, "runtime.port_range", "1 <= low <= high"),
+    (b"runtime:\n  port_range: [1, 70000]\n", 2, "runtime.port_range", "1 <= low <= high"),
+    (b"runtime:\n  port_range: [8100]\n", 2, "runtime.port_range", "1 <= low <= high"),
+    (b"gpu:\n  reserve_gib: 1\n  total_gib: .inf\n", 3, "gpu.total_gib", "finite number"),
+    (b"router:\n  drain_timeout_s: .inf\n", 2, "router.drain_timeout_s", "finite number"),
+    (b"router:\n  queue_timeout_s: .nan\n", 2, "router.queue_timeout_s", "finite number"),
+    (b"router:\n  health_interval_s: 'inf'\n", 2, "router.health_interval_s", "finite"),
+    (b"models:\n  dots-ocr:\n    ttl: .inf\n", 3, "models.dots-ocr.ttl", "finite number"),
+    (b"router:\n  port: 0\n", 2, "router.port", "greater than or equal to 1"),
+    (b"router:\n  api_keys: [sk-1, '']\n", 2, "router.api_keys.1", "an empty key"),
+    (b"router:\n  admin_key: ''\n", 2, "router.admin_key", "admin API (/api/*) without"),
+    (b"models:\n  x:\n    url: ftp://host/v1\n", 3, "models.x.url", "http:// or https://"),
+    (b"models:\n  x:\n    url: 127.0.0.1:8000\n", 3, "models.x.url", "http:// or https://"),
+    (b"models:\n  x:\n    url: 'http://'\n", 3, "models.x.url", "with a host"),
+]
+
+
+@pytest.mark.parametrize(("data", "line", "field", "problem"), [*UNREADABLE, *WRONG])
+def test_bad_files_are_refused_with_line_field_and_fix(
+    tmp_path: Path, data: bytes, line: int, field: str, problem: str
+) -> None:
+    p = tmp_path / "models.yaml"
+    p.write_bytes(data)
+    (msg,) = load_problems(p)
+    assert msg.startswith(f"{p}:{line}: {field}: ") and problem in msg and " Fix: " in msg
+
+
+def test_empty_admin_key_fix_says_what_to_do(tmp_path: Path) -> None:
+    p = write(tmp_path, "router:\n  admin_key: ''\n")
+    (msg,) = load_problems(p)
+    assert "Fix: remove the line (then only loopback clients may use /api/*), or set a real" in msg
+
+
+def test_non_finite_number_in_an_inline_spec_is_located(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        """
+        models:
+          mine:
+            spec:
+              hf_repo: me/model
+              image: me/engine:1
+              options: {max_model_len: 2048}
+              vram: {weights_gib: 1, kv_bytes_per_token: 1024, activation_gib: .inf}
+    """,
+    )
+    (msg,) = problems(p)
+    assert msg.startswith(f"{p}:7: models.mine.spec.vram.activation_gib: inf is not a finite")
+
+
+def test_keys_are_never_echoed_in_errors(tmp_path: Path) -> None:
+    p = write(tmp_path, "router:\n  admin_key: 987654321\n  api_keys: [sk-ok, 123456789]\n")
+    msgs = load_problems(p)
+    assert len(msgs) == 2 and not any("987654321" in m or "123456789" in m for m in msgs)
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (b"models: &a [*a]\n", 1),
+        (b"gpu:\n  total_gib: 8\n\x00\n", 3),
+        (b"models:\n  \xff\xfe: {}\n", 2),
+        (b"gpu:\n  total_gib: 8\ngpu:\n  total_gib: 80\n", 3),
+        (b"router:\n  admin_key: ''\n", 2),
+        (b"runtime:\n  port_range: [200, 100]\n", 2),
+    ],
+)
+def test_config_check_cli_refuses_bad_files_without_traceback(
+    tmp_path: Path, data: bytes, line: int
+) -> None:
+    p = tmp_path / "models.yaml"
+    p.write_bytes(data)
+    res = run_cli("config", "check", "--config", str(p), "--gpu-gib", "12")
+    assert res.returncode == 2, res.stdout
+    assert f"{p}:{line}: " in res.stderr and "Fix: " in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout

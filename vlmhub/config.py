@@ -9,15 +9,25 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vlmhub.budgets import BudgetStore, key_for
-from vlmhub.locate import ConfigError, Loc, Locator, explain, load_yaml
+from vlmhub.locate import ConfigError, FieldProblem, Loc, Locator, explain, load_yaml
 from vlmhub.spec import ModelSpec, Strict
 from vlmhub.together import GroupPlan, MeasureFn, fit_together
 from vlmhub.vram import Budget, DoesNotFit, Gpu, Measured, check_fits_alone
@@ -27,7 +37,26 @@ DEMO_CONFIG = PACKAGE_DIR / "examples" / "demo.yaml"
 USER_CONFIG = Path("~/.config/vlmhub/models.yaml")
 
 
-class GpuConfig(Strict):
+class Section(Strict):
+    """A models.yaml mapping: unknown keys and non-finite floats (``.inf``, ``.nan``) refused."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+def _port_range_problem() -> FieldProblem:
+    return FieldProblem(
+        "must be [low, high] with 1 <= low <= high <= 65535",
+        "write two ports, the lower first, e.g. [8100, 8199]",
+    )
+
+
+def _key(value: str) -> str:
+    if not value.strip():
+        raise FieldProblem("an empty key", "remove the entry, or write the key")
+    return value
+
+
+class GpuConfig(Section):
     """The card. ``total_gib`` is used when NVML finds no GPU (or always, with ``force``)."""
 
     total_gib: float | None = Field(default=None, gt=0)
@@ -37,10 +66,10 @@ class GpuConfig(Strict):
     force_total: bool = False
 
 
-class RouterConfig(Strict):
+class RouterConfig(Section):
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list)
+    port: int = Field(default=8080, ge=1, le=65535)
+    api_keys: list[Annotated[str, AfterValidator(_key)]] = Field(default_factory=list)
     admin_key: str | None = None
     max_queue: int = Field(default=32, ge=0)
     queue_timeout_s: float = Field(default=600.0, gt=0)
@@ -60,8 +89,18 @@ class RouterConfig(Strict):
     cors_origins: list[str] = Field(default_factory=list)
     """Browser origins (e.g. http://localhost:3000) that may call /v1/* (CORS); "*" for any."""
 
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_set(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise FieldProblem(
+                "an empty admin_key would leave the admin API (/api/*) without a key",
+                "remove the line (then only loopback clients may use /api/*), or set a real key",
+            )
+        return v
 
-class RuntimeConfig(Strict):
+
+class RuntimeConfig(Section):
     kind: Literal["docker", "process"] = "docker"
     docker_host: str | None = None
     hf_cache: str = "~/.cache/huggingface"
@@ -92,8 +131,23 @@ class RuntimeConfig(Strict):
             raise ValueError("process_argv needs at least the program to run")
         return v
 
+    @field_validator("port_range", mode="before")
+    @classmethod
+    def _two_ports(cls, v: Any) -> Any:
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise _port_range_problem()
+        return v
 
-class ModelEntry(Strict):
+    @field_validator("port_range")
+    @classmethod
+    def _ports(cls, v: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = v
+        if not 1 <= lo <= hi <= 65535:
+            raise _port_range_problem()
+        return v
+
+
+class ModelEntry(Section):
     """One enabled model: a plugin (with overrides), an inline spec, or an external URL."""
 
     plugin: str | None = None
@@ -120,6 +174,24 @@ class ModelEntry(Strict):
         default_factory=list, description="Models that must be resident with this one."
     )
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:
+            parts = parts._replace(netloc="")
+        blank = any(c.isspace() or not c.isprintable() for c in v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or blank:
+            raise FieldProblem(
+                "an external model's url must be an http:// or https:// URL with a host",
+                "write the server's base URL, e.g. http://127.0.0.1:8000",
+            )
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelEntry:
         if self.spec is not None and (self.plugin or self.variant):
@@ -129,7 +201,7 @@ class ModelEntry(Strict):
         return self
 
 
-class Config(Strict):
+class Config(Section):
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -212,10 +284,32 @@ def _expand(arg: str, base: Path) -> str:
 
 def _inline_spec(name: str, entry: ModelEntry, locator: Locator) -> ModelSpec:
     assert entry.spec is not None
+    where: Loc = ("models", name, "spec")
     try:
-        return ModelSpec.model_validate({"name": name, **entry.spec})
+        spec = ModelSpec.model_validate({"name": name, **entry.spec})
     except ValidationError as exc:
-        raise ConfigError(explain(exc, ModelSpec, locator, ("models", name, "spec"))) from None
+        raise ConfigError(explain(exc, ModelSpec, locator, where)) from None
+    bad = [
+        locator.error(
+            loc, f"{value} is not a finite number", "write a finite number, or remove the key"
+        )
+        for loc, value in _non_finite(spec.model_dump(exclude={"name"}), where)
+    ]
+    if bad:
+        raise ConfigError(bad)
+    return spec
+
+
+def _non_finite(value: Any, loc: Loc) -> Iterator[tuple[Loc, float]]:
+    """Every ``inf``/``nan`` in plain data, with its key path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield loc, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, (*loc, str(key)))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _non_finite(item, (*loc, i))
 
 
 def resolve(

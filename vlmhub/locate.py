@@ -3,6 +3,11 @@
 :func:`load_yaml` returns the data and a :class:`Locator` that maps a path of keys
 (``("models", "dots-ocr", "ttl")``) to its line. :func:`explain` turns a pydantic
 ``ValidationError`` into one readable line per problem. Pure apart from reading the file.
+
+Reading is bounded: the file is at most :data:`MAX_BYTES`, values nest at most
+:data:`MAX_DEPTH` levels and the document holds at most :data:`MAX_VALUES` values with every
+alias (``*name``) expanded, so an alias bomb or a recursive alias fails fast with a located
+error. Duplicate keys are refused: YAML would silently keep the last one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from pydantic import BaseModel, ValidationError
 
 Loc = tuple[str | int, ...]
 
+MAX_BYTES = 1024 * 1024
+MAX_DEPTH = 64
+MAX_VALUES = 20_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
 
 class ConfigError(Exception):
     """A bad configuration. ``str(err)`` is the message to show the user, one line per problem."""
@@ -26,6 +36,15 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+class FieldProblem(ValueError):
+    """Raised by a validator: ``problem`` is what is wrong, ``fix`` what to write instead.
+    :func:`explain` shows both on the field's line."""
+
+    def __init__(self, problem: str, fix: str):
+        self.fix = fix
+        super().__init__(problem)
 
 
 @dataclass(frozen=True)
@@ -45,44 +64,226 @@ class Locator:
         line = self.line(loc)
         return f"{self.path}:{line}" if line is not None else self.path
 
-    def error(self, loc: Loc, message: str, fix: str = "") -> str:
+    def error(self, loc: Loc, message: str, fix: str = "", line: int | None = None) -> str:
         field = ".".join(str(p) for p in loc) or "(top level)"
         tail = f" Fix: {fix}" if fix else ""
-        return f"{self.where(loc)}: {field}: {message}.{tail}"
+        where = f"{self.path}:{line}" if line is not None else self.where(loc)
+        return f"{where}: {field}: {message}.{tail}"
 
 
-def _walk(node: yaml.Node, loc: Loc, out: dict[Loc, int]) -> None:
-    out.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = (*loc, str(key.value))
-            out[child] = key.start_mark.line + 1
-            _walk(value, child, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _walk(item, (*loc, i), out)
+class _Refused(Exception):
+    """A problem found while reading the YAML: where, what and the fix."""
+
+    def __init__(self, mark: Any, problem: str, fix: str):
+        super().__init__(problem)
+        self.line: int = mark.line + 1 if mark is not None else 1
+        self.problem, self.fix = problem, fix
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses recursive aliases and documents that are too deep or too
+    large once aliases are expanded. Sizes are counted as nodes are composed (each node once,
+    each alias by the memoised size of its target), so the check costs one pass."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._ancestors: list[int] = []  # ids of the collections enclosing the node composed now
+        self._size: dict[int, int] = {}  # node id -> values once every alias is expanded
+        self._height: dict[int, int] = {}  # node id -> levels once every alias is expanded
+        self._values = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        if parent is not None:
+            self._ancestors.append(id(parent))
+        try:
+            if isinstance(event, yaml.AliasEvent):
+                target = self.anchors.get(event.anchor)
+                if target is not None:  # else PyYAML reports the undefined alias
+                    self._count_alias(event, target)
+                return super().compose_node(parent, index)
+            if len(self._ancestors) >= MAX_DEPTH:
+                raise _Refused(
+                    event.start_mark,
+                    f"values are nested more than {MAX_DEPTH} levels deep",
+                    "models.yaml needs a few levels; check the brackets and indentation",
+                )
+            self._add(1, event.start_mark)
+            node = super().compose_node(parent, index)
+            if node is not None:
+                self._measure(node)
+            return node
+        finally:
+            if parent is not None:
+                self._ancestors.pop()
+
+    def _count_alias(self, event: yaml.AliasEvent, target: yaml.Node) -> None:
+        name = str(event.anchor)
+        if id(target) in self._ancestors:
+            raise _Refused(
+                event.start_mark,
+                f"the alias *{name} is inside the value &{name} it refers to (a recursive alias)",
+                f"remove *{name} there, or write the value out",
+            )
+        if len(self._ancestors) + self._height.get(id(target), 1) > MAX_DEPTH:
+            raise _Refused(
+                event.start_mark,
+                f"with the alias *{name} expanded, values are nested more than "
+                f"{MAX_DEPTH} levels deep",
+                "write the value out, or use fewer nested aliases",
+            )
+        self._add(self._size.get(id(target), 1), event.start_mark, name)
+
+    def _add(self, values: int, mark: Any, alias: str = "") -> None:
+        self._values += values
+        if self._values > MAX_VALUES:
+            via = f" (the alias *{alias} repeats {values} values)" if alias else ""
+            raise _Refused(
+                mark,
+                f"the file holds more than {MAX_VALUES} values with its aliases expanded{via}",
+                "use fewer aliases (`*name`) or fewer values; models.yaml needs far fewer",
+            )
+
+    def _measure(self, node: yaml.Node) -> None:
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        self._size[id(node)] = 1 + sum(self._size.get(id(c), 1) for c in children)
+        self._height[id(node)] = 1 + max((self._height.get(id(c), 1) for c in children), default=0)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """A value PyYAML cannot build (``2020-99-99``, a 5,000-digit int) is located."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as exc:
+            raise _Refused(
+                node.start_mark,
+                f"cannot read the value {_short(node.value)}: {exc}",
+                "quote it to make it a string, or correct it",
+            ) from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _secret(loc: Loc) -> bool:
+    """Keys, tokens and passwords are never echoed in an error."""
+    words = ("key", "token", "secret", "password")
+    return any(w in str(part).lower() for part in loc for w in words)
+
+
+@dataclass
+class _Walk:
+    """Maps each key path to its line and collects duplicate keys; each node is checked once."""
+
+    lines: dict[Loc, int]
+    duplicates: list[tuple[Loc, int, int, bool]]  # key path, first line, line, a block?
+    seen: set[int]
+
+    def walk(self, node: yaml.Node, loc: Loc) -> None:
+        self.lines.setdefault(loc, node.start_mark.line + 1)
+        first_visit = id(node) not in self.seen
+        self.seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                child = (*loc, str(key.value))
+                line = key.start_mark.line + 1
+                self.lines[child] = line
+                if first_visit and isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                    ident = (key.tag, key.value)
+                    if ident in first:
+                        block = isinstance(value, yaml.MappingNode)
+                        self.duplicates.append((child, first[ident], line, block))
+                    else:
+                        first[ident] = line
+                self.walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.walk(item, (*loc, i))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the file: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(
+            [
+                f"{path}:1: YAML: the file is {len(raw)} bytes, more than models.yaml may be "
+                f"({MAX_BYTES}). Fix: check that this is the right file."
+            ]
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            [
+                f"{path}:{line}: YAML: the file is not UTF-8 text (byte 0x{raw[exc.start]:02x} "
+                f"at column {column}). Fix: save the file as UTF-8."
+            ]
+        ) from None
+
+
+def _compose(path: Path, text: str) -> tuple[Any, _Walk]:
+    try:
+        loader = _BoundedLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        raise ConfigError(
+            [
+                f"{path}:{line}: YAML: the character U+{ord(char):04X} is not allowed "
+                "in YAML. Fix: remove it (is this a text file?)."
+            ]
+        ) from None
+    try:
+        node = loader.get_single_node()
+        found = _Walk({}, [], set())
+        if node is not None:
+            found.walk(node, ())  # before construction, which merges `<<` keys in place
+        data = loader.construct_document(node) if node is not None else None
+        return data, found
+    except _Refused as exc:
+        raise ConfigError([f"{path}:{exc.line}: YAML: {exc.problem}. Fix: {exc.fix}."]) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f":{mark.line + 1}" if mark is not None else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(
+            [f"{path}{at}: YAML syntax: {problem}. Fix: check the indentation and quoting there."]
+        ) from None
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: Path) -> tuple[Any, Locator]:
-    """Read and parse ``path``; a syntax error becomes a located :class:`ConfigError`."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the file: {exc.strerror or exc}"]) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = exc.problem or exc.context or "invalid YAML"
+    """Read and parse ``path``. Every problem (not UTF-8, a control character, bad syntax, a
+    recursive alias, too large, a duplicate key) becomes a located :class:`ConfigError`."""
+    data, found = _compose(path, _read_text(path))
+    locator = Locator(str(path), found.lines)
+    if found.duplicates:
         raise ConfigError(
-            [f"{path}{line}: YAML syntax: {problem}. Fix: check the indentation and quoting there."]
-        ) from None
-    lines: dict[Loc, int] = {}
-    if node is not None:
-        _walk(node, (), lines)
-    return data, Locator(str(path), lines)
+            [
+                locator.error(
+                    loc,
+                    f"duplicate key (first on line {first}); YAML would silently use the last one",
+                    f"merge the two `{loc[-1]}:` blocks into one"
+                    if block
+                    else f"keep the one `{loc[-1]}:` you mean and delete the other",
+                    line=line,
+                )
+                for loc, first, line, block in found.duplicates
+            ]
+        )
+    return data, locator
 
 
 def _unwrap(tp: Any) -> Any:
@@ -123,6 +324,8 @@ def _fix(root: type[BaseModel], err: Any, loc: Loc) -> str:
         return f"{hint}remove it, or use one of: {', '.join(known)}"
     if kind == "missing":
         return f"add the key {loc[-1]!r}"
+    if kind == "finite_number":
+        return "write a finite number, or remove the key to use the default"
     if kind.startswith(("int_", "float_")):
         return "write a number here"
     if kind.startswith("bool_"):
@@ -150,8 +353,9 @@ def explain(
             msg = msg[len("Value error, ") :]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif "input" in err and err["type"] != "missing" and not isinstance(err["input"], dict):
-            msg = f"{msg} (got {err['input']!r})"
-        fix = _fix(root, err, tuple(err["loc"]))
+        elif err["type"] != "missing" and not isinstance(err.get("input", {}), dict):
+            msg = msg if _secret(loc) else f"{msg} (got {_short(err['input'])})"
+        raised = err.get("ctx", {}).get("error")
+        fix = raised.fix if isinstance(raised, FieldProblem) else _fix(root, err, err["loc"])
         problems.append(locator.error(loc, msg, fix))
     return problems
