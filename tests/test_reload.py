@@ -50,7 +50,7 @@ def demo(tmp_path: Path) -> dict[str, Any]:
 
 
 def models(url: str) -> dict[str, dict[str, Any]]:
-    return {m["name"]: m for m in httpx.get(url + "/api/models", timeout=10).json()["models"]}
+    return {m["name"]: m for m in httpx.get(url + "/api/models", timeout=30).json()["models"]}
 
 
 async def hammer(url: str, model: str, stop: asyncio.Event, statuses: list[int]) -> None:

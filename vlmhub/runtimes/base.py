@@ -141,6 +141,11 @@ async def probe(handle: EngineHandle, client: httpx.AsyncClient) -> bool:
     return r.status_code == 200
 
 
+LOG_CATCH_UP_S = 1.0
+"""How long a healthy engine's log may lag behind its health answer before wait_ready returns
+anyway (the log carries the memory facts the budgets record)."""
+
+
 async def wait_ready(
     runtime: Runtime,
     handle: EngineHandle,
@@ -181,6 +186,9 @@ async def wait_ready(
         async with httpx.AsyncClient(trust_env=False) as client:
             while True:
                 if await probe(handle, client):
+                    if not serving.is_set():  # let the log pump catch up: its memory facts
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(serving.wait(), LOG_CATCH_UP_S)
                     if on_phase is not None:
                         on_phase("ready", "health check passed")
                     return parser
