@@ -14,7 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-GROUPS = ("models", "serve", "route", "ocr", "budgets", "simulate", "status")
+GROUPS = ("models", "serve", "route", "ocr", "budgets", "simulate", "status", "cache", "pull")
 """Command modules under vlmhub.cli, registered in this order."""
 
 for _group in GROUPS:
