@@ -49,9 +49,16 @@ def test_a_swap_is_deferred_until_the_waiting_work_pays_for_it() -> None:
     assert [e.name for e in d.plan.evict] == ["b"] and d.plan.evict[0].busy
 
 
-def test_an_idle_victim_costs_nothing_so_the_swap_is_at_once() -> None:
+def test_an_idle_victim_costs_nothing_but_the_swap_waits_while_the_gpu_serves() -> None:
     idle_b = rv("b", "ready", last_used=NOW - 30, loaded_at=NOW - 100)
+    # a still serves: c's waiters are batched (up to their bound) rather than loaded one by one
     d = decide([BUSY_A, idle_b, rv("c")], [waiting("c", 0.0)], 8, NOW)
+    assert d.plan is None and "still serving" in d.deferred[0][1]
+    d = decide([BUSY_A, idle_b, rv("c")], [waiting("c", 60.0)], 8, NOW)  # bound: 3 x 20 s
+    assert target(d) == "c" and d.plan is not None and [e.name for e in d.plan.evict] == ["b"]
+    # with nothing else serving, the idle model goes at once
+    idle_a = rv("a", "ready", last_used=NOW - 5, loaded_at=NOW - 100)
+    d = decide([idle_a, idle_b, rv("c")], [waiting("c", 0.0)], 8, NOW)
     assert target(d) == "c" and d.plan is not None and [e.name for e in d.plan.evict] == ["b"]
 
 
@@ -89,12 +96,12 @@ def test_batch_yields_to_interactive_and_comes_back_after() -> None:
     # interactive c evicts the busy batch model at once: no hold, no price
     d = decide([batch_a, rv("c")], [waiting("c", 0.0)], 4, NOW)
     assert target(d) == "c" and d.plan is not None and d.plan.evict[0].name == "a"
-    # while c has recent interactive use, the batch queue waits (within its bound)...
-    chat_c = rv("c", "ready", last_used=NOW - 10, loaded_at=NOW - 20)
+    # while c has interactive work, the batch queue waits (within its bound)...
+    chat_c = rv("c", "ready", in_flight=1, last_used=NOW, loaded_at=NOW - 20)
     d = decide([rv("a", priority="batch"), chat_c], [waiting("a", 30.0, priority="batch")], 4, NOW)
     assert d.plan is None and "interactive" in d.deferred[0][1]
-    # ...and comes back once c has been idle for its hold (4 x 10 s)
-    idle_c = rv("c", "ready", last_used=NOW - 41, loaded_at=NOW - 100)
+    # ...and comes back as soon as c's interactive work is done
+    idle_c = rv("c", "ready", last_used=NOW - 1, loaded_at=NOW - 100)
     d = decide([rv("a", priority="batch"), idle_c], [waiting("a", 30.0, priority="batch")], 4, NOW)
     assert target(d) == "a"
     # a batch request past its bound (10 x 20 s = 200 s) forces its way back

@@ -140,14 +140,14 @@ def test_interactive_before_batch() -> None:
     # fifo: the oldest first: b's swap at 10 (drain a until 40, stop, start b 41-51; b waits
     # 50), then c (drain b until 56, stop, start c 57-67: c waits 65).
     # vlmhub: both are held while a (just loaded, busy) works; at 40 c goes first (stop 40-41,
-    # start 41-51: c waits 49); b then waits for c's interactive hold (4 x 10 s after its last
-    # use at 56): at 96 stop c, start b 97-107: b waits 106 (its bound is 10 x 20 = 200 s).
+    # start 41-51: c waits 49); b comes back as soon as c's interactive work is done at 56:
+    # stop c 56-57, start b 57-67: b waits 66 (its bound is 10 x 20 = 200 s).
     fifo, _ = run([model("a"), model("b"), model("c")], _priorities(), "fifo")
     assert fifo.waits["batch"].max_s == 50.0 and fifo.waits["interactive"].max_s == 65.0
     mine, t = run([model("a"), model("b"), model("c")], _priorities(), "vlmhub")
     assert (40.0, "start c, evicting a (stop)") in t
-    assert (96.0, "start b, evicting c (stop)") in t
-    assert mine.waits["interactive"].max_s == 49.0 and mine.waits["batch"].max_s == 106.0
+    assert (56.0, "start b, evicting c (stop)") in t
+    assert mine.waits["interactive"].max_s == 49.0 and mine.waits["batch"].max_s == 66.0
     # c's bound is 3 x (10 + 10) = 60: the worst ratio is c's 49 / 60
     assert mine.over_max_wait == 0 and mine.worst_wait_ratio == pytest.approx(49 / 60)
 

@@ -12,12 +12,14 @@ Policies (``--policy`` in ``vlmhub simulate``; ``router.policy`` in models.yaml)
   2. A swap (a start that evicts a model) happens when it is worth its price:
      the waiting work ``value = sum(weight(priority) x age)`` over the target's waiters reaches
      ``value_factor x cost``, where ``cost`` is the target's reload cost plus the reload cost of
-     every victim that still has work (in flight or queued). Victims with no work cost nothing.
+     every victim that still has work (in flight or queued). Victims with no work cost nothing,
+     but such a swap waits while another resident model of the target's class is serving, so
+     one load takes many waiters along (rule 5 bounds the wait).
   3. A model that was loaded at cost C and still has work keeps its place for
      ``hold_factor x C`` seconds after it became ready.
   4. Interactive before batch: an interactive target evicts batch-only victims at once (batch
-     yields), and a model with recent interactive use (within its hold) is not evicted for
-     batch work. Among candidates, interactive ones are served first.
+     yields), and a model with interactive work (in flight or queued) is not evicted for batch
+     work. Among candidates, interactive ones are served first.
   5. The bound: a waiter older than its model's ``max_wait_s`` (per priority) forces the swap,
      whatever the rules above say. Overdue targets go first, oldest first.
 ``fifo``: vlmhub's policy before the swap-cost rules: the oldest waiting request's model is
@@ -192,6 +194,18 @@ def _rank(
     if not pl.evict:
         return (2.0, klass, oldest), ""
     by_name = {r.name: r for r in views}
+    victims = {e.name for e in pl.evict}
+    if not any(e.busy for e in pl.evict):
+        serving = [
+            r.name for r in views
+            if r.state == "ready" and r.in_flight > 0 and r.name not in victims
+            and (r.priority == "interactive") == interactive
+        ]
+        if serving:  # batch the waiters: the GPU is busy serving their class anyway
+            return None, (
+                f"{serving[0]} is still serving; the swap waits to take more requests along "
+                "(until the oldest reaches max_wait_s)"
+            )
     queued = {x.name: x.waiters for x in demand}
     cost = t.reload_cost_s
     for ev in pl.evict:
@@ -202,8 +216,8 @@ def _rank(
             w.priority == "interactive" for w in v_waiters
         )
         hold = p.hold_factor * v.reload_cost_s
-        if not interactive and v_interactive and (has_work or now - v.last_used < hold):
-            return None, f"{v.name} has recent interactive work; batch waits (max_wait bounds it)"
+        if not interactive and v_interactive and has_work:
+            return None, f"{v.name} has interactive work; batch waits (max_wait bounds it)"
         if interactive and not v_interactive:
             continue  # batch yields to interactive: no hold, no price
         if has_work and now - v.loaded_at < hold:
@@ -228,4 +242,5 @@ def params_from(config: Config, models: Sequence[ResolvedModel]) -> Params:
     for m in models:
         if m.entry.max_wait_s is not None:
             waits[m.name] = {"interactive": m.entry.max_wait_s, "batch": m.entry.max_wait_s}
-    return Params(name=config.router.policy, max_wait_s=waits)
+    cap = min(Params.max_wait_cap_s, config.router.queue_timeout_s / 2)  # bound under timeout
+    return Params(name=config.router.policy, max_wait_s=waits, max_wait_cap_s=cap)
