@@ -1,20 +1,25 @@
-"""Proxy overhead of ``vlmhub route``, side by side with the direct path and two thin proxies.
+"""Proxy overhead of ``vlmhub route``, side by side with the direct path, thin proxies and LiteLLM.
 
 One run starts a raw-ASGI upstream (benchmarks/upstream.py), ``vlmhub route`` with one external
-model in front of it, and the thin starlette proxies of the reference measurement (one pooled
-httpx.AsyncClient, or one aiohttp.ClientSession, feeding a StreamingResponse). Then, path by
-path:
+model in front of it and every feature on (an API key, metrics, the supervisor's queue
+accounting), the thin starlette proxies of the reference measurement (one pooled
+httpx.AsyncClient, or one aiohttp.ClientSession, feeding a StreamingResponse) and the LiteLLM
+proxy (its own venv, made by benchmarks/litellm_env.sh; the same upstream as an OpenAI-compatible
+model; a master key; no database). Then, path by path:
 
-* ``wrk -t1 -cC -d8s --latency`` POSTs a small chat body at C = 1, 16 and 64: p50, p99,
-  requests/s, and the CPU the front process used per request;
+* ``wrk -t1 -cC -d8s --latency`` POSTs a small chat body (with the key) at C = 1, 16 and 64:
+  p50, p99, requests/s, and the CPU the front process used per request;
 * 15 sequential streaming requests (50 SSE chunks, 20 ms apart): median time to the first
-  chunk, median total time (about 1 s when nothing buffers) and the number of reads per stream.
+  chunk, median total time (about 1 s when nothing buffers) and the number of reads per stream;
+* the front process's resident memory once its load is over.
 
-It prints Markdown tables and keeps wrk's raw output, the logs and a summary in a results
-folder. Timings on a small machine are noisy: it reports, it never asserts. About 3 minutes
-with the default paths (direct, vlmhub, aiohttp, httpx); see benchmarks/README.md for the rest.
+It prints Markdown tables, the ratios (vlmhub / LiteLLM throughput, latency added over direct)
+and the issue-9 targets, and keeps wrk's raw output, the logs and a summary in a results folder.
+``--update-doc docs/benchmarks.md`` writes them into that file's ``router_overhead`` block.
+Timings on a small machine are noisy: it reports, it never asserts. About 4 minutes with the
+default paths; see benchmarks/README.md for the rest.
 
-    .venv/bin/python benchmarks/router_overhead.py [--profile] [--results DIR]
+    .venv/bin/python benchmarks/router_overhead.py [--update-doc docs/benchmarks.md]
 
 Needs ``wrk`` on PATH (Debian: ``apt-get install -y wrk``); ``--profile`` also needs py-spy.
 """
@@ -23,64 +28,62 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import datetime as dt
-import importlib.metadata
 import importlib.util
-import json
 import os
-import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import IO
 
 import httpx
+from benchlib import (
+    HERE,
+    REPO,
+    Processes,
+    cpu_seconds,
+    fmt_ms,
+    free_port,
+    machine,
+    memory_mib,
+    save_report,
+    sigterm_exits,
+)
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+KEY = "sk-vlmhub-bench"  # the API key every path is sent (vlmhub and LiteLLM check it)
 CHAT_BODY = '{"model":"bench","messages":[{"role":"user","content":"hi"}]}'
 STREAM_BODY = '{"model":"bench","messages":[{"role":"user","content":"hi"}],"stream":true}'
+HEADERS = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
 CHAT_PATH = "/v1/chat/completions"
 CONCURRENCIES = (1, 16, 64)
-ALL_PATHS = ("direct", "vlmhub", "vlmhub-h11", "vlmhub-gcfreeze", "vlmhub-uvloop", "aiohttp",
-             "httpx")
-DEFAULT_PATHS = ("direct", "vlmhub", "aiohttp", "httpx")
-LABELS = {"direct": "direct", "vlmhub": "vlmhub route", "vlmhub-h11": "vlmhub route (h11)",
-          "vlmhub-gcfreeze": "vlmhub route + gc.freeze()",
-          "vlmhub-uvloop": "vlmhub route + uvloop", "aiohttp": "starlette + aiohttp",
-          "httpx": "starlette + httpx"}
-# vlmhub route with uvicorn's pure-Python h11 parser, as a plain `pip install vlmhub` runs it
-# (uvicorn's "auto" picks httptools only when it is installed): httptools is hidden.
+ALL_PATHS = ("direct", "vlmhub", "vlmhub-asyncio", "vlmhub-h11", "vlmhub-baseline", "aiohttp",
+             "httpx", "litellm")
+DEFAULT_PATHS = ("direct", "vlmhub", "aiohttp", "httpx", "litellm")
+LABELS = {"direct": "direct", "vlmhub": "vlmhub route",
+          "vlmhub-asyncio": "vlmhub route (asyncio loop)", "vlmhub-h11": "vlmhub route (h11)",
+          "vlmhub-baseline": "vlmhub route (baseline tree)", "aiohttp": "starlette + aiohttp",
+          "httpx": "starlette + httpx", "litellm": "LiteLLM proxy"}
+# vlmhub route with uvicorn's pure-Python h11 parser (uvicorn's "auto" picks httptools only
+# when it can import it): httptools is hidden.
 VLMHUB_H11 = ("import sys; sys.modules['httptools'] = None; sys.argv[0] = 'vlmhub'; "
               "from vlmhub.cli import main; main()")
-# An experiment, not vlmhub's behaviour: vlmhub route that moves every object alive once it
-# accepts requests (imports, config, app) out of the garbage collector's reach (gc.freeze), so
-# full collections under load stop scanning them.
-VLMHUB_GC_FREEZE = (
-    "import gc, sys; import vlmhub.router.server as s; started = s.RouterServer._started\n"
-    "def _started(self):\n    gc.collect(); gc.freeze(); started(self)\n"
-    "s.RouterServer._started = _started; sys.argv[0] = 'vlmhub'\n"
-    "from vlmhub.cli import main; main()")
-# An experiment too: vlmhub route on uvloop (its asyncio.run takes the loop from the policy).
-VLMHUB_UVLOOP = (
-    "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "sys.argv[0] = 'vlmhub'; from vlmhub.cli import main; main()")
+# vlmhub route on asyncio's own loop, as when uvloop is not installed: uvloop is hidden.
+VLMHUB_ASYNCIO = ("import sys; sys.modules['uvloop'] = None; sys.argv[0] = 'vlmhub'; "
+                  "from vlmhub.cli import main; main()")
 STREAM_CHUNKS = 50  # what benchmarks/upstream.py sends, before [DONE]
+TARGET_ADDED_P50_MS = 0.4  # issue 9: c=1 p50 over direct
+TARGET_FIRST_CHUNK_MS = 1.0  # issue 9: first chunk over direct
 
 WRK_LUA = f"""wrk.method = "POST"
 wrk.body = '{CHAT_BODY}'
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {KEY}"
 """
 
 # The thin reference proxy (as in proxy-measurements.md): starlette, one pooled client, the
@@ -130,6 +133,19 @@ app = Starlette(routes=[Route("/v1/chat/completions", proxy, methods=["POST"])],
 uvicorn.run(app, host="127.0.0.1", port=PORT, loop=LOOP, log_level="warning", access_log=False)
 '''
 
+LITELLM_CONFIG = """model_list:
+  - model_name: bench
+    litellm_params:
+      model: openai/bench
+      api_base: {upstream}/v1
+      api_key: none
+general_settings:
+  master_key: {key}
+"""
+# LiteLLM as documented for a local proxy without a database; the environment only keeps it
+# from fetching its model price list from the internet at start and from sending telemetry.
+LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
+
 
 @dataclass
 class WrkResult:
@@ -147,57 +163,19 @@ class StreamResult:
     ttfb_ms: list[float] = field(default_factory=list)
     total_s: list[float] = field(default_factory=list)
     reads: list[int] = field(default_factory=list)
-    complete: int = 0  # streams that carried all 50 chunks and [DONE]
+    complete: int = 0  # streams that carried every chunk and ended with [DONE]
 
 
 @dataclass
 class Target:
     name: str
     url: str
-    proc: subprocess.Popen[bytes] | None  # the process whose CPU is counted
+    proc: subprocess.Popen[bytes] | None  # the process whose CPU and memory are counted
     wrk: list[WrkResult] = field(default_factory=list)
     stream: StreamResult = field(default_factory=StreamResult)
-
-
-class Processes:
-    """The child processes of this run; all stopped by :meth:`stop_all` (SIGTERM, then KILL)."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
-
-    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
-        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=REPO, env=env,
-                                start_new_session=True)
-        self.procs.append((name, proc, log))
-        return proc
-
-    def log_tail(self, name: str, lines: int = 20) -> str:
-        text = (self.logs / f"{name}.log").read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop_all(self) -> None:
-        for _, proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _, proc, log in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
-        self.procs.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    rss_start_mib: float | None = None  # once it answered its first request
+    rss_after_mib: float | None = None  # after its wrk runs and streams
+    rss_peak_mib: float | None = None
 
 
 def wait_ready(procs: Processes, name: str, proc: subprocess.Popen[bytes], url: str,
@@ -205,14 +183,13 @@ def wait_ready(procs: Processes, name: str, proc: subprocess.Popen[bytes], url: 
     """Block until a chat request through ``url`` answers 200 (or fail with the log's tail)."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
-    with httpx.Client(timeout=2.0) as client:
+    with httpx.Client(timeout=5.0) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n"
                                    f"{procs.log_tail(name)}")
             try:
-                resp = client.post(url + CHAT_PATH, content=CHAT_BODY,
-                                   headers={"content-type": "application/json"})
+                resp = client.post(url + CHAT_PATH, content=CHAT_BODY, headers=HEADERS)
                 if resp.status_code == 200:
                     return
                 last = f"HTTP {resp.status_code}: {resp.text[:200]}"
@@ -221,17 +198,6 @@ def wait_ready(procs: Processes, name: str, proc: subprocess.Popen[bytes], url: 
             time.sleep(0.2)
     raise RuntimeError(f"{name} not ready after {timeout_s:.0f} s ({last}):\n"
                        f"{procs.log_tail(name)}")
-
-
-def cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float | None:
-    """User + system CPU of ``proc`` so far, from /proc (None where unavailable)."""
-    if proc is None:
-        return None
-    try:
-        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -270,12 +236,13 @@ def run_wrk(url: str, concurrency: int, duration_s: int, lua: Path) -> str:
 
 
 def measure_wrk(target: Target, duration_s: int, warmup_s: int, lua: Path, out: Path) -> None:
+    pid = target.proc.pid if target.proc else None
     if warmup_s:
         run_wrk(target.url, 16, warmup_s, lua)
     for c in CONCURRENCIES:
-        before = cpu_seconds(target.proc)
+        before = cpu_seconds(pid)
         text = run_wrk(target.url, c, duration_s, lua)
-        after = cpu_seconds(target.proc)
+        after = cpu_seconds(pid)
         cpu = after - before if before is not None and after is not None else None
         (out / f"wrk-{target.name}-c{c}.txt").write_text(text)
         result = parse_wrk(text, c, cpu)
@@ -287,16 +254,15 @@ def measure_wrk(target: Target, duration_s: int, warmup_s: int, lua: Path, out: 
 def measure_stream(target: Target, count: int) -> None:
     """``count`` sequential streams on one keep-alive connection (warmed first)."""
     result = target.stream
-    headers = {"content-type": "application/json"}
     with httpx.Client(timeout=30.0) as client:
-        client.post(target.url + CHAT_PATH, content=CHAT_BODY, headers=headers).raise_for_status()
+        client.post(target.url + CHAT_PATH, content=CHAT_BODY, headers=HEADERS).raise_for_status()
         for _ in range(count):
             data = bytearray()
             reads = 0
             first: float | None = None
             start = time.perf_counter()
             with client.stream("POST", target.url + CHAT_PATH, content=STREAM_BODY,
-                               headers=headers) as resp:
+                               headers=HEADERS) as resp:
                 resp.raise_for_status()
                 for chunk in resp.iter_raw():
                     if not chunk:
@@ -309,7 +275,9 @@ def measure_stream(target: Target, count: int) -> None:
             result.ttfb_ms.append(((first or end) - start) * 1000)
             result.total_s.append(end - start)
             result.reads.append(reads)
-            if data.count(b"data: ") == STREAM_CHUNKS + 1 and data.rstrip().endswith(b"[DONE]"):
+            # LiteLLM re-encodes each chunk (and may add a closing one): count tokens, not events
+            tokens = len(re.findall(rb'"content":"t\d+ "', bytes(data)))
+            if tokens == STREAM_CHUNKS and data.rstrip().endswith(b"[DONE]"):
                 result.complete += 1
     print(f"  stream: first chunk {fmt_ms(statistics.median(result.ttfb_ms))}, total "
           f"{statistics.median(result.total_s):.3f} s, {statistics.median(result.reads):.0f} "
@@ -317,7 +285,7 @@ def measure_stream(target: Target, count: int) -> None:
 
 
 IDLE_LEAVES = ("EpollSelector.select ", "select (selectors.py)", "Condition.wait ",
-               "Event.wait ", "Queue.get ")  # a thread waiting, not working
+               "Event.wait ", "Queue.get ", "run (uvloop", "Loop.run (uvloop")
 
 
 def layer(frame: str) -> str:
@@ -382,21 +350,11 @@ def profile(target: Target, duration_s: int, lua: Path, out: Path, top: int = 25
     return report
 
 
-def fmt_ms(ms: float) -> str:
-    if ms >= 1000:
-        return f"{ms / 1000:.2f} s"
-    if ms >= 100:
-        return f"{ms:.0f} ms"
-    if ms >= 10:
-        return f"{ms:.1f} ms"
-    return f"{ms:.2f} ms"
-
-
 def tables(targets: list[Target], duration_s: int) -> str:
     heads = [LABELS[t.name] for t in targets]
     sep = "|---" * (len(targets) + 1) + "|"
-    out = [f"**Throughput and latency** (p50 / p99, requests per second; wrk -t1 -cC "
-           f"-d{duration_s}s --latency):", "",
+    out = [f"**Throughput and latency** (p50 / p99, requests per second; `wrk -t1 -cC "
+           f"-d{duration_s}s --latency`):", "",
            "| concurrency | " + " | ".join(heads) + " |", sep]
     for i, c in enumerate(CONCURRENCIES):
         cells = []
@@ -408,11 +366,17 @@ def tables(targets: list[Target], duration_s: int) -> str:
             cells.append(cell)
         out.append(f"| {c} | " + " | ".join(cells) + " |")
     out += ["", "**CPU per request** of the front process (the proxy; for direct, the upstream), "
-            "in µs:", "", "| concurrency | " + " | ".join(heads) + " |", sep]
+            "in µs, and its **resident memory** (VmRSS) once it answered its first request, "
+            "after its load (the wrk runs and the streams), and at its peak (VmHWM), in MiB:",
+            "", "| | " + " | ".join(heads) + " |", sep]
     for i, c in enumerate(CONCURRENCIES):
         cells = [f"{t.wrk[i].cpu_us_per_request:.0f}" if t.wrk[i].cpu_us_per_request else "n/a"
                  for t in targets]
-        out.append(f"| {c} | " + " | ".join(cells) + " |")
+        out.append(f"| CPU/request, c={c} | " + " | ".join(cells) + " |")
+    for label, attr in (("RSS at start", "rss_start_mib"), ("RSS after load", "rss_after_mib"),
+                        ("peak RSS", "rss_peak_mib")):
+        cells = [f"{v:.0f}" if (v := getattr(t, attr)) is not None else "n/a" for t in targets]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     streamed = [t for t in targets if t.stream.ttfb_ms]
     if streamed:
         n = len(streamed[0].stream.ttfb_ms)
@@ -428,49 +392,66 @@ def tables(targets: list[Target], duration_s: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def machine() -> dict[str, str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
-    wrk_version = (wrk.stdout or wrk.stderr).splitlines()[0] if (wrk.stdout or wrk.stderr) else ""
+def ratios(targets: dict[str, Target]) -> str:
+    """vlmhub / LiteLLM throughput, latency added over direct, and the issue-9 targets."""
+    direct = targets["direct"]
+    proxies = [t for n, t in targets.items() if n != "direct"]
+    out = ["**Latency added over direct** (p50 of the path minus p50 of direct, same run):", "",
+           "| concurrency | " + " | ".join(LABELS[t.name] for t in proxies) + " |",
+           "|---" * (len(proxies) + 1) + "|"]
+    for i, c in enumerate(CONCURRENCIES):
+        cells = [f"+{fmt_ms(t.wrk[i].p50_ms - direct.wrk[i].p50_ms)}" for t in proxies]
+        out.append(f"| {c} | " + " | ".join(cells) + " |")
+    vlmhub, litellm, thin = targets.get("vlmhub"), targets.get("litellm"), targets.get("aiohttp")
+    if vlmhub is not None and litellm is not None:
+        out += ["", "**vlmhub route ÷ LiteLLM proxy**, requests per second: " + ", ".join(
+            f"c={c} {vlmhub.wrk[i].rps / litellm.wrk[i].rps:.1f}x"
+            for i, c in enumerate(CONCURRENCIES) if litellm.wrk[i].rps)
+            + (f"; time to first chunk {fmt_ms(statistics.median(vlmhub.stream.ttfb_ms))} "
+               f"against {fmt_ms(statistics.median(litellm.stream.ttfb_ms))}"
+               if vlmhub.stream.ttfb_ms and litellm.stream.ttfb_ms else "") + "."]
+    if vlmhub is not None:
+        out += ["", "**Issue 9 targets** (vlmhub route with an API key, metrics and queue "
+                "accounting on):", ""]
+        added = vlmhub.wrk[0].p50_ms - direct.wrk[0].p50_ms
+        out.append(f"- c=1 p50 added over direct ≤ {TARGET_ADDED_P50_MS} ms: "
+                   f"+{fmt_ms(added)}, "
+                   + ("met." if added <= TARGET_ADDED_P50_MS else
+                      f"missed by {fmt_ms(added - TARGET_ADDED_P50_MS)}."))
+        if thin is not None:
+            for i, c in enumerate(CONCURRENCIES[1:], start=1):
+                mine, theirs = vlmhub.wrk[i].rps, thin.wrk[i].rps
+                out.append(f"- c={c} throughput ≥ starlette + aiohttp: {mine:,.0f} against "
+                           f"{theirs:,.0f} rps ({mine / theirs:.0%}), "
+                           + ("met." if mine >= theirs else
+                              f"missed by {1 - mine / theirs:.0%}."))
+        if vlmhub.stream.ttfb_ms and direct.stream.ttfb_ms:
+            first = statistics.median(vlmhub.stream.ttfb_ms)
+            base = statistics.median(direct.stream.ttfb_ms)
+            out.append(f"- first chunk ≤ direct + {TARGET_FIRST_CHUNK_MS:.0f} ms: "
+                       f"{fmt_ms(first)} against {fmt_ms(base)} (+{fmt_ms(first - base)}), "
+                       + ("met." if first - base <= TARGET_FIRST_CHUNK_MS else
+                          f"missed by {fmt_ms(first - base - TARGET_FIRST_CHUNK_MS)}."))
+    return "\n".join(out) + "\n"
 
-    def version(pkg: str) -> str:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
 
-    wrk_version = wrk_version.split(" Copyright")[0]
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "vlmhub"],
-                           capture_output=True, text=True, check=False).stdout.strip()
-    info = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
-            "python": platform.python_version(), "wrk": wrk_version.strip(),
-            "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
-            "vlmhub commit": (git or "unknown") + (" + uncommitted changes in vlmhub/"
-                                                   if dirty else "")}
-    for pkg in ("vlmhub", "uvicorn", "starlette", "aiohttp", "httpx", "uvloop", "httptools"):
-        info[pkg] = version(pkg)
-    return info
+def litellm_executable(given: str | None) -> str:
+    """``--litellm``, else the venv made (once) by benchmarks/litellm_env.sh."""
+    if given:
+        return given
+    done = subprocess.run(["bash", str(HERE / "litellm_env.sh")], stdout=subprocess.PIPE,
+                          text=True, check=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise SystemExit("benchmarks/litellm_env.sh failed; see its output above")
+    return done.stdout.strip().splitlines()[-1]
 
 
-@contextlib.contextmanager
-def sigterm_exits() -> Iterator[None]:
-    """SIGTERM raises SystemExit, so the clean-up in ``finally`` runs."""
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def litellm_version(executable: str) -> str:
+    python = Path(executable).parent / "python"
+    done = subprocess.run([str(python), "-c", "import importlib.metadata as m; "
+                           "print(m.version('litellm'))"], capture_output=True, text=True,
+                          check=False)
+    return done.stdout.strip() or "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -481,12 +462,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk -c16 first")
     parser.add_argument("--streams", type=int, default=15, help="sequential streaming requests")
-    parser.add_argument("--proxy-loop", choices=("asyncio", "uvloop"), default="asyncio",
-                        help="event loop of the thin proxies (default asyncio, as vlmhub route)")
+    parser.add_argument("--proxy-loop", choices=("asyncio", "uvloop"), default="uvloop",
+                        help="event loop of the thin proxies (default uvloop, as vlmhub route "
+                        "when uvloop is installed)")
+    parser.add_argument("--litellm", default=None,
+                        help="the litellm executable (default: the venv of litellm_env.sh)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a source tree (e.g. a git worktree of an older commit) whose "
+                        "vlmhub/ the vlmhub-baseline path runs")
     parser.add_argument("--profile", action="store_true",
                         help="afterwards, py-spy the proxies under wrk -c16 (needs py-spy)")
     parser.add_argument("--results", type=Path, default=None,
                         help="folder for raw outputs (default: a new one under the temp dir)")
+    parser.add_argument("--update-doc", type=Path, default=None,
+                        help="write the figures into this file's router_overhead block")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.paths.split(",") if n.strip()]
     if unknown := [n for n in names if n not in ALL_PATHS]:
@@ -495,19 +484,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("wrk is not on PATH (Debian/Ubuntu: apt-get install -y wrk)")
     if args.profile and py_spy() is None:
         parser.error("--profile needs py-spy (pip install py-spy)")
-    if ((args.proxy_loop == "uvloop" or "vlmhub-uvloop" in names)
-            and importlib.util.find_spec("uvloop") is None):
-        parser.error("--proxy-loop uvloop and vlmhub-uvloop need uvloop (pip install uvloop)")
+    if args.proxy_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        parser.error("--proxy-loop uvloop needs uvloop (pip install uvloop)")
+    if "vlmhub-baseline" in names and (args.baseline is None
+                                       or not (args.baseline / "vlmhub").is_dir()):
+        parser.error("the vlmhub-baseline path needs --baseline DIR with a vlmhub/ in it")
+    litellm = litellm_executable(args.litellm) if "litellm" in names else None
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.results or Path(tempfile.gettempdir()) / f"vlmhub-bench-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     lua = out / "chat.lua"
     lua.write_text(WRK_LUA)
-    info = machine()
+    info = machine(("vlmhub", "uvicorn", "starlette", "aiohttp", "httpx", "uvloop", "httptools"))
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    info["wrk"] = ((wrk.stdout or wrk.stderr).splitlines() or [""])[0].split(" Copyright")[0]
+    if litellm:
+        info["litellm"] = litellm_version(litellm)
     info["command"] = " ".join([".venv/bin/python", "benchmarks/router_overhead.py",
                                 *(argv if argv is not None else sys.argv[1:])])
-    info["proxy_loop"] = args.proxy_loop
+    info["thin proxies' loop"] = args.proxy_loop
     print(f"results: {out}")
     print(", ".join(f"{k} {v}" for k, v in info.items() if k != "command"), flush=True)
     if os.getloadavg()[0] > 0.5:
@@ -516,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     procs = Processes(out)
     started = time.monotonic()
+    profiles = ""
     with sigterm_exits():
         try:
             up_port = free_port()
@@ -527,17 +524,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = out / "models.yaml"
             config.write_text(
                 "gpu: {total_gib: 8, force_total: true}\n"
+                f"router: {{api_keys: [{KEY}]}}\n"
                 "runtime: {kind: process}\n"
                 "models:\n"
                 f"  bench: {{url: \"{upstream_url}\", served_model_name: bench}}\n")
-            launches = {"vlmhub": ["-m", "vlmhub"], "vlmhub-h11": ["-c", VLMHUB_H11],
-                        "vlmhub-gcfreeze": ["-c", VLMHUB_GC_FREEZE],
-                        "vlmhub-uvloop": ["-c", VLMHUB_UVLOOP]}
+            launches = {"vlmhub": ["-m", "vlmhub"], "vlmhub-asyncio": ["-c", VLMHUB_ASYNCIO],
+                        "vlmhub-h11": ["-c", VLMHUB_H11], "vlmhub-baseline": ["-m", "vlmhub"]}
             for name, launch in launches.items():
                 if name in names:
                     port = free_port()
-                    proc = procs.start(name, [sys.executable, *launch, "route", "--config",
-                                              str(config), "--port", str(port)])
+                    base = name == "vlmhub-baseline" and args.baseline is not None
+                    proc = procs.start(
+                        name, [sys.executable, *launch, "route", "--config", str(config),
+                               "--port", str(port), "--state-dir", str(out / f"state-{name}")],
+                        cwd=args.baseline.resolve() if base and args.baseline else REPO,
+                        env={"PYTHONPATH": str(args.baseline.resolve())}
+                        if base and args.baseline else None)
                     targets[name] = Target(name, f"http://127.0.0.1:{port}", proc)
             for client in ("aiohttp", "httpx"):
                 if client in names:
@@ -547,9 +549,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     proc = procs.start(client, [sys.executable, str(script), client,
                                                 upstream_url, str(port), args.proxy_loop])
                     targets[client] = Target(client, f"http://127.0.0.1:{port}", proc)
+            if litellm:
+                lconf = out / "litellm.yaml"
+                lconf.write_text(LITELLM_CONFIG.format(upstream=upstream_url, key=KEY))
+                port = free_port()
+                proc = procs.start("litellm", [litellm, "--config", str(lconf), "--host",
+                                               "127.0.0.1", "--port", str(port),
+                                               "--num_workers", "1"],
+                                   env=LITELLM_ENV, cwd=out)
+                targets["litellm"] = Target("litellm", f"http://127.0.0.1:{port}", proc)
             for t in targets.values():
                 assert t.proc is not None
-                wait_ready(procs, t.name, t.proc, t.url)
+                wait_ready(procs, t.name, t.proc, t.url,
+                           timeout_s=180.0 if t.name == "litellm" else 30.0)
+                if mem := memory_mib(t.proc.pid):
+                    t.rss_start_mib = mem[0]
 
             ordered = [targets[n] for n in ALL_PATHS if n in targets and
                        (n in names or n == "direct")]
@@ -558,7 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 measure_wrk(t, args.duration, args.warmup, lua, out)
                 if args.streams:
                     measure_stream(t, args.streams)
-            profiles = ""
+                if mem := memory_mib(t.proc.pid if t.proc else None):
+                    t.rss_after_mib, t.rss_peak_mib = mem
+                    print(f"  RSS {mem[0]:.0f} MiB (peak {mem[1]:.0f} MiB)", flush=True)
             if args.profile:
                 for t in ordered:
                     if t.name != "direct":
@@ -567,20 +583,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             procs.stop_all()
 
-    table = tables(ordered, args.duration)
     elapsed = time.monotonic() - started
+    report = tables(ordered, args.duration) + "\n" + ratios(
+        {t.name: t for t in ordered})
     print()
-    print(table)
+    print(report)
     if profiles:
         print(profiles)
-    summary = [f"# Router overhead run ({info['date']})", "", "```", info["command"], "```", "",
-               *(f"- {k}: {v}" for k, v in info.items() if k not in ("command", "date")),
-               f"- elapsed: {elapsed:.0f} s", "", table]
-    (out / "summary.md").write_text("\n".join(summary))
-    (out / "results.json").write_text(json.dumps({
-        "info": info, "elapsed_s": elapsed,
-        "targets": {t.name: {"url": t.url, "wrk": [r.__dict__ for r in t.wrk],
-                             "stream": t.stream.__dict__} for t in ordered}}, indent=2))
+    save_report(out, info, elapsed, report, {"targets": {
+        t.name: {"url": t.url, "wrk": [r.__dict__ for r in t.wrk], "stream": t.stream.__dict__,
+                 "rss_start_mib": t.rss_start_mib, "rss_after_mib": t.rss_after_mib,
+                 "rss_peak_mib": t.rss_peak_mib} for t in ordered}},
+                args.update_doc, "router_overhead")
     print(f"raw wrk outputs, logs and summary.md in {out} ({elapsed:.0f} s)")
     return 0
 
