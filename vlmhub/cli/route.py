@@ -34,6 +34,7 @@ from vlmhub.logs import configure as configure_logs
 from vlmhub.reload import ModelDiff
 from vlmhub.replica import ReplicaInfo
 from vlmhub.router.app import create_app
+from vlmhub.router.history import History, Tee, attach_history
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.server import RouterServer
 from vlmhub.router.server import run as server_run
@@ -163,8 +164,11 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
         runtime = make_runtime(config, kind)
         if isinstance(runtime, ProcessRuntime):
             runtime.state_dir = state
-        supervisor = Supervisor(models, config, gpu, runtime, observer=metrics, budgets=budgets)
+        history = History()  # the last hour, for the web page's chart
+        supervisor = Supervisor(models, config, gpu, runtime, observer=Tee(metrics, history),
+                                budgets=budgets)
         app = create_app(supervisor, config, metrics=metrics)
+        attach_history(app, supervisor, history)
         reloader = Reloader(ctx, supervisor, budgets)
         app.state.reloader = reloader
         sup = supervisor

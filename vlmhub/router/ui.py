@@ -1,14 +1,20 @@
-"""The web page: ``GET /ui`` (a static, dependency-free page), its two assets, ``/`` -> ``/ui``,
-and ``GET /api/ui``, the static facts the page needs (GPU, presets, budgets).
+"""The web page: ``GET /ui`` (a static, dependency-free page), its assets, ``/`` -> ``/ui``,
+``GET /api/ui`` (the static facts the page needs: GPU, presets, budgets, the body limit),
+``GET /api/ui/logs/{model}`` (a tail of the model's engine log), ``GET /api/ui/history`` (the
+last hour of memory held and loads/evictions, vlmhub.router.history) and the OCR playground's
+helpers (vlmhub.router.ui_ocr).
 
 The page holds no secret and reads everything through the router's own APIs, so the files are
-served to anyone who can reach the router; ``/api/ui`` follows the admin rule of ``/api``
-(``router.admin_key`` as a Bearer token, else loopback clients only). Nothing here blocks: the
-files are three small assets read by Starlette's ``FileResponse``.
+served to anyone who can reach the router; everything under ``/api/ui`` follows the admin rule
+of ``/api`` (``router.admin_key`` as a Bearer token, else loopback clients only). The files are
+small assets read by Starlette's ``FileResponse``; a log tail is read by the runtime (a file
+read or a Docker call, in a worker thread).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -18,15 +24,23 @@ from starlette.routing import Route
 from vlmhub.config import Config, ResolvedModel
 from vlmhub.replica import ReplicaInfo, SupervisorLike
 from vlmhub.router.admin import check_admin
+from vlmhub.router.errors import error_response
+from vlmhub.router.history import WINDOW_S, History
 from vlmhub.router.state import router_state
+from vlmhub.router.ui_ocr import ocr_routes
+from vlmhub.runtimes.base import EngineHandle, Runtime
+from vlmhub.runtimes.process import ProcessRuntime
 from vlmhub.vram import Gpu
 from vlmhub.web import STATIC_DIR
 
 ASSETS: dict[str, str] = {  # file name -> media type; nothing else in STATIC_DIR is served
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
+    "ocr.js": "text/javascript; charset=utf-8",
+    "panels.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
+LOG_TAIL, LOG_TAIL_MAX = 200, 2000
 HEADERS: dict[str, str] = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
@@ -93,8 +107,56 @@ async def ui_info(request: Request) -> Response:
         return denied
     resolved = resolved_models(st.supervisor)
     models = [model_json(i, resolved.get(i.name)) for i in st.supervisor.snapshot()]
-    return JSONResponse({"gpu": gpu_json(st.supervisor, st.config), "models": models},
-                        headers={"Cache-Control": "no-store"})
+    return JSONResponse({"gpu": gpu_json(st.supervisor, st.config), "models": models,
+                         "max_body_bytes": st.max_body}, headers={"Cache-Control": "no-store"})
+
+
+async def engine_logs(request: Request) -> Response:
+    """GET /api/ui/logs/{model}?tail=N: the last N lines of the model's engine log (its
+    running engine's; else, for the process runtime, the log the last one left)."""
+    st = router_state(request)
+    if (denied := check_admin(request, st)) is not None:
+        return denied
+    name = request.path_params["model"]
+    real = st.supervisor.resolve(name)
+    if real is None:
+        return error_response(404, f"model {name!r} does not exist; available: "
+                              f"{', '.join(st.supervisor.names())}", "invalid_request_error",
+                              "model_not_found")
+    raw = request.query_params.get("tail", str(LOG_TAIL))
+    if not raw.isdigit() or not 1 <= int(raw) <= LOG_TAIL_MAX:
+        return error_response(400, f"`tail` must be a number of lines from 1 to {LOG_TAIL_MAX}",
+                              "invalid_request_error", "invalid_tail")
+    tail = int(raw)
+    replicas = getattr(st.supervisor, "replicas", None)
+    handle = getattr(replicas.get(real), "handle", None) if isinstance(replicas, dict) else None
+    runtime = getattr(st.supervisor, "runtime", None)
+    lines: list[str] = []
+    error: str | None = None
+    try:
+        if isinstance(handle, EngineHandle) and isinstance(runtime, Runtime):
+            lines = await runtime.logs(handle, tail)
+        elif isinstance(runtime, ProcessRuntime):  # the log outlives the engine
+            lines = await asyncio.to_thread(runtime.read_log, real, tail)
+    except Exception as exc:  # Docker gone, an unreadable file: say so, in the panel
+        error = f"{type(exc).__name__}: {exc}"
+    info = next((i for i in st.supervisor.snapshot() if i.name == real), None)
+    return JSONResponse({"name": real, "state": info.state if info else None,
+                         "phase": info.phase if info else None,
+                         "running": isinstance(handle, EngineHandle), "lines": lines,
+                         "error": error}, headers={"Cache-Control": "no-store"})
+
+
+async def history(request: Request) -> Response:
+    """GET /api/ui/history: the last hour of memory held per model and loads/evictions."""
+    st = router_state(request)
+    if (denied := check_admin(request, st)) is not None:
+        return denied
+    kept = getattr(request.app.state, "history", None)
+    data = kept.as_json() if isinstance(kept, History) else {
+        "now": time.time(), "window_s": WINDOW_S, "since": None, "recording": False,
+        "samples": [], "events": []}
+    return JSONResponse(data, headers={"Cache-Control": "no-store"})
 
 
 def asset(name: str) -> Response:
@@ -107,7 +169,7 @@ async def page(request: Request) -> Response:
 
 
 async def static_file(request: Request) -> Response:
-    """GET /ui/{name}: app.js or style.css (404 for anything else)."""
+    """GET /ui/{name}: a script or the style sheet (404 for anything else)."""
     name = request.path_params["name"]
     if name not in ASSETS or name == "index.html":
         return Response("not found", status_code=404, media_type="text/plain")
@@ -125,4 +187,7 @@ def ui_routes() -> list[Route]:
         Route("/ui", page, methods=["GET"]),
         Route("/ui/{name}", static_file, methods=["GET"]),
         Route("/api/ui", ui_info, methods=["GET"]),
+        Route("/api/ui/history", history, methods=["GET"]),
+        Route("/api/ui/logs/{model:path}", engine_logs, methods=["GET"]),
+        *ocr_routes(),
     ]

@@ -1,6 +1,8 @@
 // vlmhub's web page: plain JavaScript, no dependencies, no external requests.
 // Reads GET /api/ui once (GPU, presets), polls GET /api/models, calls POST
-// /api/models/{name}/load|unload and streams POST /v1/chat/completions.
+// /api/models/{name}/load|unload and streams POST /v1/chat/completions. Shares its helpers
+// with ocr.js (the OCR playground) and panels.js (engine logs, the last hour) as
+// window.vlmhub.
 // Everything shown comes from the server and is inserted as text (never as HTML).
 "use strict";
 
@@ -14,7 +16,7 @@
   const $ = (id) => document.getElementById(id);
   const ui = { info: null, models: [], colours: new Map(), busy: new Set(), image: null,
                abort: null, pollTimer: null, picked: false,
-               polling: false, again: false };
+               polling: false, again: false, listeners: [] };
 
   // ---------------------------------------------------------------- helpers
   function el(tag, attrs, ...children) {
@@ -300,6 +302,7 @@
 
   // ---------------------------------------------------------------- try it
   function fillModelSelect() {
+    for (const fn of ui.listeners) fn(ui.info);
     const sel = $("try-model");
     const before = sel.value;
     sel.replaceChildren();
@@ -407,6 +410,35 @@
     return true;
   }
 
+  // POST /v1/chat/completions with stream: true; out.append(piece) for each piece of text,
+  // out.finish set from the finish reason, out.tick() after each read. Throws ApiError for an
+  // error answer, an error event, or a stream that ends before its finish reason.
+  async function streamChat(body, out, signal) {
+    const resp = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers("api", true), body: JSON.stringify(body), signal,
+    });
+    if (!resp.ok) throw await errorOf(resp);
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let going = true;
+    while (going) {
+      const { value, done } = await reader.read();
+      buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
+      const blocks = buffer.split(/\r?\n\r?\n/);
+      buffer = done ? "" : blocks.pop();
+      for (const block of blocks) {
+        if (!onEvent(block, out)) { going = false; break; }
+      }
+      if (out.tick) out.tick();
+      if (done) break;
+    }
+    if (!going) reader.cancel().catch(() => {});
+    if (!out.finish && going) {
+      throw new ApiError("stream", "The stream ended before the answer was complete.");
+    }
+  }
+
   async function send(event) {
     event.preventDefault();
     if (ui.abort) return;
@@ -416,6 +448,12 @@
     const started = performance.now();
     let first = null;
     let chars = 0;
+    const stats = () => {
+      const t = ((performance.now() - started) / 1000).toFixed(1);
+      const ttft = first === null ? "" : `, first token after ${(first / 1000).toFixed(1)} s`;
+      $("try-stats").textContent = `${chars} characters in ${t} s${ttft}`
+        + (out.finish ? `, finish: ${out.finish}` : "");
+    };
     const out = {
       finish: null,
       append(piece) {
@@ -424,42 +462,14 @@
         outNode.append(piece);
         outNode.scrollTop = outNode.scrollHeight;
       },
-    };
-    const stats = () => {
-      const t = ((performance.now() - started) / 1000).toFixed(1);
-      const ttft = first === null ? "" : `, first token after ${(first / 1000).toFixed(1)} s`;
-      $("try-stats").textContent = `${chars} characters in ${t} s${ttft}`
-        + (out.finish ? `, finish: ${out.finish}` : "");
+      tick: stats,
     };
     ui.abort = new AbortController();
     $("try-send").disabled = true;
     $("try-stop").disabled = false;
     $("try-stats").textContent = "waiting (a model that is not loaded starts first)…";
     try {
-      const resp = await fetch("/v1/chat/completions", {
-        method: "POST", headers: headers("api", true), body: JSON.stringify(requestBody()),
-        signal: ui.abort.signal,
-      });
-      if (!resp.ok) throw await errorOf(resp);
-      const reader = resp.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      let going = true;
-      while (going) {
-        const { value, done } = await reader.read();
-        buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
-        const blocks = buffer.split(/\r?\n\r?\n/);
-        buffer = done ? "" : blocks.pop();
-        for (const block of blocks) {
-          if (!onEvent(block, out)) { going = false; break; }
-        }
-        stats();
-        if (done) break;
-      }
-      if (!going) reader.cancel().catch(() => {});
-      if (!out.finish && going) {
-        throw new ApiError("stream", "The stream ended before the answer was complete.");
-      }
+      await streamChat(requestBody(), out, ui.abort.signal);
     } catch (exc) {
       if (exc.name === "AbortError") out.finish = "stopped by you";
       else showError(exc);
@@ -471,6 +481,14 @@
       poll();
     }
   }
+
+  // What the other scripts of the page (ocr.js, panels.js) share.
+  window.vlmhub = {
+    el, gib, headers, errorOf, apiError, ApiError, oneLine, colour, infoOf, streamChat,
+    info: () => ui.info,
+    models: () => ui.models,
+    onInfo(fn) { ui.listeners.push(fn); if (ui.info) fn(ui.info); },
+  };
 
   // ---------------------------------------------------------------- wiring
   function init() {

@@ -1,0 +1,22 @@
+"""The stand-in engine (vlmhub.testing.stub_engine, unchanged) answering every completion
+with a fixed dots.ocr-style layout: the text of ``$VLMHUB_TEST_LAYOUT``, streamed in pieces.
+Used as ``runtime.process_argv`` by the web page's OCR playground tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from vlmhub.testing import stub_engine
+
+ANSWER = os.environ.get("VLMHUB_TEST_LAYOUT", "[]")
+
+
+def generate(model: str, prompt: str, images: int, n_tokens: int) -> list[str]:
+    return [ANSWER[i: i + 48] for i in range(0, len(ANSWER), 48)] or [""]
+
+
+stub_engine.generate = generate  # the stand-in looks it up at each completion
+
+if __name__ == "__main__":
+    sys.exit(stub_engine.main())
