@@ -23,7 +23,7 @@ import httpx
 from vlmhub import scheduler
 from vlmhub.config import Config, RouterConfig
 from vlmhub.engine_log import LogParser
-from vlmhub.errors import EngineStartError, EngineStartTimeout, VlmhubError
+from vlmhub.errors import EngineStartError, EngineStartTimeout, RuntimeUnavailable, VlmhubError
 from vlmhub.launch import launch_request
 from vlmhub.logs import ENGINE
 from vlmhub.replica import AcquireError, LoadFailed, LoadTimeout, Observer, Replica
@@ -117,7 +117,8 @@ class EngineOps:
             ENGINE.warning("%s: start failed: %s%s", r.name, str(exc).splitlines()[0],
                            f" ({r.budget_note})" if r.budget_note else "",
                            extra={"model": r.name, "event": "fail"})
-            await self.start_failed(r, handle, str(exc), timeout=timeout)
+            await self.start_failed(r, handle, str(exc), timeout=timeout,
+                                    crash=not isinstance(exc, RuntimeUnavailable))
             if isinstance(exc, EngineStartError) and exc.code == "sleep_unsupported":
                 r.sleep_ok = False  # this engine cannot sleep: fall back to stop/start
             self.observer.observe_load(r.name, time.monotonic() - began, False)
@@ -135,12 +136,15 @@ class EngineOps:
         self.observer.observe_load(r.name, r.last_load_s, True)
 
     async def start_failed(
-        self, r: Replica, handle: EngineHandle | None, message: str, *, timeout: bool = False
+        self, r: Replica, handle: EngineHandle | None, message: str, *, timeout: bool = False,
+        crash: bool = True,
     ) -> None:
         """A start failed: ``r`` becomes failed, its waiters get the reason, the engine that
-        this start launched (``handle``, if any) is stopped."""
+        this start launched (``handle``, if any) is stopped. ``crash=False`` (the runtime was
+        unreachable: no engine ran) does not count toward the crash-loop guard."""
         r.state, r.phase, r.last_error = "failed", "failed", message
-        r.failures.append(time.monotonic())
+        if crash:
+            r.failures.append(time.monotonic())
         if handle is not None:
             await self.stop_engine(r, handle, grace_s=HUNG_STOP_GRACE_S)
         err: AcquireError = (

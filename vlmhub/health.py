@@ -5,12 +5,13 @@ observe: what to do about a failed engine is the supervisor's decision."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
 
 from vlmhub.engine_log import diagnose
-from vlmhub.runtimes.base import EngineHandle, Runtime, probe
+from vlmhub.runtimes.base import EngineHandle, EngineStatus, Runtime, probe
 
 RECHECK_S = 1.0
 """A running engine that misses one health probe is probed once more after this long."""
@@ -28,21 +29,29 @@ async def engine_failure(
 
     A running engine must miss two probes in a row (``RECHECK_S`` apart) to count as hung; the
     reason then says for how long it has not answered (since ``healthy_at``, monotonic). An
-    engine that exited is explained from the end of its log when vLLM said why.
+    engine that exited is explained from the end of its log when vLLM said why. When the
+    runtime itself cannot be reached, the health path alone decides. Never raises.
     """
-    st = await runtime.status(handle)
+    st = await _status(runtime, handle)
+    if isinstance(st, str):  # the runtime cannot be asked (Docker down): /health decides
+        return None if await probe(handle, http) else st
     if st.state == "running":
         if await probe(handle, http):
             return None
         await asyncio.sleep(RECHECK_S)
-        st = await runtime.status(handle)
+        st = await _status(runtime, handle)
+        if isinstance(st, str):
+            return None if await probe(handle, http) else st
         if st.state == "running":
             if await probe(handle, http):
                 return None
             since = time.monotonic() - healthy_at if healthy_at else None
             span = f" for {since:.0f} s" if since is not None else ""
             return f"engine not answering {handle.health_path}{span} (hung or frozen)"
-    tail = await runtime.logs(handle, tail=40) if st.state != "missing" else []
+    tail: list[str] = []
+    if st.state != "missing":
+        with contextlib.suppress(Exception):  # the log is a nicety; the exit is the fact
+            tail = await runtime.logs(handle, tail=40)
     known = diagnose(tail)
     if known is not None:
         return known.summary
@@ -54,6 +63,16 @@ async def engine_failure(
             "(`vlmhub stop`, docker stop, or another router)"
         )
     return hint or f"engine exited (exit code {st.exit_code})"
+
+
+async def _status(runtime: Runtime, handle: EngineHandle) -> EngineStatus | str:
+    """The engine's status, or why the runtime could not tell (its engine is unreachable:
+    ``dockerd`` stopped or restarting). Never raises."""
+    try:
+        return await runtime.status(handle)
+    except Exception as exc:
+        return (f"engine not answering {handle.health_path}, and the {runtime.kind} runtime "
+                f"cannot be asked about it ({str(exc).strip() or type(exc).__name__})")
 
 
 async def external_alive(url: str, http: httpx.AsyncClient) -> bool:

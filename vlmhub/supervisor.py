@@ -33,7 +33,7 @@ from vlmhub.config import Config, ResolvedModel
 from vlmhub.engine_log import LogParser
 from vlmhub.engine_ops import EngineOps, StartHook
 from vlmhub.errors import VlmhubError
-from vlmhub.health import engine_failure, external_alive
+from vlmhub.health import RECHECK_S, engine_failure, external_alive
 from vlmhub.launch import engine_hash
 from vlmhub.logs import ENGINE
 from vlmhub.reload import ModelDiff, diff_models
@@ -368,8 +368,14 @@ class Supervisor:
         synchronous and the stop it asks for runs as an operation (see the module docs).
         """
         if r.model.external:
-            ok = await external_alive(r.model.entry.url or "", self._http)
+            url = r.model.entry.url or ""
+            ok = await external_alive(url, self._http)
+            if not ok and r.state == "ready":  # one more look before failing its requests
+                await asyncio.sleep(RECHECK_S)
+                ok = await external_alive(url, self._http)
             r.state, r.last_error = ("ready", None) if ok else ("failed", hint or "unreachable")
+            for lease in [] if ok else list(r.leases.values()):  # no silent hang on it
+                lease.revoke(f"{r.name} at {url} is not answering (unreachable or hung)")
             return
         handle = r.handle
         if handle is None or r.state != "ready":
@@ -512,14 +518,13 @@ class Supervisor:
         r.priority = priority
         r.idle.clear()
         r.last_used = time.monotonic()
+        revoked = asyncio.get_running_loop().create_future()
         if r.model.external:
             base = (r.model.entry.url or "").rstrip("/")
-            return Lease(r.name, base, r.model.api_name, external=True)
-        assert r.handle is not None
-        lease = Lease(
-            r.name, r.handle.base_url, r.model.api_name,
-            revoked=asyncio.get_running_loop().create_future(),
-        )
+            lease = Lease(r.name, base, r.model.api_name, external=True, revoked=revoked)
+        else:
+            assert r.handle is not None
+            lease = Lease(r.name, r.handle.base_url, r.model.api_name, revoked=revoked)
         r.leases[id(lease)] = lease
         return lease
 

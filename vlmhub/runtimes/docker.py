@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +27,7 @@ import docker
 import docker.errors
 import docker.types
 import docker.utils
+import requests.exceptions
 
 from vlmhub.config import RuntimeConfig
 from vlmhub.errors import EngineStartError, ImageUnavailable, PortInUse, RuntimeUnavailable
@@ -212,8 +213,25 @@ class DockerRuntime(Runtime):
     # ------------------------------------------------------------------ lifecycle
     async def start(self, req: LaunchRequest) -> EngineHandle:
         """Create and start the container (blocks a worker thread for the Docker calls only;
-        the image must be present: see :meth:`ensure_image`)."""
-        return await asyncio.to_thread(self._start, req)
+        the image must be present: see :meth:`ensure_image`). Raises
+        :class:`RuntimeUnavailable` naming the address when Docker does not answer."""
+        with self._reachable():
+            return await asyncio.to_thread(self._start, req)
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turn a lost connection to Docker (dockerd stopped or restarting) into
+        :class:`RuntimeUnavailable` with the address and the fix."""
+        try:
+            yield
+        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+            if isinstance(exc, docker.errors.APIError):
+                raise
+            raise RuntimeUnavailable(
+                f"cannot reach the Docker engine ({docker_host_text(self.rc)}): "
+                f"{_explain(exc)}. Fix: start Docker again (`sudo systemctl start docker`, or "
+                "`dockerd &`); vlmhub starts the engine on the next request."
+            ) from None
 
     def _container_kwargs(self, req: LaunchRequest) -> dict[str, Any]:
         env = dict(req.env)
@@ -316,8 +334,10 @@ class DockerRuntime(Runtime):
                                 [], "docker_start")
 
     async def status(self, handle: EngineHandle) -> EngineStatus:
-        """The container's state (one Docker call in a worker thread)."""
-        return await asyncio.to_thread(self._status, handle)
+        """The container's state (one Docker call in a worker thread); raises
+        :class:`RuntimeUnavailable` when Docker does not answer."""
+        with self._reachable():
+            return await asyncio.to_thread(self._status, handle)
 
     def _status(self, handle: EngineHandle) -> EngineStatus:
         try:

@@ -4,7 +4,9 @@ It speaks vLLM 0.32's CLI and HTTP surface (``/health``, ``/v1/models``, chat an
 completions with streaming, ``/metrics``, sleep mode, ...) and answers with deterministic
 made-up text whose first word is the served model name plus a colon. Knobs (``--stub-*`` flags
 or ``VLMHUB_STUB_*`` env vars; a flag wins) make it slow to start, fail at start-up with vLLM's
-real errors, crash mid-stream, or share a simulated GPU with other stubs through a ledger dir;
+real errors, crash mid-stream, hang (``--stub-hang-after N``: after N completions every
+request is accepted and never answered; SIGTERM still ends it), or share a simulated GPU with
+other stubs through a ledger dir;
 ``VLMHUB_STUB_SLEEP_FAILS=1`` makes ``/sleep`` answer 500.
 With ``--stub-weights-gib`` it also simulates vLLM's memory accounting and prints vLLM's real
 memory lines with those figures (``--stub-activation-gib``, ``--stub-non-torch-gib``,
@@ -72,6 +74,7 @@ KNOBS: tuple[tuple[str, str, type], ...] = (  # flag, env var, type
     ("--stub-startup-delay", "VLMHUB_STUB_STARTUP_DELAY", float),
     ("--stub-fail-at-startup", "VLMHUB_STUB_FAIL_AT_STARTUP", str),
     ("--stub-crash-after", "VLMHUB_STUB_CRASH_AFTER", int),
+    ("--stub-hang-after", "VLMHUB_STUB_HANG_AFTER", int),
     ("--stub-token-delay", "VLMHUB_STUB_TOKEN_DELAY", float),
     ("--stub-gpu-total-gib", "VLMHUB_STUB_GPU_TOTAL_GIB", float),
     ("--stub-ledger", "VLMHUB_STUB_LEDGER", str),
@@ -247,6 +250,7 @@ class Stub:
         self.created = int(time.time())
         self.token_delay = float(args.stub_token_delay or 0.0)
         self.crash_after = int(args.stub_crash_after or 0)
+        self.hang_after = int(args.stub_hang_after or 0)
         self.dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
         self.lock = threading.Lock()
         self.requests: dict[str, int] = {}
@@ -371,6 +375,8 @@ class Handler(BaseHTTPRequestHandler):
         data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         with stub.lock:
             stub.requests[path] = stub.requests.get(path, 0) + 1
+        if stub.hang_after and stub.completions >= stub.hang_after:
+            threading.Event().wait()  # hung after N completions: accepts, never answers
         key = stub.args.api_key
         if key and path.startswith("/v1") and self.headers.get("Authorization") != f"Bearer {key}":
             return self.reply_json(401, {"error": "Unauthorized"})
