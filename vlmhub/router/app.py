@@ -36,6 +36,7 @@ from vlmhub.router.body import parse_payload, read_body, too_deep
 from vlmhub.router.errors import DEFAULT_RETRY_AFTER_S, acquire_error_response, error_response
 from vlmhub.router.guard import BrowserGuard
 from vlmhub.router.metrics import RouterMetrics
+from vlmhub.router.openapi import openapi_routes
 from vlmhub.router.proxy import create_session, forward
 from vlmhub.router.state import Reject, RouterState, bearer, key_matches, router_state
 from vlmhub.router.ui import ui_routes
@@ -281,6 +282,7 @@ def create_app(
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *admin_routes(),
         *ui_routes(),
+        *openapi_routes(),
     ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         HTTPException: _http_error, Exception: _internal_error}
