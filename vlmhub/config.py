@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from vlmhub.budgets import BudgetStore, key_for
+from vlmhub.flags import flag_like_values
 from vlmhub.locate import ConfigError, FieldProblem, Loc, Locator, explain, load_yaml
 from vlmhub.spec import ModelSpec, Strict
 from vlmhub.together import GroupPlan, MeasureFn, fit_together
@@ -382,6 +383,8 @@ def resolve(
         except ValidationError as exc:
             problems += explain(exc, ModelSpec, loc, where)
             continue
+        inline = entry.spec is not None
+        problems += [loc.error(*bad) for bad in flag_like_values(spec, where, inline)]
         out.append(ResolvedModel(name, entry, spec, budget, source))
     problems += _check_names(out, loc)
     if check_fit and not problems:

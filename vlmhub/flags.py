@@ -102,3 +102,32 @@ def redact(argv: list[str]) -> list[str]:
             arg = arg.split("=", 1)[0] + "=***"
         out.append(arg)
     return out
+
+
+FLAG_VALUES = ("hf_repo", "revision", "served_model_name", "options.quantization",
+               "options.kv_cache_dtype", "options.chat_template")
+"""Spec fields rendered into the argv as a value (or as the positional model)."""
+
+
+def flag_like_values(
+    spec: ModelSpec, where: tuple[str | int, ...], inline: bool
+) -> list[tuple[tuple[str | int, ...], str, str]]:
+    """``(location, problem, fix)`` for each value of ``spec`` that vLLM would read as a flag:
+    it lands in the argv as a value (:data:`FLAG_VALUES`, the served name included, which is
+    the models.yaml key unless the spec names one) and starts with ``-``. Flags belong in
+    ``options.extra_args``, the one field meant for them. ``where`` locates the model's entry
+    in models.yaml; ``inline`` says its spec is written there (locate the field itself)."""
+    out: list[tuple[tuple[str | int, ...], str, str]] = []
+    for field in FLAG_VALUES:
+        obj: object = spec
+        for part in field.split("."):
+            obj = getattr(obj, part)
+        if field == "served_model_name" and obj is None:
+            obj, loc = spec.api_name, where  # the models.yaml key itself
+        else:
+            loc = (*where, "spec", *field.split(".")) if inline else where
+        if isinstance(obj, str) and obj.startswith("-"):
+            out.append((loc, f"{field} {obj!r} starts with '-': vLLM would read it as a flag, "
+                        "not as the value", "write the value without the leading '-'; flags "
+                        "for vLLM go in options.extra_args"))
+    return out

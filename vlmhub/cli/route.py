@@ -38,7 +38,13 @@ from vlmhub.router.history import History, Tee, attach_history
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.server import RouterServer
 from vlmhub.router.server import run as server_run
-from vlmhub.router.state import is_loopback
+from vlmhub.router.state import (
+    ADMIN_TOKEN,
+    AUTO_ADMIN_KEY,
+    admin_key_for,
+    is_loopback,
+    with_admin_key,
+)
 from vlmhub.runtimes.owner import StateDirLock, lock_state_dir
 from vlmhub.runtimes.process import ProcessRuntime, default_state_dir
 from vlmhub.vram import Gpu
@@ -147,8 +153,11 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
                  lock: StateDirLock, watch: bool) -> int:
     from vlmhub.supervisor import Supervisor
 
-    config = ctx.loaded.config
+    config = with_admin_key(ctx.loaded.config, state)  # `admin_key: auto` -> the token
     rc = config.router
+    if ctx.loaded.config.router.admin_key == AUTO_ADMIN_KEY:
+        err_console.print(f"Admin token: {state / ADMIN_TOKEN} (mode 0600; `vlmhub status`, "
+                          "`load` and `unload` read it)", highlight=False)
     budgets = BudgetStore(state / "budgets.json")  # this router's state dir owns it
     models = resolve(ctx.loaded, ctx.registry.specs(), ctx.gpu, measured=budgets)
     gpu = ctx.gpu
@@ -250,8 +259,9 @@ def route(
         if level not in ("debug", "info", "warning", "error") or fmt not in ("text", "json"):
             raise VlmhubError(f"--log-level {level!r} / --log-format {fmt!r}: use one of "
                               "debug|info|warning|error and text|json")
-        configure_logs(level, "json" if fmt == "json" else "text",
-                       [*rc.api_keys, rc.admin_key or ""])
+        state = (state_dir or default_state_dir()).expanduser().resolve()
+        admin = admin_key_for(rc.admin_key, state, create=True)  # `auto`: the state dir's token
+        configure_logs(level, "json" if fmt == "json" else "text", [*rc.api_keys, admin or ""])
         try:
             code = server_run(run_route(ctx, host, port, runtime, state_dir, watch))
         except KeyboardInterrupt:

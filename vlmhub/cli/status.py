@@ -2,9 +2,10 @@
 and its admin actions from the shell, through its admin API (``/api/models``).
 
 The router is ``--router URL``, else ``http://<router.host>:<router.port>`` from models.yaml
-(the default config when none is found). The admin key is ``router.admin_key`` or
-``$VLMHUB_ADMIN_KEY``; without one the router answers loopback clients only. Each command makes
-one blocking HTTP request (load waits until the model is ready or failed).
+(the default config when none is found). The admin key is ``router.admin_key`` (with
+``auto``: the token the router wrote to ``<state dir>/admin.token``) or ``$VLMHUB_ADMIN_KEY``;
+without one the router answers loopback clients only. Each command makes one blocking HTTP
+request (load waits until the model is ready or failed).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from rich.table import Table
 from vlmhub.cli.common import ConfigOption, console, err_console, user_errors
 from vlmhub.config import find_config, load_config
 from vlmhub.errors import VlmhubError
+from vlmhub.router.state import admin_key_for
+from vlmhub.runtimes.process import default_state_dir
 
 RouterOption = typer.Option(
     "--router", help="The router's base URL (default: router.host/port from models.yaml).")
@@ -30,7 +33,8 @@ JsonOption = typer.Option("--json", help="Print JSON instead of a table.")
 def _target(config: Path | None, router: str | None) -> tuple[str, str | None]:
     cfg = load_config(find_config(config)).config
     url = router or f"http://{cfg.router.host}:{cfg.router.port}"
-    return url.rstrip("/"), cfg.router.admin_key or os.environ.get("VLMHUB_ADMIN_KEY") or None
+    key = admin_key_for(cfg.router.admin_key, default_state_dir(), create=False)  # `auto`
+    return url.rstrip("/"), key or os.environ.get("VLMHUB_ADMIN_KEY") or None
 
 
 def _call(method: str, url: str, key: str | None, timeout: float) -> Any:

@@ -1,12 +1,18 @@
-"""What the router's handlers share, and the key checks. Nothing here blocks."""
+"""What the router's handlers share, and the key checks. Nothing here blocks, except the
+admin token's small file (:func:`admin_key_for`), read or written once at start."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import ipaddress
+import os
+import secrets
+import stat
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import aiohttp
@@ -77,3 +83,58 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+AUTO_ADMIN_KEY = "auto"
+"""``router.admin_key: auto``: the router generates the admin key into its state dir."""
+ADMIN_TOKEN = "admin.token"  # noqa: S105 - a file name, not a secret
+
+
+def read_admin_token(state_dir: Path) -> str | None:
+    """The generated admin token of ``state_dir``, if its file exists and only this user can
+    read it (a regular file, not a link, owned by us, mode 0600 or stricter); else None."""
+    try:
+        fd = os.open(state_dir / ADMIN_TOKEN, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd) as fh:
+        info = os.fstat(fh.fileno())
+        private = (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+                   and not info.st_mode & 0o077)
+        token = fh.read(256).strip() if private else ""
+    return token or None
+
+
+def ensure_admin_token(state_dir: Path) -> str:
+    """``state_dir``'s admin token: the one already there (see :func:`read_admin_token`),
+    else 32 random bytes (URL-safe) written to ``<state_dir>/admin.token`` with mode 0600."""
+    token = read_admin_token(state_dir)
+    if token is not None:
+        return token
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    tmp = state_dir / f".{ADMIN_TOKEN}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.replace(tmp, state_dir / ADMIN_TOKEN)
+    return token
+
+
+def admin_key_for(configured: str | None, state_dir: Path, *, create: bool) -> str | None:
+    """``router.admin_key`` as it is used: the generated token for ``auto`` (created when
+    ``create``: the router; read only: the CLI), else the configured key (or None)."""
+    if configured != AUTO_ADMIN_KEY:
+        return configured
+    return ensure_admin_token(state_dir) if create else read_admin_token(state_dir)
+
+
+def with_admin_key(config: Config, state_dir: Path) -> Config:
+    """``config`` with ``router.admin_key: auto`` replaced by the state dir's token."""
+    key = admin_key_for(config.router.admin_key, state_dir, create=True)
+    if key == config.router.admin_key:
+        return config
+    return config.model_copy(update={"router": config.router.model_copy(
+        update={"admin_key": key})})
