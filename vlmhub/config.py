@@ -31,6 +31,7 @@ from vlmhub.flags import flag_like_values
 from vlmhub.locate import ConfigError, FieldProblem, Loc, Locator, explain, load_yaml
 from vlmhub.spec import ModelSpec, Strict
 from vlmhub.together import GroupPlan, MeasureFn, fit_together
+from vlmhub.vision import context_problem
 from vlmhub.vram import Budget, DoesNotFit, Gpu, Measured, check_fits_alone
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -157,8 +158,14 @@ class ModelEntry(Section):
     url: str | None = None
     served_model_name: str | None = None
     aliases: list[str] = Field(default_factory=list)
+    model_path: str | None = None
+    """The weights to load instead of the plugin's hf_repo (a local folder or a hub repo)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """vLLM options that replace the plugin's, key by key (as in a spec's ``options``)."""
     max_model_len: int | None = Field(default=None, gt=0)
     max_num_seqs: int | None = Field(default=None, gt=0)
+    max_pixels: int | None = Field(default=None, gt=0)
+    """The image cap (mm_processor_kwargs), lowered as a ``together`` group would."""
     budget_gib: float | None = Field(default=None, gt=0)
     pinned: bool = False
     ttl: float | None = Field(default=None, ge=0, description="Idle seconds before unload.")
@@ -367,9 +374,10 @@ def resolve(
                         continue
                 if spec.name != name:  # renamed: the plugin's own aliases stay with the plugin
                     spec = spec.model_copy(update={"name": name, "aliases": []})
-            spec = spec.with_overrides(
-                max_model_len=entry.max_model_len, max_num_seqs=entry.max_num_seqs
-            )
+            spec = _entry_overrides(spec, entry)
+            if (need := context_problem(spec)) is not None:
+                problems.append(loc.error((*where, "max_model_len"), *need.problem(name)))
+                continue
             budget = (
                 check_fits_alone(spec, gpu, entry.budget_gib, measure(spec)) if check_fit else None
             )
@@ -392,6 +400,15 @@ def resolve(
     if problems:
         raise ConfigError(problems)
     return [m for m in out if only is None or m.name in only]
+
+
+def _entry_overrides(spec: ModelSpec, entry: ModelEntry) -> ModelSpec:
+    """``spec`` with the entry's weights, vLLM options, then its caps (in one validation)."""
+    if entry.model_path is not None:
+        spec = spec.model_copy(update={"hf_repo": entry.model_path, "revision": None})
+    return spec.with_overrides(**entry.options).with_caps(
+        max_num_seqs=entry.max_num_seqs, max_model_len=entry.max_model_len,
+        max_pixels=entry.max_pixels)  # fmt: skip
 
 
 def together_groups(config: Config) -> list[frozenset[str]]:

@@ -288,21 +288,23 @@ class ModelSpec(Strict):
     ) -> ModelSpec:
         """This spec with lower engine settings (``None`` keeps one). A pixel cap also goes to
         ``mm_processor_kwargs`` and scales ``vision_activation_gib`` (and so the activation
-        estimate) with the pixels, since vLLM profiles the largest image allowed."""
+        estimate) with the pixels, since vLLM profiles the largest image allowed. A spec
+        without ``vision`` gets the cap in ``mm_processor_kwargs`` only."""
         data = self.model_dump()
         options = data["options"]
         if max_num_seqs is not None:
             options["max_num_seqs"] = max_num_seqs
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
-        if max_pixels is not None and self.vision is not None:
-            old = self.vision.max_pixels
-            data["vision"]["max_pixels"] = max_pixels
+        if max_pixels is not None:
             kwargs = dict(options.get("mm_processor_kwargs") or {})
             kwargs["max_pixels"] = max_pixels
             if "min_pixels" in kwargs:
                 kwargs["min_pixels"] = min(kwargs["min_pixels"], max_pixels)
             options["mm_processor_kwargs"] = kwargs
+        if max_pixels is not None and self.vision is not None:
+            old = self.vision.max_pixels
+            data["vision"]["max_pixels"] = max_pixels
             vram = data["vram"]
             scaled = vram["vision_activation_gib"] * max_pixels / old
             vram["activation_gib"] = max(vram["activation_gib"] - vram["vision_activation_gib"]

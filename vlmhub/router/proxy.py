@@ -32,6 +32,7 @@ from yarl import URL
 from vlmhub.replica import Lease, SupervisorLike
 from vlmhub.router.errors import error_body, sse_error_event
 from vlmhub.router.watch import CLIENT_LEFT, ClientWatch
+from vlmhub.vision import advise_context_error
 
 log = logging.getLogger("vlmhub.router.proxy")
 
@@ -281,7 +282,7 @@ class ProxyResponse(Response):
         completed = False
         try:
             sse = resp.content_type == "text/event-stream"
-            if self.stream_requested or sse:
+            if sse or (self.stream_requested and resp.status != 400):  # a 400 is JSON
                 completed = await self._relay_stream(resp, send, sse)
             else:
                 completed = await self._relay_buffered(resp, send)
@@ -301,6 +302,8 @@ class ProxyResponse(Response):
                 send, 502, f"Model {self.lease.model!r}: engine connection lost before the "
                 "answer was complete. vlmhub is checking the engine; retry in a few seconds.")
             return False
+        if resp.status == 400:  # an image too large for the context: say how to fix it
+            body = advise_context_error(body, self.lease.model)
         headers = downstream_headers(resp.headers, streamed=False)
         headers.append((b"content-length", str(len(body)).encode()))
         await self._start(send, resp.status, headers)
