@@ -7,12 +7,7 @@ CPU venv exists, and always in CI, where a missing venv fails instead of skippin
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +15,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from route_support import route_process
 
 from vlmhub import vllm_env
 from vlmhub.runtimes.ports import free_port
@@ -76,36 +72,8 @@ def router(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     }
     path = root / "models.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "VLMHUB_STATE_DIR": str(root / "state"), "COLUMNS": "200"}
-    log = (root / "route.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmhub", "route", "--config", str(path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (root / "route.log").read_text()
-            time.sleep(0.1)
+    with route_process(path, root, port) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        print((root / "route.log").read_text()[-4000:])
-        logs = root / "state" / "logs"
-        for f in sorted(logs.glob("*.log")) if logs.exists() else []:
-            print(f"--- {f.name}\n" + f.read_text()[-3000:])
 
 
 def states(url: str) -> dict[str, str]:

@@ -47,13 +47,16 @@ HERE = Path(__file__).resolve().parent
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "vlmhub-tiny.json"
 H = text_tier.HIDDEN_SIZE
+MAX_POSITIONS = 32768
+"""Above every built-in plugin's max_model_len (dots.ocr's 24,576), so that the plugins are
+served at their own lengths (vLLM refuses a max_model_len above max_position_embeddings)."""
 TEXT_SHAPE: dict[str, Any] = {
     "hidden_size": text_tier.HIDDEN_SIZE,
     "intermediate_size": text_tier.INTERMEDIATE_SIZE,
     "num_hidden_layers": text_tier.NUM_LAYERS,
     "num_attention_heads": text_tier.NUM_HEADS,
     "num_key_value_heads": text_tier.NUM_KV_HEADS,
-    "max_position_embeddings": text_tier.MAX_POSITIONS,
+    "max_position_embeddings": MAX_POSITIONS,
 }
 VISION_WIDTH, VISION_HEADS, VISION_DEPTH, VISION_MLP = 128, 2, 2, 256
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

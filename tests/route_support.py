@@ -1,0 +1,53 @@
+"""`vlmhub route` as a real process for the end-to-end tiers (tests/test_vllm_e2e.py,
+tests/test_vlm_route.py): started on a config file with its own state dir, waited for until
+/health answers, stopped with SIGINT; its log and every engine's log are printed at the end
+(pytest shows them for a failed test)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+@contextmanager
+def route_process(config: Path, root: Path, port: int) -> Iterator[str]:
+    """Run ``vlmhub route --config CONFIG`` (state dir ``ROOT/state``, log ``ROOT/route.log``)
+    and yield its URL once /health answers. Blocks up to 30 s for the start, 60 s for the
+    stop (then kills it)."""
+    env = {**os.environ, "VLMHUB_STATE_DIR": str(root / "state"), "COLUMNS": "200"}
+    log_path = root / "route.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmhub", "route", "--config", str(config)],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        print(log_path.read_text()[-4000:])
+        logs = root / "state" / "logs"
+        for f in sorted(logs.glob("*.log")) if logs.exists() else []:
+            print(f"--- {f.name}\n" + f.read_text()[-3000:])
