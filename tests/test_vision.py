@@ -42,13 +42,13 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("name", ["dots-ocr", "qwen3-vl"])
-def test_vision_plugins_hold_their_largest_input(name: str) -> None:
+def test_vlm_plugins_hold_their_largest_input(name: str) -> None:
     need = context_need(PLUGINS[name])
     assert need is not None and need.fits
     assert need.max_pixels == PLUGINS[name].options.mm_processor_kwargs["max_pixels"]  # type: ignore[index]
 
 
-def test_vision_dots_ocr_numbers() -> None:
+def test_vlm_dots_ocr_numbers() -> None:
     need = context_need(PLUGINS["dots-ocr"].with_caps(max_pixels=200704))
     assert need is not None
     assert (need.images, need.image_tokens, need.output_tokens) == (1, 256, 8192)  # 200704/28²
@@ -67,7 +67,7 @@ def test_vision_dots_ocr_numbers() -> None:
         ("dots-ocr", {"max_pixels": 200704, "max_model_len": 8648}, None),
     ],
 )
-def test_vision_config_check_and_plan_refuse_a_context_without_room_for_the_prompt(
+def test_vlm_config_check_and_plan_refuse_a_context_without_room_for_the_prompt(
     tmp_path: Path, name: str, entry: dict[str, int], pixels_fix: int | None
 ) -> None:
     """The images and the output reserve fit (the spec's own check passes) but the prompt
@@ -113,7 +113,7 @@ def test_vision_config_check_and_plan_refuse_a_context_without_room_for_the_prom
         assert cli(tmp_path, "config", "check", "--config", str(fixed)).returncode == 0
 
 
-def test_vision_entry_points_a_plugin_at_other_weights_with_option_overrides(
+def test_vlm_entry_points_a_plugin_at_other_weights_with_option_overrides(
     tmp_path: Path,
 ) -> None:
     path = write(tmp_path, """\
@@ -139,7 +139,7 @@ def test_vision_entry_points_a_plugin_at_other_weights_with_option_overrides(
     assert phi.spec_hash() != PLUGINS["phi3-vision"].spec_hash()  # a changed engine
 
 
-def test_vision_entry_option_errors_are_located(tmp_path: Path) -> None:
+def test_vlm_entry_option_errors_are_located(tmp_path: Path) -> None:
     path = write(tmp_path, """\
         models:
           qwen3-vl:
@@ -154,7 +154,7 @@ def test_vision_entry_option_errors_are_located(tmp_path: Path) -> None:
     assert f"{path}:5: models.qwen3-vl.options.no_such_flag: unknown key" in text
 
 
-def test_vision_runtime_advice_is_added_to_vllms_400_only() -> None:
+def test_vlm_runtime_advice_is_added_to_vllms_400_only() -> None:
     body = json.dumps(VLLM_400).encode()
     out = json.loads(advise_context_error(body, "my-vl"))
     message = out["error"]["message"]
