@@ -15,6 +15,7 @@ from vlmhub.ocr.batch import BatchOptions, ocr_batch
 from vlmhub.ocr.layout import (
     Cell,
     layout_to_markdown,
+    not_recovered,
     parse_layout,
     read_layout,
     rescale,
@@ -124,12 +125,16 @@ def test_what_is_not_a_loop_is_kept() -> None:
     assert len(layout.cells) == 7 and not layout.recovered
 
 
-def test_not_json_at_all_is_flagged_with_nothing_recovered() -> None:
+def test_not_json_at_all_is_marked_not_recovered() -> None:
     layout = read_layout("I cannot read this page.")
-    assert layout.malformed and layout.recovered and layout.cells == []
-    assert was_recovered(layout_to_markdown("I cannot read this page."))
-    cells, repaired = parse_layout("I cannot read this page.")
-    assert cells == [] and repaired
+    assert layout.malformed and not layout.recovered and layout.cells == []
+    md = layout_to_markdown("I cannot read this page.")
+    assert not_recovered(md) and not was_recovered(md) and "not layout JSON" in md
+    assert "cannot read" not in md  # nothing of the answer passed off as the page
+    cells, not_as_given = parse_layout("I cannot read this page.")
+    assert cells == [] and not_as_given
+    fine = layout_to_markdown(answer([{"bbox": [0, 0, 9, 9], "category": "Text", "text": "A"}]))
+    assert not not_recovered(fine) and not was_recovered(fine)
 
 
 def test_smart_resize_matches_the_processor() -> None:
@@ -168,15 +173,18 @@ def test_the_plugin_postprocess_flags_a_recovered_page() -> None:
 
 async def test_vlmhub_ocr_reports_per_page_whether_it_was_recovered(tmp_path: Path) -> None:
     """A real batch against a loopback endpoint that answers dots.ocr layouts: whole for
-    one page, cut short (finish_reason length) for the other."""
-    answers = {"whole.png": (answer(PAGE), "stop"), "cut.png": (answer(PAGE)[:-60], "length")}
+    one page, cut short (finish_reason length) for another, and no JSON at all for a third
+    (that page fails: it is not reported as a page, and its raw answer is kept)."""
+    answers = {"whole.png": (answer(PAGE), "stop"), "cut.png": (answer(PAGE)[:-60], "length"),
+               "junk.png": ("lorem ipsum {{ not a layout", "stop")}
+    order = list(answers)
     sent: list[str] = []
 
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
         text = body["messages"][0]["content"][1]["text"]
         assert text == plugin().presets["layout"].prompt
-        name = "whole.png" if len(sent) == 0 else "cut.png"  # concurrency 1: in order
+        name = order[len(sent)]  # concurrency 1: in order
         sent.append(name)
         content, finish = answers[name]
         return web.json_response({"choices": [{"index": 0, "finish_reason": finish,
@@ -196,17 +204,24 @@ async def test_vlmhub_ocr_reports_per_page_whether_it_was_recovered(tmp_path: Pa
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     pages = tmp_path / "pages"
     pages.mkdir()
-    for name in ("whole.png", "cut.png"):
+    for name in order:
         Image.new("RGB", (400, 560), "white").save(pages / name)
     try:
         opts = BatchOptions(model="dots-ocr", out_dir=tmp_path / "out", concurrency=1,
                             base_url=f"http://127.0.0.1:{port}/v1")
-        summary = await ocr_batch([pages / "whole.png", pages / "cut.png"], opts, plugin())
+        summary = await ocr_batch([pages / n for n in order], opts, plugin())
     finally:
         await runner.cleanup()
     by_name = {r.name: r for r in summary.results}
     assert by_name["whole"].status == by_name["cut"].status == "ok"
     assert not by_name["whole"].recovered and by_name["cut"].recovered
     manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").open()]
-    assert {m["name"]: m["recovered"] for m in manifest} == {"whole": False, "cut": True}
+    assert {m["name"]: m["recovered"] for m in manifest} == {"whole": False, "cut": True,
+                                                            "junk": False}
     assert was_recovered((tmp_path / "out" / "cut.md").read_text())
+    junk = by_name["junk"]
+    assert junk.status == "failed" and not junk.recovered and not junk.retryable
+    assert junk.error is not None
+    assert "not layout JSON" in junk.error and "junk.raw.txt" in junk.error
+    assert (tmp_path / "out" / "junk.raw.txt").read_text() == "lorem ipsum {{ not a layout"
+    assert not_recovered((tmp_path / "out" / "junk.md").read_text())

@@ -442,7 +442,11 @@ async def test_ocr_render_gives_markdown_and_boxes_on_the_sent_page(tmp_path: Pa
         assert cut["layout"]["cells"][-1]["partial"]  # the formula, cut in its text
         assert "vlmhub: recovered" in cut["markdown"]
         plain = await render("Just some text.", "ocr")
-        assert plain == {"markdown": "Just some text.", "layout": None, "recovered": False}
+        assert plain == {"markdown": "Just some text.", "layout": None, "recovered": False,
+                         "not_recovered": False}
+        junk = await render("I cannot read this page.")  # layout preset, no JSON at all
+        assert junk["not_recovered"] and not junk["recovered"]
+        assert "vlmhub: not recovered" in junk["markdown"]
         bad = await http.post("/api/ui/ocr/render", json={"text": 3})
         assert bad.status_code == 400 and "`text`" in bad.json()["error"]["message"]
 

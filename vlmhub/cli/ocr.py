@@ -122,8 +122,9 @@ def print_summary(summary: BatchSummary, out_dir: Path) -> None:
                           "server error, timeout): re-run the same command to retry them "
                           "(done pages are skipped).", highlight=False)
     if other := summary.failed(retryable=False):
-        err_console.print(f"{len(other)} page(s) failed because of the input or the request "
-                          "(errors above): a re-run alone will not fix them.", highlight=False)
+        err_console.print(f"{len(other)} page(s) failed because of the input, the request "
+                          "or an answer with nothing to read (errors above): a re-run alone "
+                          "will not fix them.", highlight=False)
 
 
 def ocr(

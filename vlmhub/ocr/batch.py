@@ -57,7 +57,7 @@ from vlmhub.ocr.answers import (
     retry_after_s,
 )
 from vlmhub.ocr.images import DEFAULT_MAX_PIXELS
-from vlmhub.ocr.layout import was_recovered
+from vlmhub.ocr.layout import not_recovered, was_recovered
 from vlmhub.ocr.pages import PageRef, PageRenderer, find_inputs, list_pages, output_names
 from vlmhub.spec import ModelSpec
 
@@ -337,8 +337,11 @@ class BatchRunner:
         except (OSError, ValueError) as exc:
             return replace(res, seconds=time.monotonic() - t0,
                            error=f"saving the result failed: {exc}")
-        return replace(res, status="ok", seconds=time.monotonic() - t0,
-                       finish_reason=ans.finish_reason, recovered=was_recovered(md))
+        res = replace(res, seconds=time.monotonic() - t0, finish_reason=ans.finish_reason)
+        if not_recovered(md):  # an answer, but no layout in it: never reported as a page
+            return replace(res, error=f"the answer is not layout JSON: nothing could be "
+                           f"recovered (the model's answer is in {job.name}.raw.txt)")
+        return replace(res, status="ok", recovered=was_recovered(md))
 
     def note_reachability(self, ans: Answer) -> None:
         """Count pages in a row that could not connect; stop the batch after

@@ -10,7 +10,9 @@ an answer goes wrong are repaired, and the page is then marked ``recovered``:
 - **repeated-cell loops** (a model that keeps writing the same cells): a cell identical to an
   earlier one (category, text and bbox) is dropped, and a run of the same cells (period 1 to
   8, by category and text) repeated 3 times or more in a row is kept once;
-- **not JSON at all**: nothing is recovered.
+- **not JSON at all**: nothing can be recovered. The page is marked ``not recovered`` (never
+  ``recovered``, never fine): its Markdown is only a comment saying so, and ``vlmhub ocr``
+  reports the page as failed, keeping the raw answer.
 
 The bboxes are in the pixels of the image the model saw: vLLM's processor resizes every image
 to multiples of ``factor`` (28) within ``min_pixels``..``max_pixels`` (:func:`smart_resize`,
@@ -29,6 +31,9 @@ from typing import Any
 SKIPPED = frozenset({"Page-header", "Page-footer"})
 RECOVERED_MARK = "<!-- vlmhub: recovered"
 """The start of the comment line :func:`render_markdown` adds to a recovered page."""
+NOT_RECOVERED_MARK = "<!-- vlmhub: not recovered"
+"""The start of the comment line :func:`render_markdown` writes for an answer that is not
+layout JSON at all."""
 FACTOR = 28
 MIN_PIXELS = 3136
 MAX_PIXELS = 11289600
@@ -65,8 +70,10 @@ class Layout:
 
     @property
     def recovered(self) -> bool:
-        """Whether anything had to be repaired (the page is usable but not as answered)."""
-        return self.truncated or self.malformed or self.repeats_dropped > 0
+        """Whether something had to be repaired and the rest could be read (the page is usable
+        but not as answered). An answer that is not layout JSON is not recovered: see
+        :attr:`malformed`."""
+        return not self.malformed and (self.truncated or self.repeats_dropped > 0)
 
     def as_json(self) -> dict[str, Any]:
         return {"cells": [c.as_json() for c in self.cells], "recovered": self.recovered,
@@ -241,11 +248,12 @@ def read_layout(text: str, *, size: tuple[int, int] | None = None,
 
 
 def parse_layout(text: str) -> tuple[list[dict[str, Any]], bool]:
-    """The cells as dicts, and whether anything had to be repaired."""
+    """The cells as dicts, and whether the answer could not be read as given (repaired, or
+    not layout JSON at all: then there are no cells)."""
     layout = read_layout(text)
     cells = [{"category": c.category, "text": c.text, "bbox": list(c.bbox) if c.bbox else None}
              for c in layout.cells]
-    return cells, layout.recovered
+    return cells, layout.recovered or layout.malformed
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -264,7 +272,10 @@ def render_markdown(layout: Layout, *, keep_headers: bool = False) -> str:
             parts.append(content if content.startswith("$$") else f"$$\n{content}\n$$")
         elif content:
             parts.append(content)
-    if layout.recovered:
+    if layout.malformed:
+        parts.append(f"{NOT_RECOVERED_MARK}: {'; '.join(layout.notes)}; nothing could be read "
+                     "(the raw answer is kept beside this file) -->")
+    elif layout.recovered:
         parts.append(f"{RECOVERED_MARK}: {'; '.join(layout.notes)}; "
                      f"{len(layout.cells)} cell(s) kept -->")
     return "\n\n".join(parts) + ("\n" if parts else "")
@@ -278,3 +289,8 @@ def layout_to_markdown(text: str, *, keep_headers: bool = False) -> str:
 def was_recovered(markdown: str) -> bool:
     """Whether :func:`render_markdown` flagged this Markdown as recovered."""
     return RECOVERED_MARK in markdown
+
+
+def not_recovered(markdown: str) -> bool:
+    """Whether :func:`render_markdown` flagged this Markdown as not layout JSON at all."""
+    return NOT_RECOVERED_MARK in markdown

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from vlmhub.errors import VlmhubError
 from vlmhub.ocr.images import DEFAULT_MAX_PIXELS
-from vlmhub.ocr.layout import FACTOR, MIN_PIXELS, read_layout, was_recovered
+from vlmhub.ocr.layout import FACTOR, MIN_PIXELS, not_recovered, read_layout, was_recovered
 from vlmhub.ocr.pages import INSTALL_HINT, PageRenderer, is_supported, list_pages
 from vlmhub.router.admin import check_admin
 from vlmhub.router.body import parse_payload, read_body
@@ -148,7 +148,8 @@ async def ocr_render(request: Request) -> Response:
         if any(c.bbox is not None for c in read.cells):
             layout = read.as_json()
     recovered = was_recovered(markdown) or bool(layout and layout["recovered"])
-    return JSONResponse({"markdown": markdown, "layout": layout, "recovered": recovered},
+    return JSONResponse({"markdown": markdown, "layout": layout, "recovered": recovered,
+                         "not_recovered": not_recovered(markdown)},
                         headers={"Cache-Control": "no-store"})
 
 

@@ -289,13 +289,14 @@
       model: $("ocr-model").value, preset: p ? p.name : null, file: st.file ? st.file.name : null,
       page: st.page.page, width: st.page.width, height: st.page.height,
       source_width: st.page.source_width, source_height: st.page.source_height,
-      finish_reason: finish, recovered: out.recovered,
+      finish_reason: finish, recovered: out.recovered, not_recovered: !!out.not_recovered,
       notes: out.layout ? out.layout.notes : [], cells: out.layout ? out.layout.cells : [],
       raw,
     }, null, 2), "application/json");
     const n = out.layout ? out.layout.cells.length : 0;
     status(`done: ${n ? `${n} cell(s)` : `${raw.length} characters`}, finish: ${finish}`
            + (out.recovered ? " · recovered (see the note at the end)" : "")
+           + (out.not_recovered ? " · not layout JSON: nothing could be read (see the raw answer)" : "")
            + (resp.ok ? "" : " · boxes need the admin key"), "done");
   }
 
