@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -29,6 +30,40 @@ def test_redactor_masks_keys_and_token_shapes_in_message_and_fields() -> None:
     Redactor([KEY]).filter(rec)
     assert KEY not in rec.getMessage() and TOKEN not in rec.getMessage()
     assert rec.getMessage() == "key *** and ***" and rec.header == "Bearer ***"
+
+
+LOG_FLOOD = """
+import sys, time
+from vlmhub.logs import ACCESS, configure
+configure(fmt="json", secrets=[sys.argv[1]])
+for i in range(20000):  # about 5 MB: far more than a pipe holds
+    ACCESS.info("request %d key %s " + "x" * 200, i, sys.argv[1])
+print("logged", flush=True)
+"""
+
+
+def test_a_stderr_nobody_reads_never_blocks_the_caller() -> None:
+    """The router's stderr as a pipe nobody reads (the defect: access lines filled the pipe and
+    the event loop blocked in a write, so the router stalled). Logging returns at once; what
+    could not be queued is counted, and the count is written once stderr is read again."""
+    proc = subprocess.Popen([sys.executable, "-c", LOG_FLOOD, KEY], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        # stderr unread all this time: with blocking logging the child never gets this far
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "logging blocked on a stderr nobody reads"
+        assert proc.stdout.readline() == "logged\n"
+        err = proc.stderr.read()  # now read it: the writer thread drains the queue, then exits
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    lines = [json.loads(line) for line in err.splitlines()]
+    dropped = [ln for ln in lines if "dropped" in ln]
+    assert dropped and dropped[0]["level"] == "warning" and dropped[0]["dropped"] > 0
+    written = len(lines) - len(dropped)
+    assert written + sum(d["dropped"] for d in dropped) == 20000  # none lost silently
+    assert KEY not in err
 
 
 def test_route_logs_engine_events_as_json_and_never_a_secret(tmp_path: Path) -> None:
