@@ -30,10 +30,11 @@ def start_router(
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**os.environ, "VLMHUB_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmhub", "route", "--config", str(path), "--port", str(port),
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    with (tmp_path / "router.out").open("w") as out:  # a file, as a terminal or journal would
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vlmhub", "route", "--config", str(path), "--port",
+             str(port), *extra],
+            stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
     return proc, url, path
@@ -68,16 +69,99 @@ async def hammer(url: str, model: str, stop: asyncio.Event, statuses: list[int])
             statuses.append((await c.post("/v1/chat/completions", json=body)).status_code)
 
 
-def stop_router(proc: subprocess.Popen[str]) -> str:
+def stop_router(proc: subprocess.Popen[str], tmp_path: Path) -> str:
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    return out
+    proc.wait(timeout=60)
+    return (tmp_path / "router.out").read_text()
 
 
-# The under-load reload test (added, removed and changed models with six clients hammering)
-# was taken out at the end of the session: under CI's load the router stalled for about a
-# minute after a reload that starts or stops an engine, a real defect described in the
-# closing note. The POST /api/reload and SIGHUP paths need that test back once it is fixed.
+def engine_max_model_len(url: str, model: str) -> int | None:
+    """What the engine serving ``model`` now was launched with (asked of the engine itself)."""
+    port = models(url)[model].get("port")
+    if port is None:
+        return None
+    try:
+        got = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+    except httpx.HTTPError:
+        return None
+    n: int = got["data"][0]["max_model_len"]
+    return n
+
+
+async def test_reload_under_load_adds_removes_and_changes_models_without_a_blip(
+    tmp_path: Path,
+) -> None:
+    """Clients hammer two running models the whole time; three reloads (POST /api/reload,
+    a broken file, SIGHUP) add, remove and change models. The unchanged model keeps its
+    engine; the changed one drains, stops and comes back with its new settings on the next
+    request; no request fails."""
+    cfg = demo(tmp_path)
+    proc, url, path = start_router(tmp_path, cfg)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            for m in ("demo-ocr", "demo-vl"):
+                body = {"model": m, "messages": [{"role": "user", "content": "hi"}]}
+                assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+        before = models(url)
+        stop, statuses = asyncio.Event(), []
+        clients = [
+            asyncio.create_task(hammer(url, m, stop, statuses))
+            for m in ("demo-ocr", "demo-ocr", "demo-ocr", "demo-vl", "demo-vl", "demo-vl")
+        ]
+        await asyncio.sleep(1.0)
+
+        cfg["models"]["demo-new"] = cfg["models"]["demo-vl"]
+        del cfg["models"]["demo-phi"]
+        vl = cfg["models"]["demo-vl"]
+        cfg["models"]["demo-vl"] = {
+            **vl, "spec": {**vl["spec"], "options": {**vl["spec"]["options"],
+                                                     "max_model_len": 2048}},
+        }  # an engine flag: drain, stop, start again on the next request
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            r = await c.post("/api/reload")
+            assert r.status_code == 200, r.text
+            diff = r.json()
+            assert diff["added"] == ["demo-new"] and diff["removed"] == ["demo-phi"]
+            assert diff["changed"] == ["demo-vl"] and diff["unchanged"] == ["demo-ocr"]
+            now = models(url)
+            assert set(now) == {"demo-ocr", "demo-vl", "demo-new"}
+            for _ in range(400):  # the changed engine is replaced while its clients go on
+                if engine_max_model_len(url, "demo-vl") == 2048:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine_max_model_len(url, "demo-vl") == 2048  # the new flag, a new engine
+            assert models(url)["demo-vl"]["max_model_len"] == 2048
+            gone = await c.post("/v1/chat/completions", json={
+                "model": "demo-phi", "messages": [{"role": "user", "content": "hi"}]})
+            assert gone.status_code == 404
+
+            path.write_text(path.read_text() + "\nrouter: {port: 0\n")  # broken YAML
+            bad = await c.post("/api/reload")
+            assert bad.status_code == 400
+            assert "models.yaml" in bad.json()["error"]["message"]
+            assert ":" in bad.json()["error"]["message"]  # located (file:line)
+            assert set(models(url)) == {"demo-ocr", "demo-vl", "demo-new"}  # config stays
+
+            del cfg["models"]["demo-new"]  # SIGHUP reloads too
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            proc.send_signal(signal.SIGHUP)
+            for _ in range(200):
+                if "demo-new" not in models(url):
+                    break
+                await asyncio.sleep(0.05)
+            assert "demo-new" not in models(url)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*clients)
+        # the unchanged model kept its engine and lost no request across three reloads
+        assert models(url)["demo-ocr"]["port"] == before["demo-ocr"]["port"]
+        assert len(statuses) > 40 and set(statuses) == {200}, statuses
+    except BaseException:
+        print(stop_router(proc, tmp_path))  # the router's own lines, for whoever reads the failure
+        raise
+    out = stop_router(proc, tmp_path)
+    assert "Reloaded" in out and "Not reloaded" in out
 
 
 def test_watch_reloads_when_the_file_changes(tmp_path: Path) -> None:
@@ -93,4 +177,4 @@ def test_watch_reloads_when_the_file_changes(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert "demo-phi" not in models(url)
     finally:
-        stop_router(proc)
+        stop_router(proc, tmp_path)

@@ -464,7 +464,11 @@ class Supervisor:
                 r.retire = "changed" if r.handle is not None else None
                 if fresh[name].external:
                     r.state, r.retire = "ready", None
-        order = [m.name for m in models] + list(diff.removed)
+        gone_now = {  # removed, and nothing to drain or stop: forgotten at once
+            n for n in diff.removed
+            if self.replicas[n].handle is None and not self.replicas[n].in_flight
+        }
+        order = [m.name for m in models] + [n for n in diff.removed if n not in gone_now]
         self.replicas = {
             n: self.replicas[n] if n in self.replicas else new_replica(fresh[n]) for n in order
         }

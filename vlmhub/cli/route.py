@@ -30,6 +30,7 @@ from vlmhub.config import Config, api_keys, load_config, resolve
 from vlmhub.errors import VlmhubError
 from vlmhub.launch import make_runtime
 from vlmhub.locate import ConfigError
+from vlmhub.logs import ROUTER
 from vlmhub.logs import configure as configure_logs
 from vlmhub.reload import ModelDiff
 from vlmhub.replica import ReplicaInfo
@@ -86,7 +87,8 @@ def print_summary(url: str, config: Config, gpu: Gpu, models: list[ReplicaInfo])
 class Reloader:
     """Re-read models.yaml and apply it to the running supervisor: on SIGHUP, on
     ``POST /api/reload`` and, with ``--watch``, when the file changes. Runs on the event loop;
-    the reload itself is synchronous (the engine stops it needs run as operations)."""
+    the reload itself is synchronous (the engine stops it needs run as operations), and it
+    reports through the ``vlmhub.router`` logger, which never blocks (vlmhub.logs)."""
 
     def __init__(self, ctx: Context, supervisor: Supervisor, budgets: BudgetStore) -> None:
         self.ctx, self.supervisor, self.budgets = ctx, supervisor, budgets
@@ -108,15 +110,17 @@ class Reloader:
                 loaded, self.ctx.registry.specs(), self.ctx.gpu, measured=self.budgets
             )
         except (ConfigError, VlmhubError) as exc:
-            err_console.print(f"[red]Not reloaded[/] (the running config stays):\n{exc}",
-                              highlight=False)
+            ROUTER.error("Not reloaded (the running config stays):\n%s", exc,
+                         extra={"event": "reload", "ok": False})
             raise
         old = self.supervisor.config.router
         diff = self.supervisor.reload(models, loaded.config)
-        err_console.print(f"Reloaded {self.path}: {diff.summary()}", highlight=False)
+        ROUTER.info("Reloaded %s: %s", self.path, diff.summary(),
+                    extra={"event": "reload", "ok": True, "added": list(diff.added),
+                           "removed": list(diff.removed), "changed": list(diff.changed)})
         if (old.host, old.port) != (loaded.config.router.host, loaded.config.router.port):
-            err_console.print("Note: router.host and router.port take effect at the next "
-                              "start of `vlmhub route`.", highlight=False)
+            ROUTER.warning("router.host and router.port take effect at the next start of "
+                           "`vlmhub route`.")
         return diff
 
     def safely(self) -> None:
