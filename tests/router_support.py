@@ -121,6 +121,9 @@ class TestSupervisor:
     def names(self) -> list[str]:
         return list(self.backends)
 
+    def would_wait(self, name: str) -> bool:
+        return name in self.acquire_delay
+
     async def acquire(self, name: str, priority: str | None = None) -> Lease:
         if name in self.fail:
             raise self.fail[name]

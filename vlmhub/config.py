@@ -90,6 +90,9 @@ class RouterConfig(Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     cors_origins: list[str] = Field(default_factory=list)
     """Browser origins (e.g. http://localhost:3000) that may call /v1/* (CORS); "*" for any."""
+    loading_comments_s: float = Field(default=5.0, ge=0)
+    """A streamed request that must wait for its model gets an SSE comment line at once and then
+    every this many seconds (``: vlmhub loading MODEL: PHASE (N s)``); 0 turns them off."""
 
     @field_validator("admin_key")
     @classmethod

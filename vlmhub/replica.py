@@ -125,6 +125,10 @@ class SupervisorLike(Protocol):
         """A lease on a ready engine, or an :class:`AcquireError` subclass. ``priority``
         (``interactive`` or ``batch``; None: the model's own) orders swaps between queues."""
 
+    def would_wait(self, name: str) -> bool:
+        """Whether :meth:`acquire` of this (resolved) name would queue now rather than grant a
+        lease at once (the router streams loading comments to such a request)."""
+
     def release(self, lease: Lease) -> None:
         """Give the lease back (idempotent). The model is idle again when none are held."""
 

@@ -147,6 +147,10 @@ class Supervisor:
             + (f"; last error: {r.last_error}" if r.last_error else "")
         )
 
+    def would_wait(self, name: str) -> bool:
+        r = self.replicas.get(name)
+        return r is not None and not (r.state == "ready" and not r.draining and not r.waiters)
+
     def _abandon(self, r: Replica, entry: Queued) -> None:
         """Take a waiter out of the queue; a lease it was handed meanwhile goes back."""
         fut = entry.fut

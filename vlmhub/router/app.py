@@ -35,6 +35,7 @@ from vlmhub.router.admin import admin_routes, replica_json
 from vlmhub.router.body import parse_payload, read_body, too_deep
 from vlmhub.router.errors import DEFAULT_RETRY_AFTER_S, acquire_error_response, error_response
 from vlmhub.router.guard import BrowserGuard
+from vlmhub.router.loading import LoadingResponse
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.openapi import openapi_routes
 from vlmhub.router.proxy import create_session, forward
@@ -104,6 +105,54 @@ async def proxy_endpoint(request: Request) -> Response:
         priority = request_priority(request)
         queued_at = time.monotonic()
         watch = ClientWatch(request.receive)
+        stream = payload.get("stream") is True
+        label, answered = model, [False]
+
+        def headers_sent(code: int) -> None:
+            if not answered[0]:
+                answered[0] = True
+                st.metrics.observe_request(label, code, time.monotonic() - started)
+
+        def finished() -> None:
+            st.in_flight -= 1
+            if not answered[0]:  # the client left before the engine answered
+                st.metrics.observe_request(label, CLIENT_CLOSED, None)
+
+        async def proxy(lease: Lease, committed: bool = False) -> Response:
+            """The response forwarding the request over ``lease`` (it owns the lease)."""
+            headers: list[tuple[str, str]] = request.headers.items()
+            if info is not None:
+                info.queue_ms = (time.monotonic() - queued_at) * 1000
+                info.replica = f"{label}@{lease.base_url.rsplit(':', 1)[-1]}"
+                if info.generated:  # the engine sees the same id as the client
+                    headers = [*headers, ("x-request-id", info.request_id)]
+            try:
+                return await forward(
+                    st.http(), st.supervisor, lease, method="POST",
+                    path=PROXIED[request.url.path], query=request.url.query, headers=headers,
+                    body=body, payload=payload, stream=stream, on_headers=headers_sent,
+                    on_finish=finished, watch=watch, committed=committed)
+            except BaseException as exc:
+                st.supervisor.release(lease)  # never handed off: give it back here
+                if isinstance(exc, RecursionError):  # re-encoding a deep body (model rewrite)
+                    raise too_deep() from None
+                raise
+
+        if stream and st.loading_comments_s > 0 and st.supervisor.would_wait(model):
+            # it has to wait for its model: stream loading comments meanwhile
+            acquiring = asyncio.ensure_future(_acquire(st.supervisor, model, priority))
+            handed_off = True
+
+            async def committed_proxy(lease: Lease) -> Response:
+                return await proxy(lease, committed=True)
+
+            def ended(code: int) -> None:
+                st.in_flight -= 1
+                st.metrics.observe_request(label, code, time.monotonic() - started)
+
+            return LoadingResponse(st.supervisor, model, acquiring, watch,
+                                   every_s=st.loading_comments_s,
+                                   make_proxy=committed_proxy, on_end=ended)
         watch.arm()  # a hang-up while queued cancels the acquire (it gives its slot back)
         try:
             lease = await _acquire(st.supervisor, model, priority)  # inline when ready: no task
@@ -115,34 +164,7 @@ async def proxy_endpoint(request: Request) -> Response:
             return Response(status_code=CLIENT_CLOSED)
         finally:
             watch.disarm()
-        headers: list[tuple[str, str]] = request.headers.items()
-        if info is not None:
-            info.queue_ms = (time.monotonic() - queued_at) * 1000
-            info.replica = f"{model}@{lease.base_url.rsplit(':', 1)[-1]}"
-            if info.generated:  # the engine sees the same id as the client
-                headers = [*headers, ("x-request-id", info.request_id)]
-        label, answered = model, [False]
-
-        def headers_sent(code: int) -> None:
-            answered[0] = True
-            st.metrics.observe_request(label, code, time.monotonic() - started)
-
-        def finished() -> None:
-            st.in_flight -= 1
-            if not answered[0]:  # the client left before the engine answered
-                st.metrics.observe_request(label, CLIENT_CLOSED, None)
-
-        try:
-            response = await forward(
-                st.http(), st.supervisor, lease, method="POST", path=PROXIED[request.url.path],
-                query=request.url.query, headers=headers, body=body,
-                payload=payload, stream=payload.get("stream") is True,
-                on_headers=headers_sent, on_finish=finished, watch=watch)
-        except BaseException as exc:
-            st.supervisor.release(lease)  # never handed off: give it back here
-            if isinstance(exc, RecursionError):  # re-encoding a deep body (model rewrite)
-                raise too_deep() from None
-            raise
+        response = await proxy(lease)
         handed_off = True
         return response
     except Reject as reject:
@@ -264,6 +286,7 @@ def create_app(
         admin_key=admin.encode() if admin else None,
         max_body=int(config.router.max_body_mb * 1024 * 1024),
         body_timeout_s=config.router.body_timeout_s,
+        loading_comments_s=config.router.loading_comments_s,
     )
 
     @asynccontextmanager

@@ -127,6 +127,7 @@ async def forward(
     on_headers: HeadersCallback | None = None,
     on_finish: FinishCallback | None = None,
     watch: ClientWatch | None = None,
+    committed: bool = False,
 ) -> ProxyResponse:
     """The response that forwards this request to ``lease.base_url`` when it is sent.
 
@@ -135,15 +136,17 @@ async def forward(
     ``on_headers(status)`` is called just before the response headers go out; ``on_finish()``
     once at the end, after the lease is released. ``watch`` is the request's hang-up watch,
     if the caller has one already (the response then owns and closes it; without one it makes
-    its own). The caller must send the response (it owns the lease from now on). Does no I/O
-    itself.
+    its own). ``committed``: a ``200 text/event-stream`` status line has already been sent
+    (:mod:`vlmhub.router.loading`); the engine's stream continues it, and any failure or
+    non-stream answer becomes a final SSE error event. The caller must send the response (it
+    owns the lease from now on). Does no I/O itself.
     """
     url = lease.base_url.rstrip("/") + path + (f"?{query}" if query else "")
     return ProxyResponse(
         session, supervisor, lease, method=method, url=url,
         headers=upstream_headers(headers, lease.api_key),
         body=rewrite_model(body, payload, lease.api_name), stream=stream,
-        on_headers=on_headers, on_finish=on_finish, watch=watch,
+        on_headers=on_headers, on_finish=on_finish, watch=watch, committed=committed,
     )
 
 
@@ -164,6 +167,7 @@ class ProxyResponse(Response):
         on_headers: HeadersCallback | None = None,
         on_finish: FinishCallback | None = None,
         watch: ClientWatch | None = None,
+        committed: bool = False,
     ) -> None:
         self.status_code = 0  # known once the engine answers
         self.background = None
@@ -176,6 +180,9 @@ class ProxyResponse(Response):
         self.streaming = False
         self.upstream_failure: str | None = None
         self._finished = False
+        self.committed = committed  # the status line went out already (SSE 200)
+        if committed:
+            self.status_code, self.streaming = 200, True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the exchange in this task while the client is watched; release the lease at the
@@ -245,9 +252,11 @@ class ProxyResponse(Response):
         self.supervisor.report_failure(self.lease, reason)
 
     async def _start(self, send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status_code = status
         if self.on_headers is not None:
             self.on_headers(status)
+        if self.committed:
+            return
+        self.status_code = status
         await send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _send_body(self, send: Send, body: bytes, more: bool) -> None:
@@ -257,6 +266,13 @@ class ProxyResponse(Response):
         await send(message)
 
     async def _send_error(self, send: Send, status: int, message: str) -> None:
+        if self.committed:  # the client has a 200 stream: the error is its last event
+            if self.on_headers is not None:
+                self.on_headers(status)
+            kind = "invalid_request_error" if 400 <= status < 500 else "upstream_error"
+            await self._send_body(send, sse_error_event(message, kind, status), more=True)
+            await self._send_body(send, b"", more=False)
+            return
         body = json.dumps(error_body(message, "upstream_error", status)).encode()
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(body)).encode())]
@@ -282,7 +298,9 @@ class ProxyResponse(Response):
         completed = False
         try:
             sse = resp.content_type == "text/event-stream"
-            if sse or (self.stream_requested and resp.status != 400):  # a 400 is JSON
+            if self.committed and (resp.status != 200 or not sse):
+                completed = await self._relay_as_event(resp, send)
+            elif sse or (self.stream_requested and resp.status != 400):  # a 400 is JSON
                 completed = await self._relay_stream(resp, send, sse)
             else:
                 completed = await self._relay_buffered(resp, send)
@@ -310,6 +328,23 @@ class ProxyResponse(Response):
         await self._send_body(send, body, more=False)
         return True
 
+    async def _relay_as_event(self, resp: aiohttp.ClientResponse, send: Send) -> bool:
+        """Committed to a 200 stream, the engine answered something else (an error, a JSON
+        body): pass its message on as the stream's final error event, with its status."""
+        try:
+            body = await resp.read()
+        except UPSTREAM_ERRORS as exc:
+            self._fail(f"engine connection lost before the answer was complete: "
+                       f"{_describe(exc)}")
+            await self._send_error(send, 502, f"Model {self.lease.model!r}: engine connection "
+                                   "lost before the answer was complete.")
+            return False
+        if resp.status == 400:
+            body = advise_context_error(body, self.lease.model)
+        await self._send_error(send, resp.status if resp.status >= 400 else 502,
+                               _error_message(body, resp.status))
+        return True
+
     async def _relay_stream(self, resp: aiohttp.ClientResponse, send: Send, sse: bool) -> bool:
         """Pass chunks on as they arrive (no buffering). Returns True if the engine finished."""
         self.streaming = True
@@ -329,6 +364,16 @@ class ProxyResponse(Response):
                 await self._send_body(send, b"", more=False)
                 return True
             await self._send_body(send, chunk, more=True)
+
+
+def _error_message(body: bytes, status: int) -> str:
+    """The ``error.message`` of an OpenAI-shaped error body, else the body's start."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        msg = json.loads(body)["error"]["message"]
+        if isinstance(msg, str):
+            return msg
+    text = body[:500].decode("utf-8", "replace").strip()
+    return f"the engine answered HTTP {status}" + (f": {text}" if text else "")
 
 
 def _describe(exc: BaseException) -> str:

@@ -36,6 +36,8 @@ class RouterState:
     admin_key: bytes | None
     max_body: int
     body_timeout_s: float = 30.0
+    loading_comments_s: float = 5.0
+    """Seconds between SSE loading comments for a streamed request that waits (0: none)."""
     created: int = field(default_factory=lambda: int(time.time()))
     session: aiohttp.ClientSession | None = None
     in_flight: int = 0
