@@ -264,3 +264,65 @@ def test_engine_dying_before_a_buffered_answer_is_502() -> None:
             assert len(sup.failures) == 2 and "could not be reached" in sup.failures[1][1]
             assert sup.settled() and sup.acquired == 2 and sup.double_releases == 0
             assert in_flight(router.app) == 0
+
+
+class _Releases:
+    """Just what a ProxyResponse calls on its supervisor."""
+
+    def __init__(self) -> None:
+        self.released: list[str] = []
+
+    def release(self, lease: object) -> None:
+        self.released.append(getattr(lease, "model", "?"))
+
+    def report_failure(self, lease: object, reason: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize("external", [False, True])
+async def test_a_revoked_exchange_says_what_happens_next(external: bool) -> None:
+    """The supervisor fails the engine under a request: the client gets 503 at once, with what
+    vlmhub does next: restart a managed engine, or check an external endpoint again (it
+    cannot restart that one)."""
+    from vlmhub.replica import Lease
+    from vlmhub.router.proxy import create_session, forward
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    revoked: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    lease = Lease("m", f"http://127.0.0.1:{port}", "m", external=external, revoked=revoked)
+    sup, sent = _Releases(), []
+    session = create_session()
+    try:
+        resp = await forward(session, sup, lease, method="POST",  # type: ignore[arg-type]
+                             path="/v1/chat/completions", body=b"{}")
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, object]:
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        asyncio.get_running_loop().call_later(0.2, revoked.set_result, "engine not answering")
+        await asyncio.wait_for(resp({"type": "http"}, receive, send), 10)  # type: ignore[arg-type]
+    finally:
+        await session.close()
+        await runner.cleanup()
+    assert sent[0]["status"] == 503 and sup.released == ["m"]
+    message = json.loads(sent[1]["body"])["error"]["message"]  # type: ignore[arg-type]
+    assert "engine not answering" in message and "incomplete" in message
+    if external:
+        assert "checks the endpoint again" in message and "restarts" not in message
+    else:
+        assert "restarts the engine" in message

@@ -227,8 +227,9 @@ class ProxyResponse(Response):
     async def _revoked(self, send: Send, reason: str) -> None:
         """The supervisor failed the engine under this exchange: tell the client now."""
         self.upstream_failure = reason
-        message = (f"Model {self.lease.model!r}: {reason}. The answer is incomplete; "
-                   "vlmhub restarts the engine on the next request.")
+        then = ("vlmhub checks the endpoint again before routing to it" if self.lease.external
+                else "vlmhub restarts the engine on the next request")
+        message = f"Model {self.lease.model!r}: {reason}. The answer is incomplete; {then}."
         with contextlib.suppress(OSError, RuntimeError):
             if self.status_code == 0:
                 await self._send_error(send, 503, message)
