@@ -287,8 +287,10 @@ async def test_a_revoked_exchange_says_what_happens_next(external: bool) -> None
     from vlmhub.replica import Lease
     from vlmhub.router.proxy import create_session, forward
 
+    done = asyncio.Event()
+
     async def hang(request: web.Request) -> web.Response:
-        await asyncio.sleep(3600)
+        await done.wait()  # no answer until the test is over
         return web.Response()
 
     app = web.Application()
@@ -317,6 +319,7 @@ async def test_a_revoked_exchange_says_what_happens_next(external: bool) -> None
         asyncio.get_running_loop().call_later(0.2, revoked.set_result, "engine not answering")
         await asyncio.wait_for(resp({"type": "http"}, receive, send), 10)  # type: ignore[arg-type]
     finally:
+        done.set()
         await session.close()
         await runner.cleanup()
     assert sent[0]["status"] == 503 and sup.released == ["m"]
