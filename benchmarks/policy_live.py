@@ -15,6 +15,7 @@ load times the router measured).
 
     .venv/bin/python benchmarks/policy_live.py [--requests 1000] [--clients 16]
         [--policies fifo,vlmhub] [--results DIR] [--update-doc docs/benchmarks.md]
+        [--decisions]
 
 Reports, never asserts. Stops every process it started, also on error or Ctrl-C.
 """
@@ -70,9 +71,11 @@ class Run:
                    default=0.0)
 
 
-def write_config(dest: Path, name: str) -> Path:
+def write_config(dest: Path, name: str, decisions: bool = False) -> Path:
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["router"]["policy"] = name
+    if decisions:  # every policy decision with its inputs, as JSON lines in router.log
+        cfg["router"].update(log_level="debug", log_format="json")
     lo = free_port()
     cfg["runtime"]["port_range"] = [lo, lo + 99]
     dest.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -132,11 +135,13 @@ def bounds(cfg_path: Path, last_load: dict[str, float]) -> dict[str, float]:
     return {v.name: policy.max_wait(v, views, "interactive", p) for v in views}
 
 
-def run_one(name: str, n: int, clients: int, out: Path, models: list[str]) -> Run:
+def run_one(
+    name: str, n: int, clients: int, out: Path, models: list[str], decisions: bool = False
+) -> Run:
     """One router under policy ``name``: start it, drive it, read its metrics, stop it."""
     work = out / name
     work.mkdir(parents=True, exist_ok=True)
-    cfg = write_config(work / "models.yaml", name)
+    cfg = write_config(work / "models.yaml", name, decisions)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     procs = Processes(work)
@@ -203,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="folder for logs (default: a new one under the temp dir)")
     ap.add_argument("--update-doc", type=Path, default=None,
                     help="write the figures into this file's policy_live block")
+    ap.add_argument("--decisions", action="store_true",
+                    help="log every swap-policy decision with its inputs (JSON lines, logger "
+                    "vlmhub.policy) in each policy's router.log under --results")
     a = ap.parse_args(argv)
     names = [p.strip() for p in a.policies.split(",")]
     bad = [p for p in names if p not in policy.POLICIES]
@@ -219,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 *(argv if argv is not None else sys.argv[1:])])
     started = time.monotonic()
     with sigterm_exits():
-        runs = [run_one(p, a.requests, a.clients, out, models) for p in names]
+        runs = [run_one(p, a.requests, a.clients, out, models, a.decisions) for p in names]
     text = report(runs, a.requests, a.clients)
     print(text)
     save_report(out, info, time.monotonic() - started, text,

@@ -48,17 +48,19 @@ THREE = trace(
 def test_two_models_that_do_not_fit_three_requests(policy: PolicyName) -> None:
     # 0: start a (0-10). 1: b queues. 2: a queues (a is starting). 10: a leases both of its
     # requests (waits 10 and 8; they run until 15) and b's swap evicts a: drain until 15, stop
-    # (15-16), start b (16-26). 26: b leased (wait 25), done at 31. Every policy does this:
-    # under vlmhub the swap is held while a (just loaded, cost 10) has work, and a is idle at
-    # the moment the drain ends anyway.
+    # (15-16), start b (16-26). 26: b leased (wait 25), done at 31. Every policy does this,
+    # except that under vlmhub the swap is held while a (just loaded, cost 10) has work, and
+    # for busy_grace_s (0.25 s) after a's last answer: stop 15.25-16.25, start 16.25-26.25.
     r, timeline = run([model("a"), model("b")], THREE, policy)
+    g = 0.25 if policy == "vlmhub" else 0.0
     assert (r.loads, r.wakes, r.evictions, r.served, r.requests) == (2, 0, 1, 3, 3)
-    assert waits(r) == (10.0, 25.0, 25.0, 43.0)
-    assert r.makespan_s == 31.0 and r.loading_s == 20.0
-    assert r.loading_fraction == pytest.approx(20 / 31) and r.throughput == pytest.approx(3 / 31)
-    began = 15.0 if policy == "vlmhub" else 10.0
+    assert waits(r) == (10.0, 25.0 + g, 25.0 + g, 43.0 + g)
+    assert r.makespan_s == 31.0 + g and r.loading_s == 20.0
+    assert r.loading_fraction == pytest.approx(20 / (31 + g))
+    assert r.throughput == pytest.approx(3 / (31 + g))
+    began = 15.25 if policy == "vlmhub" else 10.0
     assert timeline == [(0.0, "start a"), (10.0, "a ready"), (began, "start b, evicting a (stop)"),
-                        (16.0, "a stopped"), (26.0, "b ready")]
+                        (16.0 + g, "a stopped"), (26.0 + g, "b ready")]
     assert r.refused == {"queue_full": 0, "refused": 0, "timeout": 0} and r.over_max_wait == 0
 
 
@@ -68,17 +70,18 @@ def test_a_swap_deferred_while_the_fresh_model_has_work_saves_a_load() -> None:
     # waits), stop 15-16, start b 16-26, b leased 26 (wait 25), done 31; then a's swap: drain b
     # until 31, stop 31-32, start a 32-42: the 12 s request waits 30. 3 loads.
     # vlmhub: a was just loaded (cost 10: held 40 s while it has work), so b waits; the 12 s
-    # request is leased at once (wait 0) and a is busy until 17. At 17 a is idle: stop 17-18,
-    # start b 18-28, b leased at 28 (wait 27). 2 loads.
+    # request is leased at once (wait 0) and a is busy until 17. At 17.25 (busy_grace_s after
+    # a's last answer) a counts as idle: stop 17.25-18.25, start b 18.25-28.25, b leased at
+    # 28.25 (wait 27.25). 2 loads.
     text = THREE + trace({"t": 12, "model": "a", "duration": 5})
     fifo, _ = run([model("a"), model("b")], text, "fifo")
     assert (fifo.loads, fifo.evictions) == (3, 2)
     assert waits(fifo) == (10.0, 30.0, 30.0, 73.0)  # waits 10, 8, 30 (a) and 25 (b)
     mine, timeline = run([model("a"), model("b")], text, "vlmhub")
     assert (mine.loads, mine.evictions) == (2, 1)
-    assert waits(mine) == (8.0, 27.0, 27.0, 45.0)  # waits 10, 8, 0 (a) and 27 (b)
-    assert (17.0, "start b, evicting a (stop)") in timeline
-    assert mine.makespan_s == 33.0 and fifo.makespan_s == 47.0
+    assert waits(mine) == (8.0, 27.25, 27.25, 45.25)  # waits 10, 8, 0 (a) and 27.25 (b)
+    assert (17.25, "start b, evicting a (stop)") in timeline
+    assert mine.makespan_s == 33.25 and fifo.makespan_s == 47.0
 
 
 # a (20 s to start) and b (2 s) are resident together on 8.5 GiB; c (2 s) needs room. a was
@@ -139,17 +142,18 @@ def _priorities() -> str:
 def test_interactive_before_batch() -> None:
     # fifo: the oldest first: b's swap at 10 (drain a until 40, stop, start b 41-51; b waits
     # 50), then c (drain b until 56, stop, start c 57-67: c waits 65).
-    # vlmhub: both are held while a (just loaded, busy) works; at 40 c goes first (stop 40-41,
-    # start 41-51: c waits 49); b comes back as soon as c's interactive work is done at 56:
-    # stop c 56-57, start b 57-67: b waits 66 (its bound is 10 x 20 = 200 s).
+    # vlmhub: both are held while a (just loaded, busy) works and busy_grace_s (0.25 s) after;
+    # at 40.25 c goes first (stop 40.25-41.25, start 41.25-51.25: c waits 49.25); b comes back
+    # as soon as c's interactive work is done (56.25) and its grace is over: stop c
+    # 56.5-57.5, start b 57.5-67.5: b waits 66.5 (its bound is 10 x 20 = 200 s).
     fifo, _ = run([model("a"), model("b"), model("c")], _priorities(), "fifo")
     assert fifo.waits["batch"].max_s == 50.0 and fifo.waits["interactive"].max_s == 65.0
     mine, t = run([model("a"), model("b"), model("c")], _priorities(), "vlmhub")
-    assert (40.0, "start c, evicting a (stop)") in t
-    assert (56.0, "start b, evicting c (stop)") in t
-    assert mine.waits["interactive"].max_s == 49.0 and mine.waits["batch"].max_s == 66.0
-    # c's bound is 3 x (10 + 10) = 60: the worst ratio is c's 49 / 60
-    assert mine.over_max_wait == 0 and mine.worst_wait_ratio == pytest.approx(49 / 60)
+    assert (40.25, "start c, evicting a (stop)") in t
+    assert (56.5, "start b, evicting c (stop)") in t
+    assert mine.waits["interactive"].max_s == 49.25 and mine.waits["batch"].max_s == 66.5
+    # c's bound is 3 x (10 + 10) = 60: the worst ratio is c's 49.25 / 60
+    assert mine.over_max_wait == 0 and mine.worst_wait_ratio == pytest.approx(49.25 / 60)
 
 
 def test_the_wait_bound_forces_a_deferred_swap() -> None:

@@ -75,6 +75,9 @@ class Params:
     batch_wait_factor: float = 10.0
     min_wait_s: float = 10.0
     max_wait_cap_s: float = 1800.0
+    busy_grace_s: float = 0.25
+    """A ready model used less than this long ago counts as serving even with nothing in
+    flight: a closed-loop client's next request is one HTTP round trip behind its answer."""
     max_wait_s: Mapping[str, Mapping[Priority, float]] = field(default_factory=dict)
     """Per model (and priority), set in models.yaml: overrides the derived default."""
 
@@ -87,6 +90,8 @@ class Decision:
     refuse: tuple[tuple[str, str], ...] = ()
     deferred: tuple[tuple[str, str], ...] = ()
     """Swaps not worth their price yet, with why (shown in /api/models, not acted on)."""
+    recheck_at: float | None = None
+    """A deferral that only ``busy_grace_s`` holds ends at this time: decide again then."""
 
 
 def max_wait(
@@ -120,13 +125,14 @@ def decide(
     refuse: list[tuple[str, str]] = []
     deferred: list[tuple[str, str]] = []
     ranked: list[tuple[tuple[float, ...], Plan]] = []
+    recheck: list[float] = []
     for d in demand:
         t = by_name[d.name]
         if t.state == "ready" or (not d.waiters and not d.wanted):
             continue
         pl = _plan(p, d.name, views, usable_gib, now)
         if pl.action == "wait":
-            return Decision(None, tuple(refuse), tuple(deferred))
+            return Decision(None, tuple(refuse), tuple(deferred), _first(recheck))
         if pl.action == "refuse":
             refuse.append((d.name, pl.reason))
             continue
@@ -136,15 +142,33 @@ def decide(
         if p.name != "vlmhub":
             ranked.append(((0 if d.wanted else 1, oldest), pl))
             continue
-        rank, why = _rank(p, d, t, pl, views, demand, now)
+        rank, why, until = _rank(p, d, t, pl, views, demand, now)
+        if until is not None:
+            recheck.append(until)
         if rank is None:
             deferred.append((d.name, why))
             continue
         ranked.append((rank, pl))
     if not ranked:
-        return Decision(None, tuple(refuse), tuple(deferred))
+        return Decision(None, tuple(refuse), tuple(deferred), _first(recheck))
     ranked.sort(key=lambda x: x[0])
     return Decision(ranked[0][1], tuple(refuse), tuple(deferred))
+
+
+def _first(times: list[float]) -> float | None:
+    return min(times, default=None)
+
+
+def _active(r: ReplicaView, now: float, p: Params) -> bool:
+    """Serving now: requests in flight, or a ready model used within ``busy_grace_s``."""
+    return r.in_flight > 0 or (r.state == "ready" and now - r.last_used < p.busy_grace_s)
+
+
+def _grace_ends(rs: Sequence[ReplicaView], p: Params) -> float | None:
+    """When the last of ``rs`` stops counting as serving, if only the grace keeps them so."""
+    if any(r.in_flight > 0 for r in rs):
+        return None
+    return max((r.last_used + p.busy_grace_s for r in rs), default=None)
 
 
 def _views_for(p: Params, replicas: Sequence[ReplicaView]) -> list[ReplicaView]:
@@ -177,51 +201,55 @@ def _rank(
     views: list[ReplicaView],
     demand: Sequence[Demand],
     now: float,
-) -> tuple[tuple[float, ...] | None, str]:
-    """The vlmhub policy's order key for this candidate (lower first), or None and why not."""
+) -> tuple[tuple[float, ...] | None, str, float | None]:
+    """The vlmhub policy's order key for this candidate (lower first), or None and why not,
+    and when to decide again if only ``busy_grace_s`` holds it back."""
     oldest = min((w.arrived for w in d.waiters), default=now)
     interactive = any(w.priority == "interactive" for w in d.waiters) or d.wanted
     klass = 0.0 if interactive else 1.0
     if d.wanted:
-        return (0.0, oldest), ""
+        return (0.0, oldest), "", None
     overdue = [
         now - w.arrived - max_wait(t, views, w.priority, p)
         for w in d.waiters
         if now - w.arrived >= max_wait(t, views, w.priority, p)
     ]
     if overdue:
-        return (1.0, -max(overdue)), ""
+        return (1.0, -max(overdue)), "", None
     if not pl.evict:
-        return (2.0, klass, oldest), ""
+        return (2.0, klass, oldest), "", None
     by_name = {r.name: r for r in views}
     victims = {e.name for e in pl.evict}
     if not any(e.busy for e in pl.evict):
         serving = [
-            r.name for r in views
-            if r.state == "ready" and r.in_flight > 0 and r.name not in victims
+            r for r in views
+            if r.state == "ready" and _active(r, now, p) and r.name not in victims
             and (r.priority == "interactive") == interactive
         ]
         if serving:  # batch the waiters: the GPU is busy serving their class anyway
             return None, (
-                f"{serving[0]} is still serving; the swap waits to take more requests along "
-                "(until the oldest reaches max_wait_s)"
-            )
+                f"{serving[0].name} is still serving; the swap waits to take more requests "
+                "along (until the oldest reaches max_wait_s)"
+            ), _grace_ends(serving, p)
     queued = {x.name: x.waiters for x in demand}
     cost = t.reload_cost_s
     for ev in pl.evict:
         v = by_name[ev.name]
         v_waiters = queued.get(v.name, ())
-        has_work = v.in_flight > 0 or bool(v_waiters)
+        has_work = _active(v, now, p) or bool(v_waiters)
         v_interactive = v.priority == "interactive" or any(
             w.priority == "interactive" for w in v_waiters
         )
         hold = p.hold_factor * v.reload_cost_s
+        until = None if v_waiters else _grace_ends([v], p)
         if not interactive and v_interactive and has_work:
-            return None, f"{v.name} has interactive work; batch waits (max_wait bounds it)"
+            return None, f"{v.name} has interactive work; batch waits (max_wait bounds it)", until
         if interactive and not v_interactive:
             continue  # batch yields to interactive: no hold, no price
         if has_work and now - v.loaded_at < hold:
-            return None, f"{v.name} was loaded {now - v.loaded_at:.0f} s ago and still has work"
+            return None, (
+                f"{v.name} was loaded {now - v.loaded_at:.0f} s ago and still has work"
+            ), until
         if has_work:
             cost += v.reload_cost_s
     value = sum(
@@ -232,8 +260,35 @@ def _rank(
         return None, (
             f"waiting work ({value:.1f} request-s) is worth less than {p.value_factor:g} x the "
             f"swap's cost ({cost:.1f} s)"
-        )
-    return (3.0, klass, -value, oldest), ""
+        ), None
+    return (3.0, klass, -value, oldest), "", None
+
+
+def describe(
+    replicas: Sequence[ReplicaView], demand: Sequence[Demand], now: float, d: Decision
+) -> dict[str, object]:
+    """One decision with its inputs, as plain data (the supervisor's debug log of
+    ``vlmhub.policy``; ``vlmhub simulate`` records the same): what each replica was doing,
+    what waited, and what was chosen or deferred."""
+    return {
+        "now": round(now, 3),
+        "replicas": {
+            r.name: {"state": r.state, "in_flight": r.in_flight,
+                     "idle_s": round(now - r.last_used, 3),
+                     "ready_s": round(now - r.loaded_at, 3), "cost_s": round(r.reload_cost_s, 2)}
+            for r in replicas
+        },
+        "demand": {
+            x.name: {"waiters": len(x.waiters),
+                     "oldest_s": round(now - min((w.arrived for w in x.waiters), default=now), 3)}
+            for x in demand
+        },
+        "plan": None if d.plan is None else {
+            "action": d.plan.action, "target": d.plan.target,
+            "evict": [e.name for e in d.plan.evict],
+        },
+        "deferred": dict(d.deferred),
+    }
 
 
 def params_from(config: Config, models: Sequence[ResolvedModel]) -> Params:

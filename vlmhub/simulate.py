@@ -77,6 +77,10 @@ class SimConfig:
     sleep_s: float = 1.0
     stop_s: float = 2.0
     tick_s: float = 0.5
+    rtt_s: float = 0.02
+    """A closed-loop client's round trip: from an answer's release (the router's last byte) to
+    its next request reaching the router. Live, the resident models are idle for this long
+    between a client's requests, and the policy sees it (vlmhub.policy ``busy_grace_s``)."""
     queue_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
 
@@ -250,6 +254,9 @@ class Simulation:
                 if kind == "tick":  # only the latest tick counts: a pass resets the timer
                     acted = acted or t == self._next_tick
                     continue
+                if kind == "recheck":  # the policy asked for a pass now (Decision.recheck_at)
+                    acted = True
+                    continue
                 self._pending -= kind in WORK
                 acted = True
                 self._handle(kind, payload)
@@ -309,7 +316,7 @@ class Simulation:
         if q.after is not None:
             gi, think = q.after
             self._group_left[gi] -= 1
-            self._at(self.now + think, "client", gi)
+            self._at(self.now + think + self.c.rtt_s, "client", gi)
 
     # -- the supervisor's side -------------------------------------------------------------------
     def _acquire(self, q: _Req) -> None:
@@ -375,6 +382,8 @@ class Simulation:
         ]
         if demand:
             d = policy.decide(self._views(), demand, self.c.usable_gib, now, self.c.params)
+            if d.recheck_at is not None and d.recheck_at > now:
+                self._at(d.recheck_at, "recheck")
             deferred = {name for name, _ in d.deferred}
             for r in self.reps.values():
                 r.deferred = r.m.name in deferred

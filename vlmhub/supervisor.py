@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -57,6 +58,9 @@ from vlmhub.runtimes.base import EngineHandle, Runtime, probe
 from vlmhub.runtimes.reconcile import reconcile_engines
 from vlmhub.vram import Gpu
 
+DECISIONS = logging.getLogger("vlmhub.policy")
+"""At debug level: every swap-policy decision with its inputs (vlmhub.policy.describe)."""
+
 
 class Supervisor:
     """Owns every replica and the one loop that changes them. See the module docstring."""
@@ -82,6 +86,8 @@ class Supervisor:
         self._op: asyncio.Task[Any] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._tick_s = tick_s
+        self._recheck_at: float | None = None
+        """The policy asked to decide again at this time (a short grace ends before a tick)."""
         self._http = httpx.AsyncClient(timeout=10.0)
         self.budgets = budgets
         """Where engine starts record what they measured (vlmhub.budgets); None: nowhere."""
@@ -252,8 +258,11 @@ class Supervisor:
     # -- the control loop ----------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
+            wait = self._tick_s
+            if self._recheck_at is not None:
+                wait = min(max(self._recheck_at - time.monotonic(), 0.0), wait)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self._tick_s)
+                await asyncio.wait_for(self._kick.wait(), wait)
             self._kick.clear()
             try:
                 self._reconcile(time.monotonic())
@@ -291,6 +300,7 @@ class Supervisor:
                     if not q.fut.done():
                         q.fut.set_result(self._lease(r, q.priority))
                 self._resolve_wanted(r)
+        self._recheck_at = None
         if self._op is not None and not self._op.done():
             return
         for r in self.replicas.values():  # engines a health check failed: stop them first
@@ -316,7 +326,12 @@ class Supervisor:
             and (r.state != "failed" or self._may_restart(r, now))
         ]
         if demand:
-            d = policy.decide(self._views(), demand, self.gpu.usable_gib, now, self.params)
+            views = self._views()
+            d = policy.decide(views, demand, self.gpu.usable_gib, now, self.params)
+            self._recheck_at = d.recheck_at
+            if DECISIONS.isEnabledFor(logging.DEBUG):
+                DECISIONS.debug("decision", extra={"decision": policy.describe(
+                    views, demand, now, d)})
             for r in self.replicas.values():
                 r.waiting_reason = None
             for name, why in d.deferred:
