@@ -4,6 +4,7 @@ each policy's own behaviour on a tiny trace, the trace format's errors, and the 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,14 +158,20 @@ def test_interactive_before_batch() -> None:
 
 
 def test_the_wait_bound_forces_a_deferred_swap() -> None:
-    # c's max_wait_s is 15: at 17 its swap is forced although a was just loaded and is busy;
-    # it still drains a first (until 40), so c waits 49 as before, but the swap began at 17.
+    # c's max_wait_s is 20; its swap is forced lead_factor (1.25) x its reload cost (10) before
+    # that, at 2 + 20 - 12.5 = 9.5, while a is still starting: at 10, although a was just loaded
+    # and is busy, c's swap begins. It still drains a first (until 40), so c waits 49 as
+    # before (over its bound: a busy victim's drain is never cut short).
     cfg = SimConfig((model("a"), model("b"), model("c")), 8.0, stop_s=1.0,
-                    params=Params(max_wait_s={"c": {"interactive": 15.0}}))
+                    params=Params(max_wait_s={"c": {"interactive": 20.0}}))
     sim = Simulation(cfg, parse_trace(_priorities()))
     r = sim.run()
-    assert (17.0, "start c, evicting a (stop)") in sim.timeline
+    assert (10.0, "start c, evicting a (stop)") in sim.timeline
     assert r.waits["interactive"].max_s == 49.0 and r.waits["interactive"].over_max_wait == 1
+    # with a bound of 60 (the default, 3 x (10 + 10)) it is not forced: c goes at 40.25
+    sim = Simulation(replace(cfg, params=Params()), parse_trace(_priorities()))
+    sim.run()
+    assert (40.25, "start c, evicting a (stop)") in sim.timeline
 
 
 def test_closed_loop_clients_and_an_open_stream() -> None:
@@ -295,3 +302,22 @@ def test_the_command_reports_a_bad_trace_without_a_traceback(tmp_path: Path) -> 
     assert out.exit_code == 2 and "cannot read the trace" in out.output
     out = CliRunner().invoke(app, ["simulate", str(tmp_path / "t.jsonl"), "--policy", "best"])
     assert out.exit_code == 2 and "unknown policy best" in out.output
+
+
+def test_the_grace_keeps_closed_loop_clients_from_being_swapped_out_between_requests() -> None:
+    # Three models, two fit; closed-loop clients whose next request comes one round trip
+    # (rtt_s) after the answer. Without busy_grace_s, the resident models look idle between
+    # round trips and the swap goes ahead with a few clients waiting (live uniform3: 50 starts
+    # instead of 23); with it, the swap waits until every client waits for the missing model.
+    text = trace({"clients": 8, "requests": 300, "models": ["a", "b", "c"],
+                  "duration": [0.01, 0.03], "seed": 5})
+    models = (model("a", 4, 2.0), model("b", 4, 2.0), model("c", 4, 2.0))
+
+    def loads(grace: float, rtt: float) -> int:
+        cfg = SimConfig(models, 8.0, params=Params(busy_grace_s=grace), stop_s=0.1, rtt_s=rtt)
+        return simulate(cfg, parse_trace(text)).loads
+
+    fifo = simulate(SimConfig(models, 8.0, params=Params(name="fifo"), stop_s=0.1),
+                    parse_trace(text)).loads
+    assert loads(0.25, 0.02) < loads(0.0, 0.02) <= fifo
+    assert loads(0.25, 0.02) == loads(0.0, 0.0)  # the grace restores the no-gap behaviour

@@ -116,7 +116,7 @@ async def test_swap_evicts_idle_lru_and_never_overcommits(tmp_path: Path) -> Non
 
 async def test_busy_model_is_drained_not_cut_off(tmp_path: Path) -> None:
     # the fifo policy swaps at once, which is what this drain test needs (the vlmhub policy
-    # would hold a, just loaded and busy: tests/test_policy.py)
+    # would hold a, just loaded and busy: tests/test_scheduler.py)
     sup, rec, _ = build(tmp_path, {"a": model(5.0), "b": model(5.0)}, router={"policy": "fifo"})
     await sup.start()
     try:

@@ -14,12 +14,17 @@ Policies (``--policy`` in ``vlmhub simulate``; ``router.policy`` in models.yaml)
      ``value_factor x cost``, where ``cost`` is the target's reload cost plus the reload cost of
      every victim that still has work (in flight or queued). Victims with no work cost nothing,
      but such a swap waits while another resident model of the target's class is serving, so
-     one load takes many waiters along (rule 5 bounds the wait).
+     one load takes many waiters along (rule 5 bounds the wait). A ready model used less than
+     ``busy_grace_s`` ago counts as serving (and as having work): a closed-loop client's next
+     request is one round trip behind its answer. ``Decision.recheck_at`` says when that
+     grace ends, so the loop decides again then rather than at its next tick.
   3. A model that was loaded at cost C and still has work keeps its place for
-     ``hold_factor x C`` seconds after it became ready.
-  4. Interactive before batch: an interactive target evicts batch-only victims at once (batch
-     yields), and a model with interactive work (in flight or queued) is not evicted for batch
-     work. Among candidates, interactive ones are served first.
+     ``hold_factor x C`` seconds after it became ready, whatever its priority.
+  4. Interactive before batch: among candidates, interactive ones are served first, and a
+     model with interactive work (in flight or queued) is not evicted for batch work. A batch
+     model without work yields to interactive work at once; one that still has work is held
+     (rule 3) and priced (rule 2) like any other, so a costly batch load is not thrown away
+     for one chat request.
   5. The bound: a waiter older than its model's ``max_wait_s`` (per priority) forces the swap,
      whatever the rules above say. Overdue targets go first, oldest first.
 ``fifo``: vlmhub's policy before the swap-cost rules: the oldest waiting request's model is
@@ -30,6 +35,7 @@ Policies (``--policy`` in ``vlmhub simulate``; ``router.policy`` in models.yaml)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
@@ -75,6 +81,9 @@ class Params:
     batch_wait_factor: float = 10.0
     min_wait_s: float = 10.0
     max_wait_cap_s: float = 1800.0
+    lead_factor: float = 1.25
+    """The bound forces a swap this many reload costs before it, so the load (and the victim's
+    stop) ends within it."""
     busy_grace_s: float = 0.25
     """A ready model used less than this long ago counts as serving even with nothing in
     flight: a closed-loop client's next request is one HTTP round trip behind its answer."""
@@ -147,6 +156,7 @@ def decide(
             recheck.append(until)
         if rank is None:
             deferred.append((d.name, why))
+            recheck.append(_due(p, d, t, views))
             continue
         ranked.append((rank, pl))
     if not ranked:
@@ -155,8 +165,19 @@ def decide(
     return Decision(ranked[0][1], tuple(refuse), tuple(deferred))
 
 
+def _dues(p: Params, d: Demand, t: ReplicaView, views: Sequence[ReplicaView]) -> list[float]:
+    """When each waiter's swap is forced: early enough (``lead_factor`` x the target's reload
+    cost before its ``max_wait_s``) for the load to end by the bound."""
+    lead = p.lead_factor * t.reload_cost_s
+    return [w.arrived + max_wait(t, views, w.priority, p) - lead for w in d.waiters]
+
+
+def _due(p: Params, d: Demand, t: ReplicaView, views: Sequence[ReplicaView]) -> float:
+    return min(_dues(p, d, t, views), default=math.inf)
+
+
 def _first(times: list[float]) -> float | None:
-    return min(times, default=None)
+    return min((x for x in times if x < math.inf), default=None)
 
 
 def _active(r: ReplicaView, now: float, p: Params) -> bool:
@@ -209,12 +230,9 @@ def _rank(
     klass = 0.0 if interactive else 1.0
     if d.wanted:
         return (0.0, oldest), "", None
-    overdue = [
-        now - w.arrived - max_wait(t, views, w.priority, p)
-        for w in d.waiters
-        if now - w.arrived >= max_wait(t, views, w.priority, p)
-    ]
-    if overdue:
+    lead = p.lead_factor * t.reload_cost_s
+    overdue = [now - due - lead for due in _dues(p, d, t, views) if now >= due]
+    if overdue:  # the latest against its bound first
         return (1.0, -max(overdue)), "", None
     if not pl.evict:
         return (2.0, klass, oldest), "", None
@@ -244,8 +262,6 @@ def _rank(
         until = None if v_waiters else _grace_ends([v], p)
         if not interactive and v_interactive and has_work:
             return None, f"{v.name} has interactive work; batch waits (max_wait bounds it)", until
-        if interactive and not v_interactive:
-            continue  # batch yields to interactive: no hold, no price
         if has_work and now - v.loaded_at < hold:
             return None, (
                 f"{v.name} was loaded {now - v.loaded_at:.0f} s ago and still has work"

@@ -13,9 +13,11 @@ What is the same as :class:`vlmhub.supervisor.Supervisor` (its ``_reconcile`` pa
   ``drain_timeout_s``, then sleep or stop), then wakes or starts the target; ``ttl`` expiry
   stops idle models when nothing else is to be done; ``preload`` models are wanted at t=0;
 - a pass runs after every batch of simultaneous events and at least every ``tick_s`` (0.5 s).
-What is not modelled: engine failures (crash loops, health checks), start-up jitter, and the
-router's own latency. Costs: a cold start takes the model's ``start_s`` (by default the spec's
-``reload_cost_s``), a wake ``wake_s``, a level-1 sleep ``sleep_s``, a stop ``stop_s``.
+A closed-loop client's next request arrives ``rtt_s`` (0.02 s) after its answer: the HTTP round
+trip during which, live, the model has nothing in flight. What is not modelled: engine
+failures (crash loops, health checks), start-up jitter, and the router's own latency. Costs: a
+cold start takes the model's ``start_s`` (by default the spec's ``reload_cost_s``), a wake
+``wake_s``, a level-1 sleep ``sleep_s``, a stop ``stop_s``.
 
 Pure and single-threaded: :func:`simulate` runs to completion and returns a :class:`SimResult`.
 """
@@ -508,6 +510,7 @@ def from_config(
     wake_s: float = 2.0,
     sleep_s: float = 1.0,
     stop_s: float = 2.0,
+    rtt_s: float = 0.02,
 ) -> SimConfig:
     """The simulation of a resolved models.yaml: footprints from the budgets, a cold start's
     cost from the spec's ``reload_cost_s`` (or ``start_s`` for every model), sleep where the
@@ -534,7 +537,7 @@ def from_config(
     rc = config.router
     return SimConfig(
         models=tuple(out), usable_gib=usable_gib, params=params_from(config, models),
-        wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s,
+        wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s, rtt_s=rtt_s,
         queue_timeout_s=rc.queue_timeout_s, drain_timeout_s=rc.drain_timeout_s,
     )
 

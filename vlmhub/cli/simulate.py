@@ -78,6 +78,9 @@ def simulate_cmd(
     wake_s: Annotated[float, typer.Option("--wake-s", min=0, help="A wake from sleep.")] = 2.0,
     sleep_s: Annotated[float, typer.Option("--sleep-s", min=0, help="A level-1 sleep.")] = 1.0,
     stop_s: Annotated[float, typer.Option("--stop-s", min=0, help="An engine stop.")] = 2.0,
+    rtt_s: Annotated[float, typer.Option(
+        "--rtt-s", min=0, help="A closed-loop client's round trip between an answer and its "
+        "next request.")] = 0.02,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per policy.")] = False,
 ) -> None:
     """Replay TRACE against the config's models with the real swap policy, in simulated time:
@@ -94,7 +97,7 @@ def simulate_cmd(
         models = ctx.models()
         check_models(parsed, [m.name for m in models])
         sim = from_config(models, ctx.loaded.config, ctx.gpu.usable_gib, start_s=start_s,
-                          wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s)
+                          wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s, rtt_s=rtt_s)
         results = [simulate(sim, parsed, p)
                    for p in wanted or [ctx.loaded.config.router.policy]]
     if as_json:
