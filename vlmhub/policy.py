@@ -25,8 +25,9 @@ Policies (``--policy`` in ``vlmhub simulate``; ``router.policy`` in models.yaml)
      model without work yields to interactive work at once; one that still has work is held
      (rule 3) and priced (rule 2) like any other, so a costly batch load is not thrown away
      for one chat request.
-  5. The bound: a waiter older than its model's ``max_wait_s`` (per priority) forces the swap,
-     whatever the rules above say. Overdue targets go first, oldest first.
+  5. The bound: a waiter's swap is forced ``lead_factor`` x the target's reload cost before
+     its model's ``max_wait_s`` (per priority), so the load ends within the bound, whatever
+     the rules above say. Forced targets go first, the latest against its bound first.
 ``fifo``: vlmhub's policy before the swap-cost rules: the oldest waiting request's model is
   started at once, evicting as :func:`~vlmhub.scheduler.plan` says.
 ``lru``: like fifo, but victims are chosen by least recent use alone, and never put to sleep.
@@ -100,7 +101,8 @@ class Decision:
     deferred: tuple[tuple[str, str], ...] = ()
     """Swaps not worth their price yet, with why (shown in /api/models, not acted on)."""
     recheck_at: float | None = None
-    """A deferral that only ``busy_grace_s`` holds ends at this time: decide again then."""
+    """When nothing is chosen: the moment a deferral ends by time alone (a ``busy_grace_s``
+    running out, or a wait bound forcing a swap); the loop decides again then."""
 
 
 def max_wait(
@@ -224,7 +226,7 @@ def _rank(
     now: float,
 ) -> tuple[tuple[float, ...] | None, str, float | None]:
     """The vlmhub policy's order key for this candidate (lower first), or None and why not,
-    and when to decide again if only ``busy_grace_s`` holds it back."""
+    and when the ``busy_grace_s`` that holds it back runs out (None: not the grace)."""
     oldest = min((w.arrived for w in d.waiters), default=now)
     interactive = any(w.priority == "interactive" for w in d.waiters) or d.wanted
     klass = 0.0 if interactive else 1.0
@@ -283,9 +285,9 @@ def _rank(
 def describe(
     replicas: Sequence[ReplicaView], demand: Sequence[Demand], now: float, d: Decision
 ) -> dict[str, object]:
-    """One decision with its inputs, as plain data (the supervisor's debug log of
-    ``vlmhub.policy``; ``vlmhub simulate`` records the same): what each replica was doing,
-    what waited, and what was chosen or deferred."""
+    """One decision with its inputs, as plain data (the supervisor's debug log, logger
+    ``vlmhub.policy``): what each replica was doing, what waited, and what was chosen or
+    deferred."""
     return {
         "now": round(now, 3),
         "replicas": {
