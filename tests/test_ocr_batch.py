@@ -313,7 +313,7 @@ async def test_the_summary_offers_a_re_run_only_for_what_a_re_run_can_fix(
         flat = " ".join(text.split())
         assert code == 1, text
         assert "re-run the same command" not in flat.lower(), text
-        assert "2 page(s) failed because of the input or the request" in flat, text
+        assert "2 page(s) failed because of the input, the request or an answer" in flat, text
         bad = manifest(tmp_path / "bad")
         assert [r["retryable"] for r in bad] == [False, False]
         assert fake.image("bad").width * fake.image("bad").height <= 30_000
@@ -323,6 +323,6 @@ async def test_the_summary_offers_a_re_run_only_for_what_a_re_run_can_fix(
         assert code == 1, text
         assert "1 page(s) failed for a reason that may pass" in flat, text
         assert "re-run the same command to retry them" in flat, text
-        assert "1 page(s) failed because of the input or the request" in flat, text  # broken
+        assert "1 page(s) failed because of the input, the request" in flat, text  # broken
         busy = {r["name"]: r["retryable"] for r in manifest(tmp_path / "busy")}
         assert busy == {"good": True, "broken": False}

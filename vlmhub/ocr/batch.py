@@ -21,7 +21,8 @@ row that could not connect at all, the batch stops the same way (:attr:`BatchSum
 A 413 teaches the body limit (from its message, else by shrinking): the page is prepared again
 to fit and re-sent, and every later page is prepared to fit. Each failure is marked
 ``retryable`` when running the batch again can fix it (connection, 5xx, 429, timeouts), not
-when the input or the request is at fault (an unreadable file, another 4xx).
+when the input or the request is at fault (an unreadable file, another 4xx) or the answer has
+nothing to read (a layout preset answered with no layout JSON: ``not recovered``).
 
 Outputs in ``out_dir``: ``<name>.raw.txt`` (the answer as is), ``<name>.md``
 (``spec.postprocess(text, preset)``, or the answer when the model's spec is unknown), where
