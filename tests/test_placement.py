@@ -26,7 +26,9 @@ def want(*names: str) -> list[Demand]:
 NODES = {"a": 7.5, "b": 7.5}
 
 # (case, target, views, where, busy nodes, expected node, expected plan)
-CASES: list[tuple[str, str, list[ReplicaView], dict[str, str], frozenset[str], str | None, Plan]] = [
+Case = tuple[str, str, list[ReplicaView], dict[str, str], frozenset[str], str | None, Plan]
+WAIT_Z = Plan("wait", "y", reason="one engine changes at a time: z is starting")
+CASES: list[Case] = [
     ("ready where it runs", "x", [rv("x", "ready")], {"x": "b"}, frozenset(), "b",
      Plan("ready", "x")),
     ("a sleeping engine wakes where it sleeps", "x", [rv("x", "sleeping", can_sleep=True)],
@@ -35,7 +37,7 @@ CASES: list[tuple[str, str, list[ReplicaView], dict[str, str], frozenset[str], s
      frozenset(), "b", Plan("start", "y")),
     ("room beats an eviction even on a busy-free node", "y",
      [rv("x", "ready"), rv("z", "starting", 2.0), rv("y")], {"x": "a", "z": "b"},
-     frozenset({"b"}), "b", Plan("wait", "y", reason="one engine changes at a time: z is starting")),
+     frozenset({"b"}), "b", WAIT_Z),
     ("both full: evict the cheaper victim", "y",
      [rv("p", "ready", reload_cost_s=100.0), rv("q", "ready", reload_cost_s=10.0), rv("y")],
      {"p": "a", "q": "b"}, frozenset(), "b", Plan("start", "y", (Evict("q", "stop"),))),
@@ -118,4 +120,4 @@ def test_one_gpu_is_exactly_the_single_gpu_policy(
     d = decide({"": 7.5}, views, {}, demand, NOW, params)
     one = policy.decide(views, demand, 7.5, NOW, params)
     assert d.plans == ((("", one.plan),) if one.plan is not None else ())
-    assert (d.refuse, d.deferred) == (one.refuse, one.deferred)
+    assert (d.refuse, d.deferred, d.recheck_at) == (one.refuse, one.deferred, one.recheck_at)

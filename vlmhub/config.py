@@ -106,7 +106,14 @@ class RouterConfig(Section):
 
 
 class RuntimeConfig(Section):
-    kind: Literal["docker", "process"] = "docker"
+    kind: Literal["docker", "process", "ray"] = "docker"
+    address: str = "auto"
+    """``kind: ray``: the Ray cluster to join (``auto``: the one ``ray start`` runs here, or
+    ``RAY_ADDRESS``; else ``host:port`` of the head's GCS). See docs/scale-out.md."""
+    engine_host: str = "127.0.0.1"
+    """``kind: ray``: where each engine listens on its node. ``127.0.0.1`` only reaches engines
+    when every node is this machine (tests, a local cluster); ``node`` binds the node's IP,
+    which a cluster of several machines needs (on a private network: engines have no auth)."""
     docker_host: str | None = None
     hf_cache: str = "~/.cache/huggingface"
     vllm_cache: str = "~/.cache/vllm"
@@ -127,7 +134,7 @@ class RuntimeConfig(Section):
         ``vllm serve`` (the image's entrypoint) wants it positional."""
         if self.model_arg != "auto":
             return self.model_arg == "flag"
-        return self.kind == "process" and any("api_server" in a for a in self.process_argv)
+        return self.kind in ("process", "ray") and any("api_server" in a for a in self.process_argv)
 
     @field_validator("process_argv")
     @classmethod

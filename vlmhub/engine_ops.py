@@ -1,8 +1,9 @@
 """Engine operations: start, stop, sleep, wake and evict one replica's engine.
 
-These are the supervisor's hands. Each coroutine here is run ONLY as the supervisor's one
-engine operation (:attr:`Supervisor._op`), never two at a time, so vLLM instances never profile
-concurrently and two operations never change the same replica. They block (asynchronously) on
+These are the supervisor's hands. Each coroutine here is run ONLY as the one engine operation
+of a GPU node (:attr:`Supervisor._ops`), never two at a time on one GPU, so vLLM instances never
+profile concurrently on a GPU; an operation touches only replicas on its node, so two
+operations never change the same replica. They block (asynchronously) on
 the runtime and on the engine's HTTP API; while they wait, the control loop keeps granting
 leases on ready replicas and queueing the rest.
 
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import httpx
 
@@ -40,7 +42,8 @@ HUNG_STOP_GRACE_S = 3.0
 
 
 class EngineOps:
-    """The engine operations of one supervisor. Not thread-safe; one operation at a time."""
+    """The engine operations of one supervisor. Not thread-safe; one operation at a time per
+    GPU node (operations on different nodes interleave on the event loop)."""
 
     def __init__(
         self,
@@ -79,9 +82,10 @@ class EngineOps:
             r.state, r.phase = "failed", "failed"
 
     # -- start ----------------------------------------------------------------------------------
-    async def start(self, r: Replica, taken_ports: list[int]) -> None:
-        """Start ``r``'s engine and wait until it answers; on failure ``r`` becomes failed and
-        every waiter gets the parsed reason."""
+    async def start(self, r: Replica, taken_ports: list[int], *, node: str = "") -> None:
+        """Start ``r``'s engine (on GPU ``node``: a Ray node's name, ``""`` with one GPU) and
+        wait until it answers; on failure ``r`` becomes failed and every waiter gets the parsed
+        reason."""
         assert r.model.spec is not None
         if r.handle is not None:  # a failed or sleeping engine: clear it away first
             await self.stop_engine(r, r.handle, grace_s=HUNG_STOP_GRACE_S)
@@ -91,12 +95,12 @@ class EngineOps:
         parser = LogParser()  # read even when the start fails: a memory error's figures
         try:
             port, _ = pick_port(None, self.config.runtime.port_range, taken_ports)
-            req = launch_request(
+            req = replace(launch_request(
                 r.model, self.gpu, self.runtime, self.config.runtime, port, sleep_mode=r.sleep_ok
-            )
+            ), node=node, vram_gib=r.footprint)
             handle = r.handle = await self.runtime.start(req)
-            ENGINE.info("%s: starting (%s, port %d, budget %.2f GiB)", r.name,
-                        self.runtime.kind, port, r.footprint,
+            ENGINE.info("%s: starting (%s%s, port %d, budget %.2f GiB)", r.name,
+                        self.runtime.kind, f" on node {node}" if node else "", port, r.footprint,
                         extra={"model": r.name, "event": "start", "port": port})
 
             def on_phase(phase: str, _line: str) -> None:

@@ -69,4 +69,8 @@ def make_runtime(config: Config, kind: str | None = None) -> Runtime:
         from vlmhub.runtimes.process import ProcessRuntime
 
         return ProcessRuntime(rc)
-    raise ValueError(f"unknown runtime {chosen!r}: use docker or process")
+    if chosen == "ray":
+        from vlmhub.runtimes.ray import RayRuntime
+
+        return RayRuntime(rc)
+    raise ValueError(f"unknown runtime {chosen!r}: use docker, process or ray")

@@ -41,6 +41,10 @@ class NodeDecision:
     deferred: tuple[tuple[str, str], ...] = ()
     busy_nodes: frozenset[str] = frozenset()
     """Nodes with work waiting on an engine that is changing there: no ttl stop runs there."""
+    recheck_at: float | None = None
+    """The earliest moment a node's deferral ends by time alone (Decision.recheck_at)."""
+    decisions: tuple[tuple[str, Decision], ...] = ()
+    """Each free node's policy decision (the supervisor's debug log)."""
 
 
 def on_node(views: Sequence[ReplicaView], where: Mapping[str, str], node: str) -> list[ReplicaView]:
@@ -116,6 +120,7 @@ def decide(
             (("", d.plan),) if d.plan is not None else (),
             d.refuse, d.deferred,
             frozenset({""}) if d.plan is None and _pending(demand, d) else frozenset(),
+            d.recheck_at, (("", d),),
         )
     placed = dict(where)
     per_node: dict[str, list[Demand]] = {}
@@ -136,6 +141,7 @@ def decide(
     plans: list[tuple[str, Plan]] = []
     deferred: list[tuple[str, str]] = []
     waiting: set[str] = set()
+    decisions: list[tuple[str, Decision]] = []
     for node, node_demand in per_node.items():
         if node in busy:
             waiting.add(node)
@@ -143,14 +149,17 @@ def decide(
         local = on_node(views, placed, node)
         here = {v.name for v in local}
         local += [by_name[dm.name] for dm in node_demand if dm.name not in here]
-        d: Decision = decide_one(local, node_demand, nodes[node], now, params)
-        refuse.extend(d.refuse)
-        deferred.extend(d.deferred)
-        if d.plan is not None:
-            plans.append((node, d.plan))
-        elif _pending(node_demand, d):
+        nd = decide_one(local, node_demand, nodes[node], now, params)
+        decisions.append((node, nd))
+        refuse.extend(nd.refuse)
+        deferred.extend(nd.deferred)
+        if nd.plan is not None:
+            plans.append((node, nd.plan))
+        elif _pending(node_demand, nd):
             waiting.add(node)
-    return NodeDecision(tuple(plans), tuple(refuse), tuple(deferred), frozenset(waiting))
+    recheck = [nd.recheck_at for _, nd in decisions if nd.recheck_at is not None]
+    return NodeDecision(tuple(plans), tuple(refuse), tuple(deferred), frozenset(waiting),
+                        min(recheck, default=None), tuple(decisions))
 
 
 def _pending(demand: Sequence[Demand], d: Decision) -> bool:

@@ -72,6 +72,8 @@ class ReplicaInfo:
     restarts: int = 0
     waiting_reason: str | None = None
     """Why the policy has not brought this model in yet for its queued requests."""
+    node: str = ""
+    """The GPU node it runs (or last ran, or failed) on: a Ray node's name; "" with one GPU."""
 
 
 class AcquireError(Exception):
@@ -195,6 +197,9 @@ class Replica:
     """When the engine last answered its health path (monotonic)."""
     leases: dict[int, Lease] = field(default_factory=dict)
     """The leases out on this engine, by ``id()``: revoked when the engine fails."""
+    node: str = ""
+    """The GPU node its engine is placed on (a Ray node's name; "" with one GPU). Set when an
+    operation is planned there; meaningful while it holds memory (starting..stopping)."""
 
     @property
     def name(self) -> str:
@@ -226,6 +231,7 @@ class Replica:
             draining=self.draining,
             restarts=self.restarts,
             waiting_reason=self.waiting_reason if self.waiters else None,
+            node=self.node if self.state != "stopped" else "",
         )
 
 

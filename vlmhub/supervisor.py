@@ -2,18 +2,21 @@
 
 Requests call :meth:`Supervisor.acquire`. A ready replica hands out a lease at once; otherwise
 the request waits in the replica's bounded queue and the control loop is woken. Only the loop
-decides to start, wake, sleep or stop an engine: it asks the pure :mod:`vlmhub.scheduler` for a
-plan and runs at most ONE engine operation at a time (vLLM instances must not profile
-concurrently). Every state transition happens synchronously inside the loop or inside that one
-operation task, so concurrent requests cannot race a start.
+decides to start, wake, sleep or stop an engine: it asks the pure :mod:`vlmhub.placement`
+(the per-GPU :mod:`vlmhub.scheduler` and :mod:`vlmhub.policy`) for a plan and runs at most ONE
+engine operation at a time per GPU node (vLLM instances must not profile concurrently on one
+GPU); with one GPU that is one operation at all. Every state transition happens synchronously
+inside the loop or inside an operation task (which touches only replicas on its node), so
+concurrent requests cannot race a start.
 
 States: stopped -> starting -> ready -> (sleeping) -> stopping -> stopped, and failed.
 Concurrency: all methods run on the event loop; ``acquire`` awaits; the rest never block.
 
-Health checks only observe. When one finds an engine dead or hung, it changes the replica
+Health checks only observe (:mod:`vlmhub.liveness`, which also watches a Ray cluster's
+nodes). When one finds an engine dead or hung (or its node gone), it changes the replica
 synchronously (``ready`` -> ``stopping``), revokes every lease out on that engine (its clients
 get an error at once, and no new lease is granted), and leaves the stop to the control loop,
-which runs it as the one operation like any other. The operations themselves live in
+which runs it as that node's one operation like any other. The operations themselves live in
 :mod:`vlmhub.engine_ops`; each stops only the engine handle it was given.
 """
 
@@ -28,15 +31,14 @@ from typing import Any
 
 import httpx
 
-from vlmhub import policy, scheduler
+from vlmhub import placement, policy, scheduler
 from vlmhub.budgets import BudgetStore, observe_start
 from vlmhub.config import Config, ResolvedModel
 from vlmhub.engine_log import LogParser
 from vlmhub.engine_ops import EngineOps, StartHook
 from vlmhub.errors import VlmhubError
-from vlmhub.health import RECHECK_S, engine_failure, external_alive
 from vlmhub.launch import engine_hash
-from vlmhub.logs import ENGINE
+from vlmhub.liveness import Liveness
 from vlmhub.reload import ModelDiff, diff_models
 from vlmhub.replica import (
     AcquireError,
@@ -83,17 +85,21 @@ class Supervisor:
         self.replicas: dict[str, Replica] = {m.name: new_replica(m) for m in models}
         self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
         self._kick = asyncio.Event()
-        self._op: asyncio.Task[Any] | None = None
+        self._ops: dict[str, asyncio.Task[Any]] = {}
+        """The engine operation running on each GPU node (``""``: the only GPU)."""
+        self.nodes: dict[str, float] = {"": gpu.usable_gib}
+        """Live GPU nodes -> usable GiB (a Ray cluster's, refreshed by :mod:`vlmhub.liveness`)."""
+        self.liveness = Liveness(self)
         self._tasks: list[asyncio.Task[None]] = []
         self._tick_s = tick_s
         self._recheck_at: float | None = None
         """The policy asked to decide again at this time (a short grace ends before a tick)."""
-        self._http = httpx.AsyncClient(timeout=10.0)
+        self.http = httpx.AsyncClient(timeout=10.0)
         self.budgets = budgets
         """Where engine starts record what they measured (vlmhub.budgets); None: nowhere."""
         self._on_start = on_start
         self.ops = EngineOps(
-            config, gpu, runtime, self._http, self.observer,
+            config, gpu, runtime, self.http, self.observer,
             fail_waiters=self._fail_waiters, on_start=self._started,
         )
         self._closing = False
@@ -186,7 +192,7 @@ class Supervisor:
             return
         if r.handle.base_url != lease.base_url:
             return  # the lease was on an engine that is already gone
-        self._spawn(self._check(r, hint=reason))
+        self._spawn(self.liveness.check(r, hint=reason))
 
     def snapshot(self) -> list[ReplicaInfo]:
         return [self._info(r) for r in self.replicas.values()]
@@ -205,27 +211,29 @@ class Supervisor:
     async def unload(self, name: str) -> ReplicaInfo:
         """Admin: drain then stop a model (waits for any running operation first)."""
         r = self._get(name)
-        while self._op is not None and not self._op.done():
-            await asyncio.wait({self._op})
+        while self._busy(r.node):
+            await asyncio.wait({self._ops[r.node]})
         if not r.model.external and r.state in ("ready", "sleeping"):
-            self._op = asyncio.create_task(
-                self._evict(r, scheduler.Evict(r.name, "stop"), "unloaded by the admin API")
-            )
-            await asyncio.wait({self._op})
+            why = "unloaded by the admin API"
+            await asyncio.wait({self._launch(r.node, self._evict(
+                r, scheduler.Evict(r.name, "stop"), why))})
         elif r.state == "failed" and r.handle is not None:
-            self._op = asyncio.create_task(self.ops.stop_failed(r))
-            await asyncio.wait({self._op})
+            await asyncio.wait({self._launch(r.node, self.ops.stop_failed(r))})
         self.kick()
         return self._info(r)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Adopt matching engines left running, stop stale ones, preload, start the loops."""
+        multi = await self.liveness.refresh_nodes()
         await self._adopt()
         for r in self.replicas.values():
             if r.model.entry.preload and r.state != "ready":
                 self._want(r)
-        self._tasks = [asyncio.create_task(self._loop()), asyncio.create_task(self._health_loop())]
+        self._tasks = [asyncio.create_task(self._loop()),
+                       asyncio.create_task(self.liveness.health_loop())]
+        if multi:
+            self._tasks.append(asyncio.create_task(self.liveness.node_loop()))
         self.kick()
 
     async def shutdown(self, stop_engines: bool = True, timeout_s: float = 30.0) -> None:
@@ -240,16 +248,16 @@ class Supervisor:
                 await asyncio.wait_for(r.idle.wait(), left)
         for t in self._tasks:
             t.cancel()
-        if self._op is not None:
-            self._op.cancel()
+        for op in list(self._ops.values()):
+            op.cancel()
             with contextlib.suppress(BaseException):
-                await self._op
+                await op
         if stop_engines:
             for r in self.replicas.values():
                 if r.handle is not None and not r.model.external:
                     await self.ops.stop_engine(r, r.handle, grace_s=20.0)
                     r.state = "stopped"
-        await self._http.aclose()
+        await self.http.aclose()
         await self.runtime.close()
 
     def kick(self) -> None:
@@ -292,7 +300,9 @@ class Supervisor:
         ]
 
     def _reconcile(self, now: float) -> None:
-        """One pass of the loop. Synchronous: no other coroutine runs while it decides."""
+        """One pass of the loop. Synchronous: no other coroutine runs while it decides.
+
+        At most one operation per GPU node: a node whose operation runs is left alone."""
         for r in self.replicas.values():
             if r.state == "ready" and not r.draining:
                 while r.waiters:
@@ -301,19 +311,20 @@ class Supervisor:
                         q.fut.set_result(self._lease(r, q.priority))
                 self._resolve_wanted(r)
         self._recheck_at = None
-        if self._op is not None and not self._op.done():
+        if all(self._busy(n) for n in self.nodes):
             return
         for r in self.replicas.values():  # engines a health check failed: stop them first
-            if r.state == "stopping":  # no operation runs, so nobody else is stopping it
-                self._op = asyncio.create_task(self._run(self.ops.stop_failed(r)))
-                return
+            if r.state == "stopping" and not self._busy(r.node):  # nobody else stops it
+                self._launch(r.node, self._run(self.ops.stop_failed(r)))
         for r in list(self.replicas.values()):  # models a reload removed or changed
-            if r.retire is None:
+            if r.retire is None or self._busy(r.node):
                 continue
             if r.handle is not None and not r.model.external:
-                self._op = asyncio.create_task(self._run(self._retire(r)))
-                return
+                self._launch(r.node, self._run(self._retire(r)))
+                continue
             self._retired(r)
+        if all(self._busy(n) for n in self.nodes):
+            return
         demand = [
             policy.Demand(
                 r.name,
@@ -325,35 +336,47 @@ class Supervisor:
             and r.state != "ready"
             and (r.state != "failed" or self._may_restart(r, now))
         ]
+        held: frozenset[str] = frozenset()
         if demand:
             views = self._views()
-            d = policy.decide(views, demand, self.gpu.usable_gib, now, self.params)
+            busy = frozenset(n for n in {*self.nodes, *self._ops} if self._busy(n))
+            where = {r.name: r.node for r in self.replicas.values()}
+            d = placement.decide(self.nodes, views, where, demand, now, self.params, busy)
             self._recheck_at = d.recheck_at
             if DECISIONS.isEnabledFor(logging.DEBUG):
-                DECISIONS.debug("decision", extra={"decision": policy.describe(
-                    views, demand, now, d)})
+                for node, nd in d.decisions:
+                    DECISIONS.debug("decision", extra={"decision": {
+                        **policy.describe(views, demand, now, nd),
+                        **({"node": node} if node else {})}})
             for r in self.replicas.values():
                 r.waiting_reason = None
             for name, why in d.deferred:
                 self.replicas[name].waiting_reason = why
             for name, why in d.refuse:
                 self._fail_waiters(self.replicas[name], Refused(why, retry_after=30))
-            if d.plan is not None:
-                target = self.replicas[d.plan.target]
-                target.waiting_reason = None
-                self._op = asyncio.create_task(self._run(self._execute(target, d.plan)))
-                return
-            if any(r.waiting_reason is None for r in self.replicas.values()
-                   if r.waiters and r.state != "ready"):
-                return  # an engine is changing: wait for it (one operation at a time)
+            for node, plan in d.plans:
+                target = self.replicas[plan.target]
+                target.waiting_reason, target.node = None, node
+                self._launch(node, self._run(self._execute(target, plan)))
+            held = d.busy_nodes  # an engine is changing there: wait for it
         ttl = {r.name: r.model.entry.ttl for r in self.replicas.values()}
         for name in scheduler.expired(self._views(), ttl, now):
-            self._op = asyncio.create_task(
-                self._run(self._evict(
-                    self.replicas[name], scheduler.Evict(name, "stop"), "idle past its ttl"
-                ))
-            )
-            return
+            r = self.replicas[name]
+            if self._busy(r.node) or r.node in held:
+                continue
+            self._launch(r.node, self._run(self._evict(
+                r, scheduler.Evict(name, "stop"), "idle past its ttl"
+            )))
+
+    def _busy(self, node: str) -> bool:
+        """Whether an engine operation runs on ``node`` now."""
+        op = self._ops.get(node)
+        return op is not None and not op.done()
+
+    def _launch(self, node: str, op: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``op`` as ``node``'s one engine operation (the caller checked it is free)."""
+        task = self._ops[node] = asyncio.create_task(op)
+        return task
 
     def _may_restart(self, r: Replica, now: float) -> bool:
         window = self.rc.crash_loop_window_s
@@ -372,43 +395,7 @@ class Supervisor:
         delay = scheduler.restart_delay(len(r.failures), self.rc.restart_backoff_s)
         return not r.failures or now - r.failures[-1] >= delay
 
-    # -- health ---------------------------------------------------------------------------------
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.rc.health_interval_s)
-            for r in list(self.replicas.values()):
-                if r.model.external or (r.state == "ready" and r.handle is not None):
-                    await self._check(r)
-
-    async def _check(self, r: Replica, hint: str = "") -> None:
-        """Liveness: the engine still runs and answers /health; else its engine is failed.
-
-        Only observes (concurrently with the one operation); the change it makes is
-        synchronous and the stop it asks for runs as an operation (see the module docs).
-        """
-        if r.model.external:
-            url = r.model.entry.url or ""
-            ok = await external_alive(url, self._http)
-            if not ok and r.state == "ready":  # one more look before failing its requests
-                await asyncio.sleep(RECHECK_S)
-                ok = await external_alive(url, self._http)
-            r.state, r.last_error = ("ready", None) if ok else ("failed", hint or "unreachable")
-            for lease in [] if ok else list(r.leases.values()):  # no silent hang on it
-                lease.revoke(f"{r.name} at {url} is not answering (unreachable or hung)")
-            return
-        handle = r.handle
-        if handle is None or r.state != "ready":
-            return
-        reason = await engine_failure(
-            self.runtime, handle, self._http, hint, healthy_at=r.healthy_at
-        )
-        if r.handle is not handle or r.state != "ready":  # an operation moved it meanwhile
-            return
-        if reason is None:
-            r.healthy_at = time.monotonic()
-            return
-        self._engine_failed(r, reason)
-
+    # -- health (vlmhub.liveness) -------------------------------------------------------------
     def _started(self, r: Replica, parser: LogParser | None, err: VlmhubError | None) -> None:
         """After every start attempt (inside the operation): record the memory the engine
         reported, or raise the estimate of one that failed for memory. The next start of ``r``
@@ -424,23 +411,7 @@ class Supervisor:
         if self._on_start is not None:
             self._on_start(r, parser, err)
 
-    def _engine_failed(self, r: Replica, reason: str) -> None:
-        """A ready engine is dead or hung: no new lease, revoke the running ones, queue its
-        stop (the loop runs it as the one operation). Synchronous."""
-        r.state, r.phase = "stopping", "stopping (failed)"
-        what = (
-            "is hung" if "not answering" in reason
-            else "was stopped" if "exited cleanly" in reason
-            else "crashed"
-        )
-        r.last_error = f"{r.name} {what}: {reason}"
-        r.failures.append(time.monotonic())
-        ENGINE.warning("%s", r.last_error, extra={"model": r.name, "event": "fail"})
-        for lease in list(r.leases.values()):
-            lease.revoke(r.last_error)
-        self.kick()
-
-    # -- operations: each runs as THE one operation (engine_ops.py) ---------------------------
+    # -- operations: each runs as its node's one operation (engine_ops.py) ------------------
     async def _run(self, op: Coroutine[Any, Any, Any]) -> None:
         try:
             await op
@@ -462,7 +433,7 @@ class Supervisor:
         if p.action == "wake" and await self.ops.wake(r):
             return
         taken = [x.handle.port for x in self.replicas.values() if x.handle is not None]
-        await self.ops.start(r, taken)
+        await self.ops.start(r, taken, node=r.node)
 
     # -- reload ---------------------------------------------------------------------------------
     def reload(self, models: Sequence[ResolvedModel], config: Config) -> ModelDiff:
@@ -532,8 +503,9 @@ class Supervisor:
         self.foreign = found.unknown
         for h in found.kept:
             r = self.replicas[h.name]
-            if await probe(h, self._http):
+            if await probe(h, self.http):
                 r.handle, r.state, r.phase = h, "ready", "ready (adopted)"
+                r.node = h.node if h.node in self.nodes else r.node
                 r.last_used = r.healthy_at = time.monotonic()
 
     def _lease(self, r: Replica, priority: str = "interactive") -> Lease:

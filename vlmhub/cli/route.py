@@ -53,7 +53,7 @@ from vlmhub.vram import Gpu
 if TYPE_CHECKING:
     from vlmhub.supervisor import Supervisor
 
-RuntimeKind = Literal["docker", "process"]
+RuntimeKind = Literal["docker", "process", "ray"]
 
 
 def print_summary(url: str, config: Config, gpu: Gpu, models: list[ReplicaInfo]) -> None:

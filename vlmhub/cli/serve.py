@@ -43,7 +43,7 @@ from vlmhub.runtimes.base import EngineHandle, LaunchRequest, Runtime, wait_read
 from vlmhub.runtimes.ports import pick_port
 
 T = TypeVar("T")
-RuntimeKind = Literal["docker", "process"]
+RuntimeKind = Literal["docker", "process", "ray"]
 
 
 class Interrupted(Exception):

@@ -41,6 +41,10 @@ class LaunchRequest:
     pass_env: list[str] = field(default_factory=list)
     health_path: str = "/health"
     startup_timeout_s: float = 900.0
+    node: str = ""
+    """The GPU node to start it on (a Ray node's name; ``""``: the only GPU, or any node)."""
+    vram_gib: float = 0.0
+    """The GPU memory it is planned to hold (the Ray runtime reserves it as ``vram_gib``)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class EngineHandle:
     owner: str = ""
     """The vlmhub process that started or adopted it (``host:pid:start``, see
     :mod:`vlmhub.runtimes.owner`); empty when unknown. Not part of the engine's identity."""
+    node: str = ""
+    """The GPU node it runs on (a Ray node's name); ``""`` with one GPU."""
 
     @property
     def base_url(self) -> str:
@@ -114,6 +120,11 @@ class Runtime(abc.ABC):
         """Every running engine of this runtime, started by any vlmhub process (each handle
         names its ``owner``; :func:`~vlmhub.runtimes.reconcile.reconcile_engines` adopts only
         those whose owner is gone)."""
+
+    async def nodes(self) -> dict[str, float] | None:
+        """The live GPU nodes and each one's GPU memory (GiB), for a runtime that spans
+        several (Ray); None (the default): one GPU, the one of ``gpu:`` in models.yaml."""
+        return None
 
     async def claim(self, handle: EngineHandle) -> None:  # noqa: B027 - optional hook
         """Record this process as the owner of an adopted engine. A no-op by default (Docker
