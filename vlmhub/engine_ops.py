@@ -61,6 +61,8 @@ class EngineOps:
         self.observer = observer
         self._fail_waiters = fail_waiters
         self.on_start = on_start
+        self._ports: set[int] = set()
+        """Ports picked by starts still running: starts on other nodes must not pick them."""
 
     # -- stop -----------------------------------------------------------------------------------
     async def stop_engine(self, r: Replica, handle: EngineHandle, *, grace_s: float) -> None:
@@ -83,6 +85,16 @@ class EngineOps:
 
     # -- start ----------------------------------------------------------------------------------
     async def start(self, r: Replica, taken_ports: list[int], *, node: str = "") -> None:
+        """Start ``r``'s engine (see :meth:`_start`); the port it picked stays reserved for
+        concurrent starts on other nodes until it ends."""
+        port: list[int] = []
+        try:
+            await self._start(r, taken_ports, node, port)
+        finally:
+            self._ports.difference_update(port)
+
+    async def _start(self, r: Replica, taken_ports: list[int], node: str, picked: list[int]
+                     ) -> None:
         """Start ``r``'s engine (on GPU ``node``: a Ray node's name, ``""`` with one GPU) and
         wait until it answers; on failure ``r`` becomes failed and every waiter gets the parsed
         reason."""
@@ -94,7 +106,10 @@ class EngineOps:
         handle: EngineHandle | None = None
         parser = LogParser()  # read even when the start fails: a memory error's figures
         try:
-            port, _ = pick_port(None, self.config.runtime.port_range, taken_ports)
+            port, _ = pick_port(None, self.config.runtime.port_range,
+                                [*taken_ports, *self._ports])
+            self._ports.add(port)
+            picked.append(port)
             req = replace(launch_request(
                 r.model, self.gpu, self.runtime, self.config.runtime, port, sleep_mode=r.sleep_ok
             ), node=node, vram_gib=r.footprint)

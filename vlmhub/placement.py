@@ -9,8 +9,9 @@ For a model that waits, the node is:
 1. the node where it already runs, sleeps, starts or stops (a sleeping engine wakes where it
    sleeps);
 2. else a live node where it starts without evicting anything (the one with most room left);
-3. else the live node whose evictions cost the least (the victims' reload cost, a busy victim
-   counting double), its engine slot free before one that is busy;
+3. else the live node whose evictions cost the least: its engine slot free before one that is
+   busy, then no busy victim, then victims idle longest for their reload cost (the
+   scheduler's own eviction order), then the least reload cost in all;
 4. never a node that is gone, nor one whose budget is too small for it (refused when no node
    can ever hold it).
 Then, on every node whose engine slot is free, :func:`vlmhub.policy.decide` picks the one
@@ -52,8 +53,14 @@ def on_node(views: Sequence[ReplicaView], where: Mapping[str, str], node: str) -
     return [v for v in views if where.get(v.name) == node and (v.state in PLACED or v.draining)]
 
 
-def _cost(p: Plan, by_name: Mapping[str, ReplicaView]) -> float:
-    return sum(by_name[e.name].reload_cost_s * (2.0 if e.busy else 1.0) for e in p.evict)
+def _value(p: Plan, by_name: Mapping[str, ReplicaView], now: float) -> tuple[float, ...]:
+    """What a plan's evictions cost, lowest first, in the scheduler's own eviction order:
+    a busy victim last; then the victims idle longest for their reload cost; then the total
+    reload cost."""
+    victims = [by_name[e.name] for e in p.evict]
+    busy = 1.0 if any(e.busy for e in p.evict) else 0.0
+    idle = min(max(now - v.last_used, 0.0) / max(v.reload_cost_s, 1e-9) for v in victims)
+    return (busy, -idle, sum(v.reload_cost_s for v in victims))
 
 
 def choose_node(
@@ -84,7 +91,7 @@ def choose_node(
         if p.action in ("start", "wake") and not p.evict:
             key: tuple[float, ...] = (0.0, slot, -free_gib([*resident, target], usable))
         elif p.action in ("start", "wake"):
-            key = (1.0, slot, _cost(p, by_name))
+            key = (1.0, slot, *_value(p, by_name, now))
         else:  # wait: the node is changing another engine
             idle = free_gib(resident, usable) >= target.footprint_gib
             key = (0.0 if idle else 1.0, 2.0, -free_gib(resident, usable))

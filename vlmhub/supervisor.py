@@ -87,6 +87,8 @@ class Supervisor:
         self._kick = asyncio.Event()
         self._ops: dict[str, asyncio.Task[Any]] = {}
         """The engine operation running on each GPU node (``""``: the only GPU)."""
+        self._targets: dict[str, str] = {}
+        """Node -> the model its running operation brings in (planned nowhere else meanwhile)."""
         self.nodes: dict[str, float] = {"": gpu.usable_gib}
         """Live GPU nodes -> usable GiB (a Ray cluster's, refreshed by :mod:`vlmhub.liveness`)."""
         self.liveness = Liveness(self)
@@ -334,6 +336,7 @@ class Supervisor:
             for r in self.replicas.values()
             if (r.waiters or r.wanted)
             and r.state != "ready"
+            and not any(self._busy(n) and t == r.name for n, t in self._targets.items())
             and (r.state != "failed" or self._may_restart(r, now))
         ]
         held: frozenset[str] = frozenset()
@@ -358,6 +361,7 @@ class Supervisor:
                 target = self.replicas[plan.target]
                 target.waiting_reason, target.node = None, node
                 self._launch(node, self._run(self._execute(target, plan)))
+                self._targets[node] = target.name
             held = d.busy_nodes  # an engine is changing there: wait for it
         ttl = {r.name: r.model.entry.ttl for r in self.replicas.values()}
         for name in scheduler.expired(self._views(), ttl, now):

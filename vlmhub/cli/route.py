@@ -240,7 +240,7 @@ def route(
         "--port", help="Port to listen on (default: router.port, 8080).")] = None,
     gpu_gib: float | None = GpuOption,
     runtime: Annotated[RuntimeKind | None, typer.Option(
-        "--runtime", help="docker or process (default: runtime.kind in models.yaml).")] = None,
+        "--runtime", help="docker, process or ray (default: runtime.kind in models.yaml).")] = None,
     state_dir: Annotated[Path | None, typer.Option(
         "--state-dir", help="The router's state dir: its lock, engine records and logs "
         "(default: $VLMHUB_STATE_DIR, else ~/.local/state/vlmhub). One router per state dir; "

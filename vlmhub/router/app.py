@@ -215,6 +215,8 @@ def model_card(info: ReplicaInfo, created: int) -> dict[str, Any]:
     }
     if info.max_model_len is not None:
         card["max_model_len"] = info.max_model_len
+    if info.node:  # the GPU node it runs on (the Ray runtime); absent with one GPU
+        card["node"] = info.node
     return card
 
 

@@ -90,12 +90,14 @@ MODEL_CARD: dict[str, Any] = {
         "phase": {"type": "string"}, "aliases": {"type": "array", "items": {"type": "string"}},
         "in_flight": {"type": "integer"}, "queued": {"type": "integer"},
         "max_model_len": {"type": "integer"},
+        "node": {"type": "string", "description": "the GPU node it runs on (Ray runtime)"},
     },
 }
 REPLICA: dict[str, Any] = {"type": "object", "required": ["name", "state"], "properties": {
     "name": {"type": "string"}, "state": {"type": "string"}, "phase": {"type": "string"},
     "port": {"type": ["integer", "null"]}, "in_flight": {"type": "integer"},
     "queued": {"type": "integer"}, "last_error": {"type": ["string", "null"]},
+    "node": {"type": "string"},
 }}
 
 

@@ -252,6 +252,7 @@
       if (m.aliases.length) tags.push(`aka ${m.aliases.join(", ")}`);
       if (m.pinned) tags.push("pinned");
       if (m.external) tags.push("external");
+      if (m.node) tags.push(`on node ${m.node}`);
       if (m.restarts) tags.push(`${m.restarts} restart${m.restarts === 1 ? "" : "s"}`);
       const nameCell = el("th", { scope: "row" }, swatch, el("span", { class: "name", text: m.name }));
       if (tags.length) nameCell.append(el("div", { class: "muted small", text: tags.join(" · ") }));

@@ -1,0 +1,187 @@
+"""The Ray tier (issue 12): `vlmhub route` with `runtime: {kind: ray}` over a real three-node
+Ray cluster on this machine (tests/ray_support.py), stand-in engines as the workloads, each
+node a pretend 8 GiB GPU on which one model of examples/ray-demo.yaml fits (5.72 GiB).
+
+Through the real openai SDK, with every request of concurrent clients counted:
+1. models spread across the nodes (three start at once, one per node);
+2. a swap on one node leaves the other nodes' engines alone (same actor, same port, no request
+   lost while it happens);
+3. a killed worker node's model becomes failed (naming the node) and restarts on a live node,
+   while no request for a model on a surviving node is lost.
+The tests run in order on one cluster and one router (module scope).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+from ray_support import LocalCluster, engine_actors, ray_cluster  # noqa: F401
+from route_support import route_process
+
+from vlmhub.runtimes.ports import free_port
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parent.parent
+MODELS = ("ray-ocr", "ray-vl", "ray-phi", "ray-smol")
+
+
+@dataclass
+class Hub:
+    url: str
+    cluster: LocalCluster
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", timeout=120,
+                             max_retries=0)
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """/v1/models as the client sees it."""
+        return {m["id"]: m for m in httpx.get(self.url + "/v1/models").json()["data"]}
+
+    def admin(self) -> dict[str, dict[str, Any]]:
+        """/api/models (loopback: no admin key needed): state, node, port, last_error."""
+        return {m["name"]: m for m in httpx.get(self.url + "/api/models").json()["models"]}
+
+    def ask(self, model: str) -> str:
+        r = self.client().chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        return r.choices[0].message.content or ""
+
+
+@dataclass
+class Load:
+    """Clients asking ``models`` in a loop until stopped; every request is counted."""
+
+    hub: Hub
+    models: tuple[str, ...]
+    ok: dict[str, int] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def _run(self, model: str) -> None:
+        client = self.hub.client()
+        while not self.stop.is_set():
+            try:
+                r = client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+                text = r.choices[0].message.content or ""
+                assert text.startswith(f"{model}:"), text
+                self.ok[model] = self.ok.get(model, 0) + 1
+            except Exception as exc:
+                self.failed.append(f"{model}: {type(exc).__name__}: {exc}")
+
+    def __enter__(self) -> Load:
+        for m in self.models:
+            for _ in range(2):  # two clients per model
+                t = threading.Thread(target=self._run, args=(m,), daemon=True)
+                t.start()
+                self.threads.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+
+@pytest.fixture(scope="module")
+def hub(ray_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+        ) -> Iterator[Hub]:
+    """`vlmhub route` on examples/ray-demo.yaml, joined to the local cluster."""
+    root = tmp_path_factory.mktemp("ray")
+    config = yaml.safe_load((REPO / "examples" / "ray-demo.yaml").read_text())
+    port = free_port()
+    config["router"].update(port=port, health_interval_s=0.5)
+    config["runtime"]["address"] = ray_cluster.address
+    config["runtime"]["port_range"] = [port + 1, port + 60] if port < 65000 else [20100, 20160]
+    path = root / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with route_process(path, root, port) as url:
+        yield Hub(url, ray_cluster)
+
+
+def test_ray_models_spread_across_nodes(hub: Hub) -> None:
+    """Three models asked at once start at once, one on each node (none fits twice)."""
+    answers: dict[str, str] = {}
+
+    def ask(m: str) -> None:
+        answers[m] = hub.ask(m)
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in MODELS[:3]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert {m: a.split(":")[0] for m, a in answers.items()} == {m: m for m in MODELS[:3]}
+    cards = hub.models()
+    assert {m: cards[m]["state"] for m in MODELS[:3]} == dict.fromkeys(MODELS[:3], "ready")
+    assert sorted(cards[m]["node"] for m in MODELS[:3]) == ["head", "w1", "w2"]
+    assert "node" not in cards["ray-smol"]  # stopped: on no node
+    actors = engine_actors()
+    assert sorted(actors) == sorted(MODELS[:3])
+
+
+def test_ray_swap_on_one_node_leaves_the_others_alone(hub: Hub) -> None:
+    """ray-smol needs a node: the one whose model is idle gives way; the two busy models keep
+    their engines (same actor, same port) and lose no request meanwhile."""
+    before_cards, before_actors = hub.admin(), engine_actors()
+    busy, idle = MODELS[:2], MODELS[2]
+    with Load(hub, busy) as load:
+        time.sleep(1.0)
+        assert hub.ask("ray-smol").startswith("ray-smol:")
+        time.sleep(1.0)
+    assert load.failed == []
+    assert all(load.ok.get(m, 0) > 0 for m in busy), load.ok
+    after_cards, after_actors = hub.admin(), engine_actors()
+    assert after_cards[idle]["state"] == "stopped"
+    assert after_cards["ray-smol"]["node"] == before_cards[idle]["node"]  # swapped there
+    for m in busy:  # untouched: the very same engine on the same node
+        assert after_actors[m] == before_actors[m]
+        assert (after_cards[m]["node"], after_cards[m]["port"]) == (
+            before_cards[m]["node"], before_cards[m]["port"])
+        assert after_cards[m]["restarts"] == 0
+    assert idle not in after_actors  # its engine (actor) is gone
+
+
+def test_ray_killed_node_fails_its_model_which_restarts_elsewhere(hub: Hub) -> None:
+    """Room is made on one surviving node (an unload), a worker node is killed: its model is
+    failed with the node named, then a request restarts it on the node with room; the model
+    on the other surviving node serves throughout without losing a request."""
+    cards = hub.admin()
+    node_of = {m: c["node"] for m, c in cards.items() if c["state"] == "ready"}
+    assert len(node_of) == 3, cards
+    dead_model = next(m for m, n in node_of.items() if n in hub.cluster.workers)
+    dead_node = node_of[dead_model]
+    spare_model, kept_model = (m for m in node_of if m != dead_model)
+    spare_node = node_of[spare_model]
+    httpx.post(f"{hub.url}/api/models/{spare_model}/unload", timeout=60).raise_for_status()
+    kept_actor = engine_actors()[kept_model]
+    with Load(hub, (kept_model,)) as load:
+        time.sleep(1.0)
+        hub.cluster.cluster.remove_node(hub.cluster.workers.pop(dead_node))
+        deadline = time.monotonic() + 30
+        while hub.admin()[dead_model]["state"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        failed = hub.admin()[dead_model]
+        assert failed["state"] == "failed", failed
+        assert dead_node in (failed["last_error"] or ""), failed
+        assert hub.ask(dead_model).startswith(f"{dead_model}:")  # restarted on a live node
+        time.sleep(1.0)
+    assert load.failed == []
+    assert load.ok.get(kept_model, 0) > 0
+    after = hub.admin()
+    assert after[dead_model]["state"] == "ready"
+    assert after[dead_model]["node"] == spare_node
+    assert after[kept_model]["node"] == node_of[kept_model]
+    assert engine_actors()[kept_model] == kept_actor
+    assert dead_node not in {c.get("node") for c in hub.models().values()}
