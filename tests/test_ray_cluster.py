@@ -13,6 +13,7 @@ The tests run in order on one cluster and one router (module scope).
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +39,8 @@ MODELS = ("ray-ocr", "ray-vl", "ray-phi", "ray-smol")
 class Hub:
     url: str
     cluster: LocalCluster
+    log: Path
+    """The router's log (route_support): its engine events, in order."""
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="none", timeout=120,
@@ -50,6 +53,10 @@ class Hub:
     def admin(self) -> dict[str, dict[str, Any]]:
         """/api/models (loopback: no admin key needed): state, node, port, last_error."""
         return {m["name"]: m for m in httpx.get(self.url + "/api/models").json()["models"]}
+
+    def nodes(self) -> dict[str, float]:
+        """The dashboard's GPU nodes: name -> usable GiB."""
+        return dict(httpx.get(self.url + "/api/ui").json()["gpu"]["nodes"])
 
     def ask(self, model: str) -> str:
         r = self.client().chat.completions.create(
@@ -103,15 +110,19 @@ def hub(ray_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory  # n
     port = free_port()
     config["router"].update(port=port, health_interval_s=0.5)
     config["runtime"]["address"] = ray_cluster.address
-    config["runtime"]["port_range"] = [port + 1, port + 60] if port < 65000 else [20100, 20160]
+    base = random.randrange(20000, 30000, 100)  # below the ephemeral range Ray's workers use
+    config["runtime"]["port_range"] = [base, base + 99]
     path = root / "models.yaml"
     path.write_text(yaml.safe_dump(config))
     with route_process(path, root, port) as url:
-        yield Hub(url, ray_cluster)
+        yield Hub(url, ray_cluster, root / "route.log")
 
 
 def test_ray_models_spread_across_nodes(hub: Hub) -> None:
-    """Three models asked at once start at once, one on each node (none fits twice)."""
+    """Three models asked at once start at once, one on each node (none fits twice): a
+    second start begins before the first is ready (one start at a time per node, not per
+    cluster)."""
+    assert hub.nodes() == {"head": 7.5, "w1": 7.5, "w2": 7.5}
     answers: dict[str, str] = {}
 
     def ask(m: str) -> None:
@@ -127,6 +138,10 @@ def test_ray_models_spread_across_nodes(hub: Hub) -> None:
     assert {m: cards[m]["state"] for m in MODELS[:3]} == dict.fromkeys(MODELS[:3], "ready")
     assert sorted(cards[m]["node"] for m in MODELS[:3]) == ["head", "w1", "w2"]
     assert "node" not in cards["ray-smol"]  # stopped: on no node
+    lines = [ln for ln in hub.log.read_text().splitlines() if "vlmhub.engine" in ln]
+    first_ready = next(i for i, ln in enumerate(lines) if ": ready in " in ln)
+    starts = [i for i, ln in enumerate(lines) if ": starting (ray on node " in ln]
+    assert len(starts) == 3 and starts[1] < first_ready, lines  # concurrent starts
     actors = engine_actors()
     assert sorted(actors) == sorted(MODELS[:3])
 
@@ -185,3 +200,4 @@ def test_ray_killed_node_fails_its_model_which_restarts_elsewhere(hub: Hub) -> N
     assert after[kept_model]["node"] == node_of[kept_model]
     assert engine_actors()[kept_model] == kept_actor
     assert dead_node not in {c.get("node") for c in hub.models().values()}
+    assert dead_node not in hub.nodes()

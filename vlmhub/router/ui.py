@@ -60,6 +60,12 @@ def gpu_json(supervisor: SupervisorLike, config: Config) -> dict[str, Any] | Non
             return None
         gpu = Gpu(config.gpu.total_gib, config.gpu.reserve_gib, config.gpu.budget_gib,
                   "GPU (from config)")
+    nodes = getattr(supervisor, "nodes", None)
+    if isinstance(nodes, dict) and nodes and "" not in nodes:  # several GPU nodes (Ray)
+        usable = {str(n): round(float(g), 3) for n, g in sorted(nodes.items())}
+        return {"name": f"{len(usable)} GPU node{'s' if len(usable) != 1 else ''} "
+                f"({', '.join(usable)})", "total_gib": round(sum(usable.values()), 3),
+                "usable_gib": round(sum(usable.values()), 3), "nodes": usable}
     return {"name": gpu.name, "total_gib": round(gpu.total_gib, 3),
             "usable_gib": round(gpu.usable_gib, 3)}
 
