@@ -128,6 +128,7 @@ def test_ray_models_spread_across_nodes(hub: Hub) -> None:
     def ask(m: str) -> None:
         answers[m] = hub.ask(m)
 
+    began = time.monotonic()
     threads = [threading.Thread(target=ask, args=(m,)) for m in MODELS[:3]]
     for t in threads:
         t.start()
@@ -142,6 +143,8 @@ def test_ray_models_spread_across_nodes(hub: Hub) -> None:
     first_ready = next(i for i, ln in enumerate(lines) if ": ready in " in ln)
     starts = [i for i, ln in enumerate(lines) if ": starting (ray on node " in ln]
     assert len(starts) == 3 and starts[1] < first_ready, lines  # concurrent starts
+    loads = {m: (c["node"], c["last_load_s"]) for m, c in hub.admin().items() if c["node"]}
+    print(f"spread: {time.monotonic() - began:.1f} s for three cold starts at once: {loads}")
     actors = engine_actors()
     assert sorted(actors) == sorted(MODELS[:3])
 
@@ -155,6 +158,7 @@ def test_ray_swap_on_one_node_leaves_the_others_alone(hub: Hub) -> None:
         time.sleep(1.0)
         assert hub.ask("ray-smol").startswith("ray-smol:")
         time.sleep(1.0)
+    print(f"swap on one node: requests served meanwhile {load.ok}, failed {len(load.failed)}")
     assert load.failed == []
     assert all(load.ok.get(m, 0) > 0 for m in busy), load.ok
     after_cards, after_actors = hub.admin(), engine_actors()
@@ -184,14 +188,21 @@ def test_ray_killed_node_fails_its_model_which_restarts_elsewhere(hub: Hub) -> N
     with Load(hub, (kept_model,)) as load:
         time.sleep(1.0)
         hub.cluster.cluster.remove_node(hub.cluster.workers.pop(dead_node))
+        killed = time.monotonic()
         deadline = time.monotonic() + 30
         while hub.admin()[dead_model]["state"] != "failed" and time.monotonic() < deadline:
             time.sleep(0.2)
         failed = hub.admin()[dead_model]
         assert failed["state"] == "failed", failed
         assert dead_node in (failed["last_error"] or ""), failed
+        seen_failed = time.monotonic()
         assert hub.ask(dead_model).startswith(f"{dead_model}:")  # restarted on a live node
+        back = time.monotonic()
         time.sleep(1.0)
+    print(f"node {dead_node} killed: {dead_model} seen failed after {seen_failed - killed:.1f} s "
+          f"({failed['last_error']}), served again {back - seen_failed:.1f} s later on "
+          f"{spare_node}; requests on {node_of[kept_model]} meanwhile {load.ok}, "
+          f"failed {len(load.failed)}")
     assert load.failed == []
     assert load.ok.get(kept_model, 0) > 0
     after = hub.admin()
