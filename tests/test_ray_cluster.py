@@ -7,13 +7,16 @@ Through the real openai SDK, with every request of concurrent clients counted:
 2. a swap on one node leaves the other nodes' engines alone (same actor, same port, no request
    lost while it happens);
 3. a killed worker node's model becomes failed (naming the node) and restarts on a live node,
-   while no request for a model on a surviving node is lost.
+   while no request for a model on a surviving node is lost;
+4. engines outlive a crashed router and a new router adopts them.
 The tests run in order on one cluster and one router (module scope).
 """
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -212,3 +215,42 @@ def test_ray_killed_node_fails_its_model_which_restarts_elsewhere(hub: Hub) -> N
     assert engine_actors()[kept_model] == kept_actor
     assert dead_node not in {c.get("node") for c in hub.models().values()}
     assert dead_node not in hub.nodes()
+
+
+def router_pids(config: Path) -> list[int]:
+    """The pids of `vlmhub route --config CONFIG` processes (from /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"route" in argv and str(config).encode() in argv:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_ray_engines_outlive_a_crashed_router_and_are_adopted(hub: Hub, tmp_path: Path) -> None:
+    """The router is killed (SIGKILL: no clean-up); its engines (detached actors) keep running;
+    a new router on the same cluster adopts them: ready at once, same actors, same nodes."""
+    before = {m: c for m, c in hub.admin().items() if c["state"] == "ready"}
+    actors = engine_actors()
+    assert before and sorted(actors) == sorted(before)
+    config_path = hub.log.parent / "models.yaml"
+    pids = router_pids(config_path)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    config = yaml.safe_load(config_path.read_text())
+    port = free_port()
+    config["router"]["port"] = port
+    second = tmp_path / "models.yaml"
+    second.write_text(yaml.safe_dump(config))
+    with route_process(second, tmp_path, port) as url:
+        again = Hub(url, hub.cluster, tmp_path / "route.log")
+        cards = again.admin()
+        for m, c in before.items():
+            assert (cards[m]["state"], cards[m]["phase"]) == ("ready", "ready (adopted)")
+            assert (cards[m]["node"], cards[m]["port"]) == (c["node"], c["port"])
+            assert again.ask(m).startswith(f"{m}:")
+        assert engine_actors() == actors  # served by the very same engines
+    assert engine_actors() == {}  # the new owner stopped them on its way out
