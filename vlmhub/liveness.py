@@ -91,8 +91,10 @@ class Liveness:
         sup = self.sup
         try:
             found = await sup.runtime.nodes()
-        except VlmhubError as exc:
+        except VlmhubError as exc:  # keep the last list: a hiccup must not fail every engine
             ENGINE.warning("listing the GPU nodes failed: %s", exc, extra={"event": "nodes"})
+            if "" in sup.nodes:  # never listed yet: no node to plan on (refused, with why)
+                sup.nodes = {}
             return True
         if found is None:
             return False

@@ -313,7 +313,7 @@ class Supervisor:
                         q.fut.set_result(self._lease(r, q.priority))
                 self._resolve_wanted(r)
         self._recheck_at = None
-        if all(self._busy(n) for n in self.nodes):
+        if self.nodes and all(self._busy(n) for n in self.nodes):
             return
         for r in self.replicas.values():  # engines a health check failed: stop them first
             if r.state == "stopping" and not self._busy(r.node):  # nobody else stops it
@@ -325,7 +325,7 @@ class Supervisor:
                 self._launch(r.node, self._run(self._retire(r)))
                 continue
             self._retired(r)
-        if all(self._busy(n) for n in self.nodes):
+        if self.nodes and all(self._busy(n) for n in self.nodes):
             return
         demand = [
             policy.Demand(

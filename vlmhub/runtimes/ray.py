@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -73,6 +74,7 @@ class RayRuntime(Runtime):
         import ray
 
         if not ray.is_initialized():
+            self._reachable()
             try:
                 ray.init(address=self.rc.address, namespace=NAMESPACE, log_to_driver=False,
                          logging_level=30, configure_logging=False)
@@ -84,6 +86,21 @@ class RayRuntime(Runtime):
                     "runtime.address in models.yaml to its head (host:6379)."
                 ) from None
         return ray
+
+    def _reachable(self) -> None:
+        """Fail fast (3 s) when an explicit ``host:port`` does not answer: ray.init would
+        retry for minutes. ``auto`` fails fast by itself when no cluster runs here."""
+        host, sep, port = self.rc.address.removeprefix("ray://").rpartition(":")
+        if self.rc.address == "auto" or not sep or not port.isdigit():
+            return
+        try:
+            socket.create_connection((host, int(port)), timeout=3.0).close()
+        except OSError as exc:
+            raise RuntimeUnavailable(
+                f"cannot join the Ray cluster at {self.rc.address!r}: {exc.strerror or exc}. "
+                "Fix: start it (`ray start --head --port=6379 --resources='{\"vram_gib\": "
+                "12}'`) or set runtime.address in models.yaml to its head (host:6379)."
+            ) from None
 
     def _list_nodes(self) -> dict[str, RayNode]:
         ray = self._connect()

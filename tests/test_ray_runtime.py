@@ -1,0 +1,47 @@
+"""The ray runtime without a cluster: a cluster that does not answer is a clear, fast error,
+and the router refuses requests with the reason instead of letting them time out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlmhub.config import RuntimeConfig, load_config, resolve
+from vlmhub.errors import RuntimeUnavailable
+from vlmhub.registry import Registry
+from vlmhub.replica import Refused
+from vlmhub.runtimes.ports import free_port
+from vlmhub.runtimes.ray import RayRuntime
+from vlmhub.supervisor import Supervisor
+from vlmhub.vram import Gpu
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def test_ray_unreachable_cluster_is_a_clear_fast_error() -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(RuntimeUnavailable) as err:
+        await RayRuntime(RuntimeConfig(kind="ray", address=address)).nodes()
+    assert address in str(err.value) and "ray start --head" in str(err.value)
+    assert "Connection refused" in str(err.value)  # the port check, not ray.init's retries
+
+
+async def test_ray_no_node_refuses_with_the_reason(tmp_path: Path) -> None:
+    config = yaml.safe_load((REPO / "examples" / "ray-demo.yaml").read_text())
+    config["runtime"]["address"] = f"127.0.0.1:{free_port()}"
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path)
+    gpu = Gpu(8.0, 0.5)
+    models = resolve(loaded, Registry().specs(), gpu)
+    sup = Supervisor(models, loaded.config, gpu, RayRuntime(loaded.config.runtime), tick_s=0.05)
+    await sup.start()
+    try:
+        assert sup.nodes == {}
+        with pytest.raises(Refused, match="no GPU node is available"):
+            await sup.acquire("ray-ocr")
+    finally:
+        await sup.shutdown()
