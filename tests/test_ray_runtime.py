@@ -3,13 +3,17 @@ and the router refuses requests with the reason instead of letting them time out
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from vlmhub.cli import app
 from vlmhub.config import RuntimeConfig, load_config, resolve
 from vlmhub.errors import RuntimeUnavailable
+from vlmhub.gpu import probe_nvml
 from vlmhub.registry import Registry
 from vlmhub.replica import Refused
 from vlmhub.runtimes.ports import free_port
@@ -45,3 +49,13 @@ async def test_ray_no_node_refuses_with_the_reason(tmp_path: Path) -> None:
             await sup.acquire("ray-ocr")
     finally:
         await sup.shutdown()
+
+
+def test_node_resources_declares_vram_for_ray_start() -> None:
+    """`vlmhub node-resources` prints what `ray start --resources` takes; without a GPU (and
+    without --gib) it says how to declare one."""
+    run = CliRunner().invoke(app, ["node-resources", "--gib", "12"])
+    assert run.exit_code == 0 and json.loads(run.output) == {"vram_gib": 12.0}
+    if probe_nvml() is None:  # this machine has no NVIDIA GPU: the NVML path says so
+        run = CliRunner().invoke(app, ["node-resources"])
+        assert run.exit_code == 2 and "--gib N" in run.output

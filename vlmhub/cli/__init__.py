@@ -14,7 +14,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-GROUPS = ("models", "serve", "route", "ocr", "budgets", "simulate", "status", "cache", "pull")
+GROUPS = ("models", "serve", "route", "ocr", "budgets", "simulate", "status", "cache", "pull",
+          "node")
 """Command modules under vlmhub.cli, registered in this order."""
 
 for _group in GROUPS:
