@@ -84,9 +84,25 @@ def open_engines(config_path: Path | None, with_docker: bool = True) -> Engines:
         except RuntimeUnavailable:
             notes.append(f"Docker engines not listed: no Docker engine answers "
                          f"({docker_host_text(rc)})")
+    if config is not None and rc.kind == "ray":
+        _add_ray(engines, rc)
     if config is not None:
         _read_models(ctx, engines)
     return engines
+
+
+def _add_ray(engines: Engines, rc: RuntimeConfig) -> None:
+    """List the Ray cluster's engines too (runtime.kind: ray); a note when it does not
+    answer. Blocks on joining the cluster (seconds)."""
+    from vlmhub.runtimes.ray import RayRuntime
+
+    rt = RayRuntime(rc)
+    try:
+        asyncio.run(rt.nodes())
+    except RuntimeUnavailable as exc:
+        engines.notes.append(f"Ray engines not listed: {str(exc).splitlines()[0]}")
+        return
+    engines.runtimes.append(rt)
 
 
 def _read_models(ctx: Context, engines: Engines) -> None:
@@ -144,7 +160,8 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 # ----------------------------------------------------------------------------- ps
 def ps(config: Path | None = ConfigOption,
        as_json: Annotated[bool, JsonOption] = False) -> None:
-    """List running engines (both runtimes): state, port, VRAM budget, uptime, health."""
+    """List running engines (processes, containers, and Ray actors with runtime.kind: ray):
+    state, port, VRAM budget, uptime, health."""
     with user_errors():
         engines = open_engines(config)
         rows = _run(lambda: _ps_rows(engines))
@@ -180,6 +197,7 @@ async def _ps_rows(engines: Engines) -> list[dict[str, Any]]:
     for (rt, h), st, ok in zip(found, statuses, healthy, strict=True):
         rows.append({
             "name": h.name, "state": st.state, "runtime": rt.kind, "port": h.port,
+            **({"node": h.node} if h.node else {}),
             "vram_gib": engines.budgets.get(h.name),
             "uptime_s": round(now - h.started_at, 1) if h.started_at else None,
             "healthy": ok,

@@ -299,6 +299,10 @@ class RayRuntime(Runtime):
                     out.append(self._handle(name, meta))
         return out
 
+    async def find(self, model: str) -> EngineHandle | None:
+        """The running engine of ``model`` (any owner), or None (``vlmhub logs``/``stop``)."""
+        return next((h for h in await self.adopt() if h.name == model), None)
+
     async def claim(self, handle: EngineHandle) -> None:
         with contextlib.suppress(LookupError, TimeoutError):
             await asyncio.to_thread(self._call, handle.ident, "set_owner", this_owner())
