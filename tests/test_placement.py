@@ -51,8 +51,9 @@ CASES: list[Case] = [
     ("pinned holds per node: go to the other node", "y",
      [rv("p", "ready", pinned=True, reload_cost_s=1.0), rv("q", "ready", reload_cost_s=500.0),
       rv("y")], {"p": "a", "q": "b"}, frozenset(), "b", Plan("start", "y", (Evict("q", "stop"),))),
-    ("a model placed on a dead node is refused there", "x", [rv("x", "ready")], {"x": "gone"},
-     frozenset(), None, Plan("refuse", "x", reason="its node gone is gone")),
+    ("a model still placed on a dead node waits to be failed there", "x",
+     [rv("x", "stopping")], {"x": "gone"}, frozenset(), None,
+     Plan("wait", "x", reason="its node gone is gone")),
     ("a failed model restarts on a live node", "x", [rv("x", "failed"), rv("w", "ready")],
      {"x": "gone", "w": "a"}, frozenset(), "b", Plan("start", "x")),
 ]
@@ -79,6 +80,11 @@ def test_too_big_for_every_node_is_refused_with_each_nodes_reason() -> None:
 def test_no_live_node_is_refused() -> None:
     _, p = choose_node(rv("x"), {}, [rv("x")], {}, NOW)
     assert (p.action, p.reason) == ("refuse", "no GPU node is available (no live Ray node)")
+
+
+def test_a_model_on_a_dead_node_is_neither_planned_nor_refused() -> None:
+    d = decide(NODES, [rv("x", "stopping")], {"x": "gone"}, want("x"), NOW, FIFO)
+    assert (d.plans, d.refuse) == ((), ())
 
 
 def test_two_nodes_start_two_models_at_once() -> None:

@@ -72,11 +72,12 @@ def choose_node(
     busy: frozenset[str] = frozenset(),
 ) -> tuple[str | None, Plan]:
     """The node for ``target`` (see the module docs) and the plan there; ``(None, refuse)``
-    when no live node can hold it. ``busy``: nodes whose engine slot is taken."""
+    when no live node can hold it, ``(None, wait)`` while it is still placed on a node that
+    is gone (until it is failed there). ``busy``: nodes whose engine slot is taken."""
     home = where.get(target.name)
     if home is not None and (target.state in PLACED or target.draining):
-        if home not in nodes:
-            return None, Plan("refuse", target.name, reason=f"its node {home} is gone")
+        if home not in nodes:  # the node watch fails it at once; then it starts elsewhere
+            return None, Plan("wait", target.name, reason=f"its node {home} is gone")
         return home, plan(target.name, [*on_node(views, where, home), target], nodes[home], now)
     by_name = {v.name: v for v in views}
     best: tuple[tuple[float, ...], str, Plan] | None = None
@@ -139,7 +140,8 @@ def decide(
             continue
         node, p = choose_node(t, nodes, list(seen.values()), placed, now, busy)
         if node is None:
-            refuse.append((dm.name, p.reason))
+            if p.action == "refuse":
+                refuse.append((dm.name, p.reason))
             continue
         per_node.setdefault(node, []).append(dm)
         placed[dm.name] = node
