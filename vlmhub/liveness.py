@@ -67,6 +67,9 @@ class Liveness:
             r.healthy_at = time.monotonic()
             return
         self.engine_failed(r, reason)
+        if "" not in sup.nodes:  # several nodes: the runtime may know its node died
+            with contextlib.suppress(Exception):
+                await self.refresh_nodes()
 
     def engine_failed(self, r: Replica, reason: str) -> None:
         """A ready engine is dead or hung: no new lease, revoke the running ones, queue its

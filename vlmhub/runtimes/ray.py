@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import socket
 import time
@@ -42,6 +43,8 @@ RESOURCE = "vram_gib"
 NODE_LABEL = "vlmhub/node"
 CALL_TIMEOUT_S = 10.0
 """How long one actor call may take before the actor counts as not answering."""
+DEAD_NODE = re.compile(r"node has died\. Node Id: ([0-9a-f]+)")
+"""How Ray's actor errors name a node that died (its id)."""
 PLACE_TIMEOUT_S = 60.0
 """How long Ray may take to place an engine's actor on its node (resources freed late)."""
 
@@ -67,6 +70,9 @@ class RayRuntime(Runtime):
         """Output lines read so far per engine: what logs() shows after its node is gone."""
         self._stopped: set[str] = set()
         self._nodes: dict[str, RayNode] = {}
+        self._dead: set[str] = set()
+        """Node ids an actor error said are dead: gone before the GCS lists them so (a node
+        id never comes back: a restarted node gets a new one)."""
 
     # ------------------------------------------------------------------ cluster
     def _connect(self) -> Any:
@@ -112,7 +118,7 @@ class RayRuntime(Runtime):
             node_id = str(n["NodeID"])
             name = str(n.get("Labels", {}).get(NODE_LABEL) or node_id[:8])
             node = RayNode(name, node_id, str(n.get("NodeManagerAddress", "")), vram,
-                           bool(n.get("Alive")))
+                           bool(n.get("Alive")) and node_id not in self._dead)
             if node.alive or name not in found:
                 found[name] = node
         self._nodes = found
@@ -158,6 +164,7 @@ class RayRuntime(Runtime):
         try:
             meta = ray.get(actor.launch.remote(req, argv), timeout=PLACE_TIMEOUT_S)
         except Exception as exc:
+            self._note_dead_node(str(exc))
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
             timeout = isinstance(exc, ray.exceptions.GetTimeoutError)
@@ -201,7 +208,14 @@ class RayRuntime(Runtime):
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"{ident} did not answer within {CALL_TIMEOUT_S:.0f} s") from None
         except ray.exceptions.RayActorError as exc:
+            self._note_dead_node(str(exc))
             raise LookupError(str(exc).splitlines()[0] if str(exc) else "actor died") from None
+
+    def _note_dead_node(self, message: str) -> None:
+        """Remember the node an actor error says has died (Ray's message names its id)."""
+        found = DEAD_NODE.search(message)
+        if found:
+            self._dead.add(found.group(1))
 
     def _gone_detail(self, handle: EngineHandle) -> str:
         node = self._list_nodes().get(handle.node)
