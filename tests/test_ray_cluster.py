@@ -8,7 +8,8 @@ Through the real openai SDK, with every request of concurrent clients counted:
    lost while it happens);
 3. a killed worker node's model becomes failed (naming the node) and restarts on a live node,
    while no request for a model on a surviving node is lost;
-4. engines outlive a crashed router and a new router adopts them.
+4. engines outlive a crashed router and a new router adopts them;
+5. with ``engine_host: node`` an engine listens on its node's IP.
 The tests run in order on one cluster and one router (module scope).
 """
 
@@ -34,7 +35,10 @@ import yaml
 from ray_support import LocalCluster, engine_actors, ray_cluster  # noqa: F401
 from route_support import route_process
 
+from vlmhub.config import RuntimeConfig
+from vlmhub.runtimes.base import LaunchRequest, wait_ready
 from vlmhub.runtimes.ports import free_port
+from vlmhub.runtimes.ray import RayRuntime
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
@@ -275,3 +279,30 @@ def test_ray_engines_outlive_a_crashed_router_and_are_adopted(hub: Hub, tmp_path
             assert again.ask(m).startswith(f"{m}:")
         assert engine_actors() == actors  # served by the very same engines
     assert engine_actors() == {}  # the new owner stopped them on its way out
+
+
+async def test_ray_engine_host_node_binds_the_nodes_ip(ray_cluster: LocalCluster  # noqa: F811
+                                                        ) -> None:
+    """`engine_host: node` (a cluster of several machines): the engine listens on its node's
+    IP, the handle's URL names it, and a stop ends it and its actor."""
+    import ray
+
+    rt = RayRuntime(RuntimeConfig(
+        kind="ray", address=ray_cluster.address, engine_host="node",
+        process_argv=[sys.executable, "-m", "vlmhub.testing.stub_engine"]))
+    head_ip = next(n["NodeManagerAddress"] for n in ray.nodes()
+                   if n["Alive"] and n["Labels"].get("vlmhub/node") == "head")
+    port = random.randrange(30000, 31000)
+    host, _ = rt.engine_bind(port)
+    req = LaunchRequest(name="ray-host", spec_hash="h", image="-", port=port, node="head",
+                        vram_gib=1.0, argv=["stub/ray-host", "--served-model-name", "ray-host",
+                                            "--host", host, "--port", str(port)])
+    handle = await rt.start(req)
+    try:
+        assert (handle.host, handle.node) == (head_ip, "head")
+        await wait_ready(rt, handle, timeout_s=60)
+        assert httpx.get(f"{handle.base_url}/v1/models").json()["data"][0]["id"] == "ray-host"
+    finally:
+        await rt.stop(handle, timeout_s=5)
+    assert (await rt.status(handle)).state == "missing"
+    assert "ray-host" not in engine_actors()
