@@ -8,9 +8,10 @@ never sent from the router), and collects its output lines in memory. The child 
 ``PR_SET_PDEATHSIG``: when the actor's worker dies (the actor is killed, its node goes away),
 the engine dies with it instead of running on unmanaged.
 
-Every method returns at once (no waits inside the actor): the runtime polls from the router's
-side. The actor is not threaded (one method at a time), which keeps the child's parent thread
-alive for as long as the actor lives (the death signal follows the thread that forked).
+Every method returns at once (no waits inside the actor, but for up to 1 s in ``lines`` after
+the engine exited, while its last output is read): the runtime polls from the router's side.
+The actor is not threaded (one method at a time), which keeps the child's parent thread alive
+for as long as the actor lives (the death signal follows the thread that forked).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import asdict
 from typing import Any
 
 from vlmhub.flags import redact
@@ -52,6 +52,8 @@ class EngineActor:
         self.dropped = 0
         self.lock = threading.Lock()
         self.stopping = False
+        self.eof = threading.Event()
+        """Set when the engine's output pipe closed (every line is in ``lines_``)."""
 
     def launch(self, req: LaunchRequest, argv: list[str]) -> dict[str, Any]:
         """Spawn ``argv`` (with ``--host node`` replaced by this node's IP); return the meta
@@ -73,7 +75,13 @@ class EngineActor:
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        for raw in self.proc.stdout:
+        try:
+            self._read(self.proc.stdout)
+        finally:
+            self.eof.set()
+
+    def _read(self, stdout: Any) -> None:
+        for raw in stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             with self.lock:
                 self.lines_.append(line)
@@ -93,9 +101,12 @@ class EngineActor:
         return None if self.proc is None else self.proc.poll()
 
     def lines(self, start: int) -> tuple[list[str], int, int | None]:
-        """Output lines from absolute index ``start``, the next index, and the exit code
-        (read BEFORE the lines: when it is not None, the lines returned are the last ones)."""
+        """Output lines from absolute index ``start``, the next index, and the exit code once
+        the engine has exited and its output is read to the end (the pipe closed, or a second
+        passed: a leftover child may hold it open); else None."""
         code = self.poll()
+        if code is not None:  # let the pump read the last lines (blocks up to 1 s)
+            self.eof.wait(1.0)
         with self.lock:
             begin = max(start - self.dropped, 0)
             out = self.lines_[begin:]
@@ -127,9 +138,8 @@ def node_ip() -> str:
 def meta_for(req: LaunchRequest, *, owner: str, host: str, started_at: float | None = None
              ) -> dict[str, Any]:
     """What an actor records about its engine (no env values: they may hold secrets)."""
-    d = asdict(req)
     return {
         "name": req.name, "port": req.port, "spec_hash": req.spec_hash,
-        "health_path": req.health_path, "node": d.get("node", ""), "owner": owner,
+        "health_path": req.health_path, "node": req.node, "owner": owner,
         "host": host, "started_at": started_at if started_at is not None else time.time(),
     }
