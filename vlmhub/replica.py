@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from vlmhub.scheduler import ReplicaView
+
 if TYPE_CHECKING:
     from vlmhub.config import ResolvedModel
     from vlmhub.runtimes.base import EngineHandle
@@ -208,6 +210,26 @@ class Replica:
     @property
     def footprint(self) -> float:
         return self.model.budget.footprint_gib if self.model.budget else 0.0
+
+    def view(self) -> ReplicaView:
+        """What the scheduler and the swap policy know of this replica."""
+        m = self.model
+        return ReplicaView(
+            name=self.name,
+            state=self.state,
+            footprint_gib=self.footprint,
+            sleep_gib=m.budget.sleep_residual_gib if m.budget else 0.0,
+            in_flight=self.in_flight,
+            pinned=m.entry.pinned,
+            last_used=self.last_used,
+            reload_cost_s=self.last_load_s or (m.spec.reload_cost_s if m.spec else 1),
+            can_sleep=self.sleep_ok,
+            external=m.external,
+            draining=self.draining,
+            loaded_at=self.loaded_at,
+            priority=self.priority,
+            group=",".join(m.group.names) if m.group else None,
+        )
 
     def info(self, runtime_kind: str) -> ReplicaInfo:
         """A read-only snapshot of this replica."""

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from vlmhub.replica import State
+if TYPE_CHECKING:
+    from vlmhub.replica import State
 
 Action = Literal["ready", "start", "wake", "wait", "refuse"]
 EvictMode = Literal["sleep", "stop"]

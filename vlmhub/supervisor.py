@@ -39,7 +39,7 @@ from vlmhub.engine_ops import EngineOps, StartHook
 from vlmhub.errors import VlmhubError
 from vlmhub.launch import engine_hash
 from vlmhub.liveness import Liveness
-from vlmhub.reload import ModelDiff, diff_models
+from vlmhub.reload import ModelDiff, apply_models
 from vlmhub.replica import (
     AcquireError,
     Lease,
@@ -54,7 +54,6 @@ from vlmhub.replica import (
     ReplicaInfo,
     UnknownModel,
     new_replica,
-    sleep_ok,
 )
 from vlmhub.runtimes.base import EngineHandle, Runtime, probe
 from vlmhub.runtimes.reconcile import reconcile_engines
@@ -281,25 +280,7 @@ class Supervisor:
                     r.last_error = f"internal error: {exc!r}"
 
     def _views(self) -> list[scheduler.ReplicaView]:
-        return [
-            scheduler.ReplicaView(
-                name=r.name,
-                state=r.state,
-                footprint_gib=r.footprint,
-                sleep_gib=r.model.budget.sleep_residual_gib if r.model.budget else 0.0,
-                in_flight=r.in_flight,
-                pinned=r.model.entry.pinned,
-                last_used=r.last_used,
-                reload_cost_s=r.last_load_s or (r.model.spec.reload_cost_s if r.model.spec else 1),
-                can_sleep=r.sleep_ok,
-                external=r.model.external,
-                draining=r.draining,
-                loaded_at=r.loaded_at,
-                priority=r.priority,
-                group=",".join(r.model.group.names) if r.model.group else None,
-            )
-            for r in self.replicas.values()
-        ]
+        return [r.view() for r in self.replicas.values()]
 
     def _reconcile(self, now: float) -> None:
         """One pass of the loop. Synchronous: no other coroutine runs while it decides.
@@ -444,34 +425,16 @@ class Supervisor:
         """Apply a new config (vlmhub.reload). Synchronous: added models appear and removed
         ones disappear from routing at once; the stops they need (removed, or changed and
         running) drain and run as operations. Unchanged models keep serving untouched."""
-        diff = diff_models({n: r.model for n, r in self.replicas.items()}, models)
-        fresh = {m.name: m for m in models}
-        for name in diff.removed:
-            r = self.replicas[name]
-            r.retire = "removed"
-            self._fail_waiters(r, UnknownModel(f"model {name!r} was removed from the config"))
-        for name in (*diff.changed, *diff.unchanged):
-            r = self.replicas[name]
-            r.model = fresh[name]
-            if name in diff.changed:
-                r.sleep_ok = sleep_ok(fresh[name])
-                r.retire = "changed" if r.handle is not None else None
-                if fresh[name].external:
-                    r.state, r.retire = "ready", None
-        gone_now = {  # removed, and nothing to drain or stop: forgotten at once
-            n for n in diff.removed
-            if self.replicas[n].handle is None and not self.replicas[n].in_flight
-        }
-        order = [m.name for m in models] + [n for n in diff.removed if n not in gone_now]
-        self.replicas = {
-            n: self.replicas[n] if n in self.replicas else new_replica(fresh[n]) for n in order
-        }
+        applied = apply_models(self.replicas, models)
+        for r in applied.removed:
+            self._fail_waiters(r, UnknownModel(f"model {r.name!r} was removed from the config"))
+        self.replicas = applied.replicas
         self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
         self.config, self.rc = config, config.router
         self.ops.config, self.ops.rc = config, config.router
         self.params = policy.params_from(config, models)
         self.kick()
-        return diff
+        return applied.diff
 
     async def _retire(self, r: Replica) -> None:
         if await self.ops.evict(r, scheduler.Evict(r.name, "stop"), f"config {r.retire}"):
