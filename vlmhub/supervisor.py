@@ -162,7 +162,9 @@ class Supervisor:
 
     def would_wait(self, name: str) -> bool:
         r = self.replicas.get(name)
-        return r is not None and not (r.state == "ready" and not r.draining and not r.waiters)
+        if r is None or r.model.external:  # an external endpoint never loads here
+            return False
+        return not (r.state == "ready" and not r.draining and not r.waiters)
 
     def _abandon(self, r: Replica, entry: Queued) -> None:
         """Take a waiter out of the queue; a lease it was handed meanwhile goes back."""
