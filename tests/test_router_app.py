@@ -226,7 +226,9 @@ def test_admin_api_from_loopback_without_admin_key(router: RunningRouter,
     r = httpx.post(router.url + "/api/models/bravo/load")
     assert r.status_code == 200 and r.json()["state"] == "ready"
     assert sup.actions == [("unload", "bravo"), ("load", "bravo")]
-    assert httpx.post(router.url + "/api/models/nope/load").status_code == 404
+    nope = httpx.post(router.url + "/api/models/nope/load")
+    assert nope.status_code == 404 and nope.json()["error"]["code"] == "model_not_found"
+    assert "alpha" in nope.json()["error"]["message"]  # the models there are, as on /v1
 
 
 async def test_admin_api_refuses_remote_clients_without_admin_key(sup: TestSupervisor) -> None:

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from vlmhub.errors import VlmhubError
 from vlmhub.locate import ConfigError
 from vlmhub.replica import AcquireError, ReplicaInfo
-from vlmhub.router.errors import acquire_error_response, error_response
+from vlmhub.router.errors import acquire_error_response, error_response, unknown_model_response
 from vlmhub.router.state import RouterState, bearer, is_loopback, key_matches, router_state
 
 
@@ -65,9 +65,7 @@ async def _act(request: Request, action: str) -> Response:
     wanted = request.path_params["name"]
     name = st.supervisor.resolve(wanted)
     if name is None:
-        known = ", ".join(st.supervisor.names()) or "none configured"
-        return error_response(404, f"no model named {wanted!r}; configured: {known}",
-                              "invalid_request_error", "model_not_found")
+        return unknown_model_response(wanted, st.supervisor)
     try:
         if action == "load":
             info = await st.supervisor.load(name)

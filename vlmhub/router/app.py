@@ -33,7 +33,12 @@ from vlmhub.replica import AcquireError, Lease, ReplicaInfo, SupervisorLike
 from vlmhub.router.access import AccessMiddleware, request_info
 from vlmhub.router.admin import admin_routes, replica_json
 from vlmhub.router.body import parse_payload, read_body, too_deep
-from vlmhub.router.errors import DEFAULT_RETRY_AFTER_S, acquire_error_response, error_response
+from vlmhub.router.errors import (
+    DEFAULT_RETRY_AFTER_S,
+    acquire_error_response,
+    error_response,
+    unknown_model_response,
+)
 from vlmhub.router.guard import BrowserGuard
 from vlmhub.router.loading import LoadingResponse
 from vlmhub.router.metrics import RouterMetrics
@@ -69,10 +74,7 @@ def require_api_key(request: Request) -> None:
 
 
 def unknown_model(model: str, supervisor: SupervisorLike) -> Reject:
-    known = ", ".join(supervisor.names()) or "none configured"
-    return Reject(error_response(
-        404, f"The model `{model}` does not exist. Available models: {known}.",
-        "invalid_request_error", "model_not_found", param="model"))
+    return Reject(unknown_model_response(model, supervisor))
 
 
 async def proxy_endpoint(request: Request) -> Response:

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from vlmhub.replica import AcquireError
+from vlmhub.replica import AcquireError, SupervisorLike
 
 ErrorCode = str | int | None
 DEFAULT_RETRY_AFTER_S = 5
@@ -69,3 +69,11 @@ def acquire_error_response(exc: AcquireError) -> JSONResponse:
 def _snake(name: str) -> str:
     out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
     return out or "error"
+
+
+def unknown_model_response(name: str, supervisor: SupervisorLike) -> JSONResponse:
+    """404 in OpenAI's shape for a name that is neither a configured model nor an alias, with
+    the models there are (the /v1 routes and the admin API alike)."""
+    known = ", ".join(supervisor.names()) or "none configured"
+    return error_response(404, f"The model `{name}` does not exist. Available models: {known}.",
+                          "invalid_request_error", "model_not_found", param="model")

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from vlmhub.config import Config, ResolvedModel
 from vlmhub.replica import ReplicaInfo, SupervisorLike
 from vlmhub.router.admin import check_admin
-from vlmhub.router.errors import error_response
+from vlmhub.router.errors import error_response, unknown_model_response
 from vlmhub.router.history import WINDOW_S, History
 from vlmhub.router.state import router_state
 from vlmhub.router.ui_ocr import ocr_routes
@@ -126,9 +126,7 @@ async def engine_logs(request: Request) -> Response:
     name = request.path_params["model"]
     real = st.supervisor.resolve(name)
     if real is None:
-        return error_response(404, f"model {name!r} does not exist; available: "
-                              f"{', '.join(st.supervisor.names())}", "invalid_request_error",
-                              "model_not_found")
+        return unknown_model_response(name, st.supervisor)
     raw = request.query_params.get("tail", str(LOG_TAIL))
     if not raw.isdigit() or not 1 <= int(raw) <= LOG_TAIL_MAX:
         return error_response(400, f"`tail` must be a number of lines from 1 to {LOG_TAIL_MAX}",
