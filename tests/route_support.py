@@ -13,9 +13,26 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+
+def wait_healthy(url: str, proc: subprocess.Popen[Any], log: Path | None = None) -> None:
+    """Wait (up to about 60 s) until the router at ``url`` answers /health; fail with its
+    output (``log``, else its stdout pipe) as soon as the process exits."""
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            out = log.read_text() if log is not None else (proc.stdout.read() if proc.stdout
+                                                           else "")
+            raise AssertionError(f"router exited with {proc.returncode}:\n{out}")
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never became healthy")
 
 @contextmanager
 def route_process(config: Path, root: Path, port: int) -> Iterator[str]:
@@ -31,14 +48,7 @@ def route_process(config: Path, root: Path, port: int) -> Iterator[str]:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, log_path.read_text()
-            time.sleep(0.1)
+        wait_healthy(url, proc, log_path)
         yield url
     finally:
         proc.send_signal(signal.SIGINT)

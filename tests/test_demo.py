@@ -8,12 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from route_support import wait_healthy
 
 from vlmhub.runtimes.ports import free_port
 
@@ -41,14 +41,7 @@ def test_main_job_serves_the_demo_and_swaps(tmp_path: Path) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (tmp_path / "run.log").read_text()
-            time.sleep(0.1)
+        wait_healthy(url, proc, tmp_path / "run.log")
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=60)
         for name in ("demo-ocr", "demo-vl", "demo-phi", "dots-ocr-demo"):
             r = client.chat.completions.create(

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import httpx
-from test_state_owner import DEMO, REPO, wait_healthy
+from route_support import wait_healthy
+from test_state_owner import DEMO, REPO
 
 from vlmhub.logs import Redactor
 from vlmhub.runtimes.ports import free_port

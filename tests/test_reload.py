@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import yaml
-from test_state_owner import wait_healthy
+from route_support import wait_healthy
 
 from vlmhub.runtimes.ports import free_port
 

@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from route_support import wait_healthy
 
 from vlmhub.runtimes.owner import StateDirBusy, lock_state_dir, this_owner
 from vlmhub.runtimes.ports import free_port
@@ -106,20 +106,6 @@ def route(port: int, state: Path, *extra: str) -> subprocess.Popen[str]:
         [sys.executable, "-m", "vlmhub", "route", "--config", str(DEMO), "--port", str(port),
          *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[str]) -> None:
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"router exited with {proc.returncode}:\n{out}")
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never became healthy")
 
 
 def ask(url: str, model: str) -> str:
