@@ -10,13 +10,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import httpx
+from aiohttp import web
 
 from vlmhub.config import Config, RouterConfig
 from vlmhub.replica import AcquireError, Lease, ReplicaInfo, State
@@ -255,3 +256,18 @@ def wait_for(predicate: Any, timeout_s: float = 5.0, interval_s: float = 0.05) -
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+@asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve an aiohttp ``app`` on a free loopback port in this event loop; yields its base
+    URL (``http://127.0.0.1:PORT``) and cleans up on exit."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from PIL import Image
+from router_support import serve_app
 from vlmhub_plugins.dots_ocr import plugin
 
 from vlmhub.ocr.batch import BatchOptions, ocr_batch
@@ -197,21 +198,14 @@ async def test_vlmhub_ocr_reports_per_page_whether_it_was_recovered(tmp_path: Pa
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     pages = tmp_path / "pages"
     pages.mkdir()
     for name in order:
         Image.new("RGB", (400, 560), "white").save(pages / name)
-    try:
+    async with serve_app(app) as url:
         opts = BatchOptions(model="dots-ocr", out_dir=tmp_path / "out", concurrency=1,
-                            base_url=f"http://127.0.0.1:{port}/v1")
+                            base_url=url + "/v1")
         summary = await ocr_batch([pages / n for n in order], opts, plugin())
-    finally:
-        await runner.cleanup()
     by_name = {r.name: r for r in summary.results}
     assert by_name["whole"].status == by_name["cut"].status == "ok"
     assert not by_name["whole"].recovered and by_name["cut"].recovered

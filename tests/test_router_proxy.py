@@ -22,6 +22,7 @@ from router_support import (
     TestSupervisor,
     engines,
     running_router,
+    serve_app,
     wait_for,
 )
 
@@ -295,33 +296,28 @@ async def test_a_revoked_exchange_says_what_happens_next(external: bool) -> None
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", hang)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     revoked: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    lease = Lease("m", f"http://127.0.0.1:{port}", "m", external=external, revoked=revoked)
     sup, sent = _Releases(), []
-    session = create_session()
-    try:
-        resp = await forward(session, sup, lease, method="POST",  # type: ignore[arg-type]
-                             path="/v1/chat/completions", body=b"{}")
-        never = asyncio.Event()
+    async with serve_app(app) as url:
+        lease = Lease("m", url, "m", external=external, revoked=revoked)
+        session = create_session()
+        try:
+            resp = await forward(session, sup, lease, method="POST",  # type: ignore[arg-type]
+                                 path="/v1/chat/completions", body=b"{}")
+            never = asyncio.Event()
 
-        async def receive() -> dict[str, object]:
-            await never.wait()
-            return {"type": "http.disconnect"}
+            async def receive() -> dict[str, object]:
+                await never.wait()
+                return {"type": "http.disconnect"}
 
-        async def send(message: dict[str, object]) -> None:
-            sent.append(message)
+            async def send(message: dict[str, object]) -> None:
+                sent.append(message)
 
-        asyncio.get_running_loop().call_later(0.2, revoked.set_result, "engine not answering")
-        await asyncio.wait_for(resp({"type": "http"}, receive, send), 10)  # type: ignore[arg-type]
-    finally:
-        done.set()
-        await session.close()
-        await runner.cleanup()
+            asyncio.get_running_loop().call_later(0.2, revoked.set_result, "engine not answering")
+            await asyncio.wait_for(resp({"type": "http"}, receive, send), 10)  # type: ignore[arg-type]
+        finally:
+            done.set()
+            await session.close()
     assert sent[0]["status"] == 503 and sup.released == ["m"]
     message = json.loads(sent[1]["body"])["error"]["message"]  # type: ignore[arg-type]
     assert "engine not answering" in message and "incomplete" in message
