@@ -208,6 +208,12 @@ class Replica:
         return self.model.name
 
     @property
+    def leases_at_once(self) -> bool:
+        """Whether a new request is leased this engine at once (ready, not draining, nobody
+        queued ahead of it) rather than queued."""
+        return self.state == "ready" and not self.draining and not self.waiters
+
+    @property
     def footprint(self) -> float:
         return self.model.budget.footprint_gib if self.model.budget else 0.0
 

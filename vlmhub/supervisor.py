@@ -130,7 +130,7 @@ class Supervisor:
         if self._closing:
             raise AcquireError("the router is shutting down", retry_after=5)
         klass = priority or r.model.entry.priority
-        if r.state == "ready" and not r.draining and not r.waiters:
+        if r.leases_at_once:
             return self._lease(r, klass)
         limit = (
             r.model.entry.max_queue if r.model.entry.max_queue is not None else self.rc.max_queue
@@ -164,7 +164,7 @@ class Supervisor:
         r = self.replicas.get(name)
         if r is None or r.model.external:  # an external endpoint never loads here
             return False
-        return not (r.state == "ready" and not r.draining and not r.waiters)
+        return not r.leases_at_once
 
     def _abandon(self, r: Replica, entry: Queued) -> None:
         """Take a waiter out of the queue; a lease it was handed meanwhile goes back."""
