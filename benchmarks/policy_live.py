@@ -37,10 +37,10 @@ import httpx
 import yaml
 from benchlib import Processes, free_port, machine, save_report, sigterm_exits
 
-from vlmhub import policy
-from vlmhub.scheduler import ReplicaView
-from vlmhub.simtrace import parse_trace
-from vlmhub.simulate import percentile
+from vlmhub.scheduling import policy
+from vlmhub.scheduling.scheduler import ReplicaView
+from vlmhub.scheduling.simtrace import parse_trace
+from vlmhub.scheduling.simulate import percentile
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "traces" / "standin.yaml"
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="write the figures into this file's policy_live block")
     ap.add_argument("--decisions", action="store_true",
                     help="log every swap-policy decision with its inputs (JSON lines, logger "
-                    "vlmhub.policy) in each policy's router.log under --results")
+                    "vlmhub.scheduling.policy) in each policy's router.log under --results")
     a = ap.parse_args(argv)
     names = [p.strip() for p in a.policies.split(",")]
     bad = [p for p in names if p not in policy.POLICIES]

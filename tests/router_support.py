@@ -19,12 +19,12 @@ from typing import Any, Protocol, TypeVar
 import httpx
 from aiohttp import web
 
-from vlmhub.config import Config, RouterConfig
-from vlmhub.replica import AcquireError, Lease, ReplicaInfo, State
+from vlmhub.config.schema import Config, RouterConfig
+from vlmhub.control.contract import AcquireError, Lease, ReplicaInfo, State
+from vlmhub.engines.ports import free_port
 from vlmhub.router.app import create_app
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.server import RouterServer
-from vlmhub.runtimes.ports import free_port
 
 T = TypeVar("T")
 

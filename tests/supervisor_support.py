@@ -13,17 +13,17 @@ from typing import Any
 import yaml
 from starlette.applications import Starlette
 
-from vlmhub.budgets import BudgetStore
-from vlmhub.config import load_config, resolve
-from vlmhub.registry import Registry
+from vlmhub.config.registry import Registry
+from vlmhub.config.schema import load_config, resolve
+from vlmhub.control.supervisor import Supervisor
+from vlmhub.engines.base import Runtime
+from vlmhub.engines.docker import DockerRuntime
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.router.app import create_app
 from vlmhub.router.server import RouterServer
-from vlmhub.runtimes.base import Runtime
-from vlmhub.runtimes.docker import DockerRuntime
-from vlmhub.runtimes.process import ProcessRuntime
-from vlmhub.supervisor import Supervisor
+from vlmhub.sizing.budgets import BudgetStore
+from vlmhub.sizing.vram import Gpu
 from vlmhub.testing.stub_engine import ledger_used_gib
-from vlmhub.vram import Gpu
 
 
 class Recorder:

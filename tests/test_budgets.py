@@ -20,20 +20,20 @@ from typing import Any
 import pytest
 import yaml
 
-from vlmhub import vllm_env
-from vlmhub.budgets import BudgetStore, key_for, measured_from_facts, observe_start
-from vlmhub.config import ResolvedModel, load_config, resolve, together_groups
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.registry import Registry
+from vlmhub.config.schema import ResolvedModel, load_config, resolve, together_groups
 from vlmhub.engine_log import LogParser
+from vlmhub.engines import vllm_env
+from vlmhub.engines.base import wait_ready
+from vlmhub.engines.launch import launch_request
+from vlmhub.engines.ports import free_port
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.errors import EngineStartError
-from vlmhub.flags import render_argv
-from vlmhub.launch import launch_request
-from vlmhub.locate import ConfigError
-from vlmhub.registry import Registry
-from vlmhub.runtimes.base import wait_ready
-from vlmhub.runtimes.ports import free_port
-from vlmhub.runtimes.process import ProcessRuntime
+from vlmhub.sizing.budgets import BudgetStore, key_for, measured_from_facts, observe_start
+from vlmhub.sizing.flags import render_argv
+from vlmhub.sizing.vram import Gpu, Measured, budget_for
 from vlmhub.spec import GIB
-from vlmhub.vram import Gpu, Measured, budget_for
 
 NOW = datetime(2026, 12, 2, 9, 30, tzinfo=timezone(timedelta(hours=1)))
 GPU = Gpu(8.0, 0.0, None, "Simulated 8G", "config")

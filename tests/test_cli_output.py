@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlmhub.budgets import BudgetStore, key_for
 from vlmhub.cli import route as route_cli
 from vlmhub.cli.output import PIPE_WIDTH, PipeConsole
-from vlmhub.config import load_config
-from vlmhub.registry import Registry
-from vlmhub.replica import ReplicaInfo
-from vlmhub.vram import Gpu
+from vlmhub.config.registry import Registry
+from vlmhub.config.schema import load_config
+from vlmhub.control.contract import ReplicaInfo
+from vlmhub.sizing.budgets import BudgetStore, key_for
+from vlmhub.sizing.vram import Gpu
 
 VLMHUB = str(Path(sys.executable).parent / "vlmhub")
 LONG = "a-model-whose-name-is-much-longer-than-any-terminal-column-would-allow-0123456789"

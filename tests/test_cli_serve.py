@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from vlmhub.runtimes.ports import port_is_free
+from vlmhub.engines.ports import port_is_free
 
 VLMHUB = str(Path(sys.executable).parent / "vlmhub")
 STUB = {"hf_repo": "stub/a", "image": "vlmhub/stub-engine:dev",

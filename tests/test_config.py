@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from vlmhub.config import DEMO_CONFIG, find_config, load_config, resolve
-from vlmhub.locate import ConfigError
-from vlmhub.registry import Registry
-from vlmhub.vram import Gpu
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.registry import Registry
+from vlmhub.config.schema import DEMO_CONFIG, find_config, load_config, resolve
+from vlmhub.sizing.vram import Gpu
 
 PLUGINS = Registry().specs()
 GPU12 = Gpu(12.0, 0.5)
@@ -226,7 +226,7 @@ def test_models_cli_lists_sources_and_budgets() -> None:
 
 
 def test_model_argument_follows_the_engine_command(tmp_path: Path) -> None:
-    from vlmhub.config import RuntimeConfig
+    from vlmhub.config.schema import RuntimeConfig
 
     assert not RuntimeConfig().model_as_flag  # docker: the image's `vllm serve <model>`
     assert not RuntimeConfig(kind="process").model_as_flag  # `vllm serve`

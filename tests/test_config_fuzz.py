@@ -23,7 +23,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from vlmhub.config import (
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.registry import Registry
+from vlmhub.config.schema import (
     Config,
     GpuConfig,
     ModelEntry,
@@ -32,10 +34,8 @@ from vlmhub.config import (
     load_config,
     resolve,
 )
-from vlmhub.locate import ConfigError
-from vlmhub.registry import Registry
+from vlmhub.sizing.vram import Gpu
 from vlmhub.spec import ModelSpec
-from vlmhub.vram import Gpu
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = [(REPO / name).read_bytes() for name in ("models.yaml", "examples/demo.yaml")]

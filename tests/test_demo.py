@@ -15,7 +15,7 @@ import openai
 import pytest
 from route_support import wait_healthy
 
-from vlmhub.runtimes.ports import free_port
+from vlmhub.engines.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -36,7 +36,7 @@ from fault_support import (
 from supervisor_support import build, model, routed, routed_app
 
 from vlmhub.router.app import in_flight
-from vlmhub.scheduler import restart_delay
+from vlmhub.scheduling.scheduler import restart_delay
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
 MSG = [{"role": "user", "content": "hi"}]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vlmhub.config import GpuConfig
-from vlmhub.gpu import detect_gpu, probe_nvml
-from vlmhub.locate import ConfigError
+from vlmhub.config.gpu import detect_gpu, probe_nvml
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.schema import GpuConfig
 
 
 def test_flag_wins_then_config() -> None:

@@ -17,8 +17,8 @@ import httpx
 from route_support import wait_healthy
 from test_state_owner import DEMO, REPO
 
+from vlmhub.engines.ports import free_port
 from vlmhub.logs import Redactor
-from vlmhub.runtimes.ports import free_port
 
 KEY = "sk-planted-router-key-5f3a"
 TOKEN = "hf_PlantedTokenValue0123456789"

@@ -17,6 +17,7 @@ from ocr_support import FlakyServer, photo
 from PIL import Image
 from supervisor_support import build, model, routed
 
+from vlmhub.config.registry import Registry
 from vlmhub.errors import VlmhubError
 from vlmhub.ocr.batch import BatchOptions, ocr_batch
 from vlmhub.ocr.images import fit_within, prepare
@@ -28,7 +29,6 @@ from vlmhub.ocr.pages import (
     pdf_dpi,
     require,
 )
-from vlmhub.registry import Registry
 from vlmhub.testing.pytest_plugin import in_ci
 
 if not in_ci():  # CI installs the ocr extra: there a missing pypdfium2 must fail, not skip

@@ -14,8 +14,8 @@ import pytest
 from ocr_support import FlakyServer, decode, photo
 from PIL import Image, ImageStat
 
+from vlmhub.config.registry import Registry
 from vlmhub.ocr.batch import BatchOptions, ocr_batch
-from vlmhub.registry import Registry
 
 
 def ink_page(mode: str, paper: float, ink: float, size: tuple[int, int] = (300, 200)

@@ -1,4 +1,4 @@
-"""Per-node placement (vlmhub.placement), table-tested: which node a waiting model goes to, one
+"""Per-node placement (scheduling.placement), table-tested: which node a waiting model goes to, one
 operation per node at a time, pinned/busy rules per node, dead nodes, and the single-GPU case
 being exactly the single-GPU policy."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from vlmhub import policy
-from vlmhub.placement import choose_node, decide
-from vlmhub.policy import Demand, Params, Waiter
-from vlmhub.scheduler import Evict, Plan, ReplicaView
+from vlmhub.scheduling import policy
+from vlmhub.scheduling.placement import choose_node, decide
+from vlmhub.scheduling.policy import Demand, Params, Waiter
+from vlmhub.scheduling.scheduler import Evict, Plan, ReplicaView
 
 NOW = 1000.0
 FIFO = Params(name="fifo")

@@ -35,10 +35,10 @@ import yaml
 from ray_support import LocalCluster, engine_actors, ray_cluster  # noqa: F401
 from route_support import route_process
 
-from vlmhub.config import RuntimeConfig
-from vlmhub.runtimes.base import LaunchRequest, wait_ready
-from vlmhub.runtimes.ports import free_port
-from vlmhub.runtimes.ray import RayRuntime
+from vlmhub.config.schema import RuntimeConfig
+from vlmhub.engines.base import LaunchRequest, wait_ready
+from vlmhub.engines.ports import free_port
+from vlmhub.engines.ray import RayRuntime
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent

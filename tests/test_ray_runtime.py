@@ -11,15 +11,15 @@ import yaml
 from typer.testing import CliRunner
 
 from vlmhub.cli import app
-from vlmhub.config import RuntimeConfig, load_config, resolve
+from vlmhub.config.gpu import probe_nvml
+from vlmhub.config.registry import Registry
+from vlmhub.config.schema import RuntimeConfig, load_config, resolve
+from vlmhub.control.contract import Refused
+from vlmhub.control.supervisor import Supervisor
+from vlmhub.engines.ports import free_port
+from vlmhub.engines.ray import RayRuntime
 from vlmhub.errors import RuntimeUnavailable
-from vlmhub.gpu import probe_nvml
-from vlmhub.registry import Registry
-from vlmhub.replica import Refused
-from vlmhub.runtimes.ports import free_port
-from vlmhub.runtimes.ray import RayRuntime
-from vlmhub.supervisor import Supervisor
-from vlmhub.vram import Gpu
+from vlmhub.sizing.vram import Gpu
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent

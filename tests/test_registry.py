@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmhub.registry import Registry
+from vlmhub.config.registry import Registry
 from vlmhub.spec import ModelSpec, VllmOptions, VramModel
 
 REPO = Path(__file__).resolve().parent.parent

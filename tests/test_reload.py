@@ -17,7 +17,7 @@ import httpx
 import yaml
 from route_support import wait_healthy
 
-from vlmhub.runtimes.ports import free_port
+from vlmhub.engines.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())

@@ -15,8 +15,8 @@ import httpx
 import openai
 from supervisor_support import build, routed
 
+from vlmhub.engines.ports import free_port
 from vlmhub.logs import ACCESS
-from vlmhub.runtimes.ports import free_port
 
 ANSWER = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
     {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],

@@ -26,12 +26,12 @@ from router_support import (
     wait_for,
 )
 
+from vlmhub.control.contract import AcquireError, LoadFailed, LoadTimeout, QueueFull, Refused
+from vlmhub.engines.ports import free_port
 from vlmhub.errors import PortInUse
-from vlmhub.replica import AcquireError, LoadFailed, LoadTimeout, QueueFull, Refused
 from vlmhub.router.app import create_app, drain, in_flight
 from vlmhub.router.server import RouterServer
 from vlmhub.router.server import run as server_run
-from vlmhub.runtimes.ports import free_port
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
 

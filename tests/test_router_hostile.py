@@ -26,7 +26,7 @@ from router_support import (
 )
 from supervisor_support import build, model, routed
 
-from vlmhub.replica import AcquireError, LoadFailed, QueueFull, Refused
+from vlmhub.control.contract import AcquireError, LoadFailed, QueueFull, Refused
 from vlmhub.router.app import drain, in_flight
 
 CHAT = [{"role": "user", "content": "hello there"}]

@@ -26,9 +26,9 @@ from router_support import (
     wait_for,
 )
 
+from vlmhub.engines.ports import free_port
 from vlmhub.router.app import in_flight
 from vlmhub.router.proxy import downstream_headers, rewrite_model, upstream_headers
-from vlmhub.runtimes.ports import free_port
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
 
@@ -285,7 +285,7 @@ async def test_a_revoked_exchange_says_what_happens_next(external: bool) -> None
     """The supervisor fails the engine under a request: the client gets 503 at once, with what
     vlmhub does next: restart a managed engine, or check an external endpoint again (it
     cannot restart that one)."""
-    from vlmhub.replica import Lease
+    from vlmhub.control.contract import Lease
     from vlmhub.router.proxy import create_session, forward
 
     done = asyncio.Event()

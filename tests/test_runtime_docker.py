@@ -18,12 +18,12 @@ import docker.errors
 import httpx
 import pytest
 
-from vlmhub.config import RuntimeConfig
+from vlmhub.config.schema import RuntimeConfig
+from vlmhub.engines.base import LaunchRequest, wait_ready
+from vlmhub.engines.docker import DockerRuntime
+from vlmhub.engines.owner import this_owner
+from vlmhub.engines.ports import free_port
 from vlmhub.errors import EngineStartError, ImageUnavailable, PortInUse, RuntimeUnavailable
-from vlmhub.runtimes.base import LaunchRequest, wait_ready
-from vlmhub.runtimes.docker import DockerRuntime
-from vlmhub.runtimes.owner import this_owner
-from vlmhub.runtimes.ports import free_port
 from vlmhub.spec import ModelSpec
 from vlmhub.testing.fixtures import stub_launch_request, stub_spec
 
@@ -116,7 +116,7 @@ async def test_loopback_publish_labels_mounts_and_secrets(
     assert labels["vlmhub.model"] == "beta"
     assert labels["vlmhub.spec-hash"] == s.spec_hash() == handle.spec_hash
     assert labels["vlmhub.port"] == str(req.port)
-    assert labels["vlmhub.health-path"] == "/health"
+    assert labels["vlmhub.control.health-path"] == "/health"
     assert attrs["Name"] == f"/{rt.rc.name_prefix}-beta"
 
     assert f"HF_TOKEN={secret}" in attrs["Config"]["Env"], "HF_TOKEN reaches the engine"
@@ -258,9 +258,9 @@ async def test_frozen_container_is_killed_without_waiting_the_grace(
 
 OWNER = """
 import asyncio, json, sys
-from vlmhub.config import RuntimeConfig
-from vlmhub.runtimes.docker import DockerRuntime
-from vlmhub.runtimes.ports import free_port
+from vlmhub.config.schema import RuntimeConfig
+from vlmhub.engines.docker import DockerRuntime
+from vlmhub.engines.ports import free_port
 from vlmhub.testing.fixtures import stub_launch_request, stub_spec
 
 async def main():
@@ -313,7 +313,7 @@ def test_unreachable_engine_names_docker_host(
 
 
 def test_pull_progress_reports_download_bytes_per_layer() -> None:
-    from vlmhub.runtimes.docker import _PullReporter
+    from vlmhub.engines.docker import _PullReporter
 
     calls: list[tuple[str, int | None, int | None]] = []
     report = _PullReporter(lambda *call: calls.append(call))

@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from vlmhub.engine_log import PHASES
+from vlmhub.engines.base import EngineHandle, LaunchRequest, wait_ready
+from vlmhub.engines.ports import free_port, port_is_free
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.errors import EngineStartError, EngineStartTimeout, PortInUse, RuntimeUnavailable
-from vlmhub.runtimes.base import EngineHandle, LaunchRequest, wait_ready
-from vlmhub.runtimes.ports import free_port, port_is_free
-from vlmhub.runtimes.process import ProcessRuntime
 from vlmhub.testing.fixtures import stub_launch_request, stub_process_config, stub_spec
 
 FAST = {"VLMHUB_STUB_STARTUP_DELAY": "0.3"}
@@ -116,8 +116,8 @@ async def test_adopt_status_and_stop_from_another_vlmhub_process(
     script = textwrap.dedent(f"""
         import asyncio, json
         from pathlib import Path
-        from vlmhub.config import RuntimeConfig
-        from vlmhub.runtimes.process import ProcessRuntime
+        from vlmhub.config.schema import RuntimeConfig
+        from vlmhub.engines.process import ProcessRuntime
 
         async def main():
             rt = ProcessRuntime(RuntimeConfig(kind="process"), Path({str(rt.state_dir)!r}))

@@ -1,7 +1,7 @@
 """The pure scheduler and the swap policy on top of it, table-tested.
 
-``plan`` (vlmhub.scheduler): pinned, busy, starting, sleeping, externals, TTL, and 2,000 random
-situations that never over-commit the GPU. ``decide`` (vlmhub.policy, docs/scheduling.md): one
+``plan`` (scheduling.scheduler): pinned, busy, starting, sleeping, externals, TTL, and 2,000 random
+situations that never over-commit the GPU. ``decide`` (scheduling.policy, docs/scheduling.md): one
 table row per rule with worked-out numbers (a swap deferred until it pays, a swap forced by the
 wait bound, interactive before batch, a batch model coming back, the hold after a costly
 load, the grace between a client's requests), and 2,000 random situations in which an overdue
@@ -14,8 +14,8 @@ import random
 
 import pytest
 
-from vlmhub.policy import Demand, Params, Waiter, decide, max_wait
-from vlmhub.scheduler import Evict, Plan, ReplicaView, expired, plan, restart_delay
+from vlmhub.scheduling.policy import Demand, Params, Waiter, decide, max_wait
+from vlmhub.scheduling.scheduler import Evict, Plan, ReplicaView, expired, plan, restart_delay
 
 
 def rv(name: str, state: str = "stopped", gib: float = 4.0, **kw: object) -> ReplicaView:

@@ -11,9 +11,16 @@ import pytest
 from typer.testing import CliRunner
 
 from vlmhub.cli import app
-from vlmhub.policy import Params, PolicyName
-from vlmhub.simtrace import TraceError, check_models, parse_trace
-from vlmhub.simulate import SimConfig, SimModel, SimResult, Simulation, percentile, simulate
+from vlmhub.scheduling.policy import Params, PolicyName
+from vlmhub.scheduling.simtrace import TraceError, check_models, parse_trace
+from vlmhub.scheduling.simulate import (
+    SimConfig,
+    SimModel,
+    SimResult,
+    Simulation,
+    percentile,
+    simulate,
+)
 
 
 def model(name: str, gib: float = 6.0, start_s: float = 10.0, **kw: object) -> SimModel:

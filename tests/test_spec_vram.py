@@ -7,11 +7,10 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from vlmhub.flags import engine_version, redact, render_argv
-from vlmhub.registry import Registry
-from vlmhub.spec import GIB, KIB, ModelSpec, VllmOptions, VramModel
-from vlmhub.together import fit_together
-from vlmhub.vram import (
+from vlmhub.config.registry import Registry
+from vlmhub.sizing.flags import engine_version, redact, render_argv
+from vlmhub.sizing.together import fit_together
+from vlmhub.sizing.vram import (
     DoesNotFit,
     Gpu,
     Measured,
@@ -22,6 +21,7 @@ from vlmhub.vram import (
     max_model_len_that_fits,
     memory_flags,
 )
+from vlmhub.spec import GIB, KIB, ModelSpec, VllmOptions, VramModel
 
 SPECS = Registry().specs()
 CARD_12 = Gpu(total_gib=12.0, reserve_gib=0.5)

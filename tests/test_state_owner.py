@@ -17,9 +17,9 @@ import openai
 import pytest
 from route_support import wait_healthy
 
-from vlmhub.runtimes.owner import StateDirBusy, lock_state_dir, this_owner
-from vlmhub.runtimes.ports import free_port
-from vlmhub.runtimes.process import ProcessRuntime
+from vlmhub.engines.owner import StateDirBusy, lock_state_dir, this_owner
+from vlmhub.engines.ports import free_port
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.testing.fixtures import stub_launch_request, stub_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def test_state_dir_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Pa
 OWNER = """
 import asyncio, json, sys
 from pathlib import Path
-from vlmhub.runtimes.process import ProcessRuntime
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.testing.fixtures import stub_launch_request, stub_process_config, stub_spec
 
 async def main():

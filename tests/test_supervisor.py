@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from supervisor_support import build, model, used
 
-from vlmhub.replica import LoadFailed, LoadTimeout, QueueFull, Refused, UnknownModel
-from vlmhub.runtimes.process import ProcessRuntime
+from vlmhub.control.contract import LoadFailed, LoadTimeout, QueueFull, Refused, UnknownModel
+from vlmhub.engines.process import ProcessRuntime
 
 
 async def test_concurrent_requests_start_the_engine_once(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from supervisor_support import build
 
-from vlmhub.budgets import BudgetStore
-from vlmhub.replica import LoadFailed
+from vlmhub.control.contract import LoadFailed
+from vlmhub.sizing.budgets import BudgetStore
 
 SPEC: dict[str, Any] = {
     "hf_repo": "stub/m", "image": "vlmhub/stub-engine:dev", "vllm_version": "0.32.0",

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from vlmhub.config import load_config, resolve
-from vlmhub.locate import ConfigError
-from vlmhub.registry import Registry
-from vlmhub.vision import advise_context_error, context_need, prompt_tokens, runtime_advice
-from vlmhub.vram import Gpu
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.registry import Registry
+from vlmhub.config.schema import load_config, resolve
+from vlmhub.config.vision import advise_context_error, context_need, prompt_tokens, runtime_advice
+from vlmhub.sizing.vram import Gpu
 
 PLUGINS = Registry().specs()
 GPU = Gpu(24.0)

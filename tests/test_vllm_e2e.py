@@ -17,8 +17,8 @@ import pytest
 import yaml
 from route_support import route_process
 
-from vlmhub import vllm_env
-from vlmhub.runtimes.ports import free_port
+from vlmhub.engines import vllm_env
+from vlmhub.engines.ports import free_port
 
 pytestmark = pytest.mark.vllm
 

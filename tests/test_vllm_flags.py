@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from vlmhub import vllm_env
-from vlmhub.flags import render_argv
-from vlmhub.registry import Registry
+from vlmhub.config.registry import Registry
+from vlmhub.engines import vllm_env
+from vlmhub.sizing.flags import render_argv
+from vlmhub.sizing.vram import Gpu, budget_for
 from vlmhub.spec import ModelSpec
-from vlmhub.vram import Gpu, budget_for
 
 pytestmark = pytest.mark.vllm
 GPU = Gpu(12.0, 0.5)

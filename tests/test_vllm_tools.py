@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmhub import vllm_env
+from vlmhub.engines import vllm_env
 
 pytestmark = pytest.mark.vllm
 

@@ -42,10 +42,10 @@ import yaml
 from PIL import Image
 from route_support import route_process
 
-from vlmhub import vllm_env
+from vlmhub.config.registry import Registry
+from vlmhub.engines import vllm_env
+from vlmhub.engines.ports import free_port
 from vlmhub.ocr.layout import read_layout
-from vlmhub.registry import Registry
-from vlmhub.runtimes.ports import free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -132,8 +132,8 @@ def test_vlm_config_changes_only_the_weights_and_the_named_cpu_overrides(
 ) -> None:
     """What the router serves is each plugin's own spec, but for the weights and the
     overrides named in CPU_OVERRIDES (checked without vLLM: the resolved specs are compared)."""
-    from vlmhub.config import load_config, resolve
-    from vlmhub.vram import Gpu
+    from vlmhub.config.schema import load_config, resolve
+    from vlmhub.sizing.vram import Gpu
 
     archs = {*PLUGINS.values(), "qwen2.5-vl"}
     weights = {arch: tmp_path / arch for arch in archs}

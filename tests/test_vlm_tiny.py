@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from vlmhub import vllm_env
-from vlmhub.vllm_tools import make_tiny_vlm, patch_torchvision
+from vlmhub.engines import vllm_env
+from vlmhub.engines.vllm_tools import make_tiny_vlm, patch_torchvision
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_SCRIPT = REPO / "scripts" / "vllm-cpu-env.sh"
@@ -251,7 +251,7 @@ def tiny_vlms(vllm_python: Path) -> dict[str, Path]:
 
 
 def test_vlm_archs_cover_the_built_in_plugins() -> None:
-    from vlmhub.registry import Registry
+    from vlmhub.config.registry import Registry
 
     built_in = {"qwen3-vl", "dots-ocr", "phi3-vision"}  # pyproject's vlmhub.models
     assert built_in <= set(Registry().specs())

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from vlmhub.runtimes import base
-from vlmhub.runtimes.base import EngineHandle, wait_ready
-from vlmhub.runtimes.ports import free_port
-from vlmhub.runtimes.process import ProcessRuntime
+from vlmhub.engines import base
+from vlmhub.engines.base import EngineHandle, wait_ready
+from vlmhub.engines.ports import free_port
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.testing.fixtures import stub_launch_request, stub_spec
 
 HOUR = 3600.0

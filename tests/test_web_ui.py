@@ -27,15 +27,15 @@ from PIL import Image, ImageDraw
 from starlette.applications import Starlette
 from supervisor_support import build, model, routed_app
 
-from vlmhub.config import load_config, resolve
-from vlmhub.registry import Registry
-from vlmhub.replica import ReplicaInfo
+from vlmhub.config.registry import Registry
+from vlmhub.config.schema import load_config, resolve
+from vlmhub.control.contract import ReplicaInfo
+from vlmhub.control.supervisor import Supervisor
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.router.app import create_app
 from vlmhub.router.history import History, Tee, attach_history, held_gib
-from vlmhub.runtimes.process import ProcessRuntime
-from vlmhub.supervisor import Supervisor
+from vlmhub.sizing.vram import Gpu
 from vlmhub.testing.pytest_plugin import skip_or_fail
-from vlmhub.vram import Gpu
 
 PRESETS: dict[str, Any] = {
     "description": "a stand-in with presets",

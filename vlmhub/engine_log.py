@@ -201,7 +201,7 @@ MEMORY_FACTS: tuple[str, ...] = (
     "kv_cache_tokens", "start_free_gib", "gpu_total_gib", "requested_utilization",
     "requested_gib",
 )
-"""The facts :mod:`vlmhub.budgets` records: what one engine start measured (GiB, tokens)."""
+"""The facts :mod:`vlmhub.sizing.budgets` records: what one engine start measured (GiB, tokens)."""
 # fmt: on
 
 

@@ -1,6 +1,6 @@
 """``vlmhub budgets [show | forget MODEL]``: the measured budgets vlmhub plans with.
 
-Each engine start records what vLLM reported about its memory (see :mod:`vlmhub.budgets`);
+Each engine start records what vLLM reported about its memory (see :mod:`vlmhub.sizing.budgets`);
 ``show`` lists them, ``forget`` drops a model's so the next start measures again. Both read
 or write one small file and return.
 """
@@ -12,10 +12,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vlmhub.budgets import BudgetStore, Entry, measured_from_facts
 from vlmhub.cli.common import Context, console
 from vlmhub.cli.output import JsonOption, print_json
-from vlmhub.config import ResolvedModel, resolve
+from vlmhub.config.schema import ResolvedModel, resolve
+from vlmhub.sizing.budgets import BudgetStore, Entry, measured_from_facts
 from vlmhub.spec import KIB
 
 budgets_app = typer.Typer(

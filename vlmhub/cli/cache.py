@@ -28,11 +28,11 @@ from rich.table import Table
 
 from vlmhub.cli.common import ConfigOption, Context, console, user_errors
 from vlmhub.cli.output import JsonOption, print_json
-from vlmhub.config import RuntimeConfig, resolve
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.schema import RuntimeConfig, resolve
 from vlmhub.errors import VlmhubError
-from vlmhub.locate import ConfigError
+from vlmhub.sizing.vram import Gpu
 from vlmhub.spec import ModelSpec
-from vlmhub.vram import Gpu
 
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")

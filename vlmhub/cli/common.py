@@ -13,12 +13,12 @@ from typing import TypeVar
 import typer
 
 from vlmhub.cli.output import PipeConsole
-from vlmhub.config import LoadedConfig, ResolvedModel, find_config, load_config, resolve
+from vlmhub.config.gpu import detect_gpu
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.registry import Registry
+from vlmhub.config.schema import LoadedConfig, ResolvedModel, find_config, load_config, resolve
 from vlmhub.errors import VlmhubError
-from vlmhub.gpu import detect_gpu
-from vlmhub.locate import ConfigError
-from vlmhub.registry import Registry
-from vlmhub.vram import Gpu
+from vlmhub.sizing.vram import Gpu
 
 console = PipeConsole()  # whole values when piped: see vlmhub.cli.output
 err_console = PipeConsole(stderr=True)

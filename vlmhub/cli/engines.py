@@ -21,12 +21,12 @@ from rich.table import Table
 
 from vlmhub.cli.common import ConfigOption, Context, console, err_console, user_errors
 from vlmhub.cli.output import JsonOption, print_json
-from vlmhub.config import Config, RuntimeConfig, resolve
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.schema import Config, RuntimeConfig, resolve
+from vlmhub.engines.base import EngineHandle, EngineStatus, Runtime, probe
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.errors import RuntimeUnavailable, VlmhubError
-from vlmhub.locate import ConfigError
-from vlmhub.runtimes.base import EngineHandle, EngineStatus, Runtime, probe
-from vlmhub.runtimes.process import ProcessRuntime
-from vlmhub.vram import DoesNotFit, Gpu, budget_for
+from vlmhub.sizing.vram import DoesNotFit, Gpu, budget_for
 
 
 @dataclass
@@ -77,7 +77,7 @@ def open_engines(config_path: Path | None, with_docker: bool = True) -> Engines:
     rc = config.runtime if config is not None else RuntimeConfig()
     engines = Engines(config, [ProcessRuntime(rc)], notes)
     if with_docker:
-        from vlmhub.runtimes.docker import DockerRuntime, docker_host_text
+        from vlmhub.engines.docker import DockerRuntime, docker_host_text
 
         try:
             engines.runtimes.append(DockerRuntime(rc))
@@ -94,7 +94,7 @@ def open_engines(config_path: Path | None, with_docker: bool = True) -> Engines:
 def _add_ray(engines: Engines, rc: RuntimeConfig) -> None:
     """List the Ray cluster's engines too (runtime.kind: ray); a note when it does not
     answer. Blocks on joining the cluster (seconds)."""
-    from vlmhub.runtimes.ray import RayRuntime
+    from vlmhub.engines.ray import RayRuntime
 
     rt = RayRuntime(rc)
     try:

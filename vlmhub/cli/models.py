@@ -1,7 +1,7 @@
 """``vlmhub models``, ``vlmhub plan`` and ``vlmhub config check``: read-only, no engine touched.
 
 Budgets say where they come from: "measured YYYY-MM-DD" (what vLLM reported at a start, kept
-by :mod:`vlmhub.budgets`) or "estimated" (the plugin's figures). ``plan`` also shows each
+by :mod:`vlmhub.sizing.budgets`) or "estimated" (the plugin's figures). ``plan`` also shows each
 ``together`` group's trade-off: the caps chosen beside the default settings.
 """
 
@@ -15,16 +15,16 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from vlmhub.budgets import key_for
 from vlmhub.cli.budgets import resolve_measured, store
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, user_errors
 from vlmhub.cli.output import JsonOption, print_json
-from vlmhub.config import ResolvedModel, find_config
-from vlmhub.flags import redact, render_argv
-from vlmhub.locate import ConfigError
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.schema import ResolvedModel, find_config
+from vlmhub.sizing.budgets import key_for
+from vlmhub.sizing.flags import redact, render_argv
+from vlmhub.sizing.together import GroupPlan
+from vlmhub.sizing.vram import Budget, Gpu, budget_for, fitting_sets
 from vlmhub.spec import ModelSpec
-from vlmhub.together import GroupPlan
-from vlmhub.vram import Budget, Gpu, budget_for, fitting_sets
 
 config_app = typer.Typer(help="Check models.yaml.", no_args_is_help=True)
 COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red")

@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 
 from vlmhub.cli.common import user_errors
+from vlmhub.config.gpu import probe_nvml
 from vlmhub.errors import VlmhubError
-from vlmhub.gpu import probe_nvml
 
 
 def node_resources(

@@ -32,8 +32,8 @@ from rich.table import Table
 
 from vlmhub.cli.common import ConfigOption, Context, console, err_console, run_async, user_errors
 from vlmhub.cli.output import JsonOption, print_json
-from vlmhub.config import resolve
-from vlmhub.locate import ConfigError
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.schema import resolve
 from vlmhub.ocr.batch import (
     DEFAULT_URL,
     BatchOptions,
@@ -42,8 +42,8 @@ from vlmhub.ocr.batch import (
     PageResult,
     plan,
 )
+from vlmhub.sizing.vram import Gpu
 from vlmhub.spec import ModelSpec
-from vlmhub.vram import Gpu
 
 _ANY_GPU = Gpu(1.0, 0.0, None, "unused", "config")  # resolve() without a fit check ignores it
 

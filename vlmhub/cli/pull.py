@@ -35,7 +35,7 @@ from vlmhub.cli.cache import CacheDirOption, hub_cache_dir, runtime_config
 from vlmhub.cli.common import ConfigOption, Context, console, err_console, user_errors
 from vlmhub.cli.ocr import find_spec
 from vlmhub.cli.serve import Interrupted, Signals, _pull
-from vlmhub.config import RuntimeConfig
+from vlmhub.config.schema import RuntimeConfig
 from vlmhub.errors import ImageUnavailable, RuntimeUnavailable, VlmhubError
 from vlmhub.spec import ModelSpec
 
@@ -110,7 +110,7 @@ def pull_weights(spec: ModelSpec, cache_dir: Path) -> str:
 async def pull_image(rc: RuntimeConfig, image: str) -> None:
     """Pull ``image`` with the Docker runtime, with a progress bar (returns at once when it is
     present). Raises VlmhubError (no Docker, a failed pull) or Interrupted (Ctrl-C)."""
-    from vlmhub.runtimes.docker import DockerRuntime
+    from vlmhub.engines.docker import DockerRuntime
 
     rt = DockerRuntime(rc)  # RuntimeUnavailable names how to start Docker
     signals = Signals()

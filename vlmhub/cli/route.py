@@ -8,7 +8,7 @@ requests get 503 while those in flight finish, up to ``router.shutdown_timeout_s
 supervisor stops the engines; a second Ctrl-C stops without waiting.
 
 A state dir has one router: ``route`` holds ``<state_dir>/router.lock`` (see
-:mod:`vlmhub.runtimes.owner`) from before it adopts engines until it has stopped them, and a
+:mod:`vlmhub.engines.owner`) from before it adopts engines until it has stopped them, and a
 second router on the same state dir refuses at once, naming the first (pid, port).
 """
 
@@ -24,16 +24,18 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 from rich.table import Table
 
-from vlmhub.budgets import BudgetStore
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, err_console, user_errors
-from vlmhub.config import Config, api_keys, load_config, resolve
+from vlmhub.config.locate import ConfigError
+from vlmhub.config.schema import Config, api_keys, load_config, resolve
+from vlmhub.control.contract import ReplicaInfo
+from vlmhub.control.reload import ModelDiff
+from vlmhub.engines.launch import make_runtime
+from vlmhub.engines.owner import StateDirLock, lock_state_dir
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.errors import VlmhubError
-from vlmhub.launch import make_runtime
-from vlmhub.locate import ConfigError
 from vlmhub.logs import ROUTER
 from vlmhub.logs import configure as configure_logs
-from vlmhub.reload import ModelDiff
-from vlmhub.replica import ReplicaInfo
+from vlmhub.paths import default_state_dir
 from vlmhub.router.app import create_app
 from vlmhub.router.history import History, Tee, attach_history
 from vlmhub.router.metrics import RouterMetrics
@@ -46,12 +48,11 @@ from vlmhub.router.state import (
     is_loopback,
     with_admin_key,
 )
-from vlmhub.runtimes.owner import StateDirLock, lock_state_dir
-from vlmhub.runtimes.process import ProcessRuntime, default_state_dir
-from vlmhub.vram import Gpu
+from vlmhub.sizing.budgets import BudgetStore
+from vlmhub.sizing.vram import Gpu
 
 if TYPE_CHECKING:
-    from vlmhub.supervisor import Supervisor
+    from vlmhub.control.supervisor import Supervisor
 
 RuntimeKind = Literal["docker", "process", "ray"]
 
@@ -155,7 +156,7 @@ async def run_route(ctx: Context, host: str | None, port: int | None,
 
 async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, state: Path,
                  lock: StateDirLock, watch: bool) -> int:
-    from vlmhub.supervisor import Supervisor
+    from vlmhub.control.supervisor import Supervisor
 
     config = with_admin_key(ctx.loaded.config, state)  # `admin_key: auto` -> the token
     rc = config.router

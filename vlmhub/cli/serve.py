@@ -2,7 +2,7 @@
 then follow its log until Ctrl-C (or return at once with ``--detach``).
 
 The engine's start-up memory lines are recorded as the model's measured budget (or, after a
-start that failed for memory, its estimate is raised): see :mod:`vlmhub.budgets`.
+start that failed for memory, its estimate is raised): see :mod:`vlmhub.sizing.budgets`.
 
 Everything runs in one ``asyncio.run``. SIGINT and SIGTERM are caught by the event loop: during
 start-up they stop the engine and exit 130; while following the log they stop it gracefully
@@ -30,17 +30,17 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.spinner import Spinner
 from rich.text import Text
 
-from vlmhub.budgets import observe_start
 from vlmhub.cli import engines as engine_cmds
 from vlmhub.cli.budgets import resolve_measured, store
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, err_console, user_errors
-from vlmhub.config import ResolvedModel, RuntimeConfig
+from vlmhub.config.schema import ResolvedModel, RuntimeConfig
 from vlmhub.engine_log import LogParser
+from vlmhub.engines.base import EngineHandle, LaunchRequest, Runtime, wait_ready
+from vlmhub.engines.launch import launch_request, make_runtime
+from vlmhub.engines.ports import pick_port
 from vlmhub.errors import EngineStartError, VlmhubError
-from vlmhub.flags import redact
-from vlmhub.launch import launch_request, make_runtime
-from vlmhub.runtimes.base import EngineHandle, LaunchRequest, Runtime, wait_ready
-from vlmhub.runtimes.ports import pick_port
+from vlmhub.sizing.budgets import observe_start
+from vlmhub.sizing.flags import redact
 
 T = TypeVar("T")
 RuntimeKind = Literal["docker", "process", "ray"]

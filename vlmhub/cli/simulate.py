@@ -1,5 +1,5 @@
 """``vlmhub simulate TRACE``: replay a trace against models.yaml with the real swap policy in
-simulated time (vlmhub.simulate). Reads two files, computes, prints; starts nothing."""
+simulated time (vlmhub.scheduling.simulate). Reads two files, computes, prints; starts nothing."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import typer
 from rich.table import Table
 
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, user_errors
-from vlmhub.policy import POLICIES, PolicyName
-from vlmhub.simtrace import TraceError, check_models, parse_trace
-from vlmhub.simulate import SimResult, from_config, simulate
+from vlmhub.scheduling.policy import POLICIES, PolicyName
+from vlmhub.scheduling.simtrace import TraceError, check_models, parse_trace
+from vlmhub.scheduling.simulate import SimResult, from_config, simulate
 
 
 def register(app: typer.Typer) -> None:

@@ -20,10 +20,10 @@ import typer
 from rich.table import Table
 
 from vlmhub.cli.common import ConfigOption, console, err_console, user_errors
-from vlmhub.config import find_config, load_config
+from vlmhub.config.schema import find_config, load_config
 from vlmhub.errors import VlmhubError
+from vlmhub.paths import default_state_dir
 from vlmhub.router.state import admin_key_for
-from vlmhub.runtimes.process import default_state_dir
 
 RouterOption = typer.Option(
     "--router", help="The router's base URL (default: router.host/port from models.yaml).")

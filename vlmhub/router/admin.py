@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from vlmhub.config.locate import ConfigError
+from vlmhub.control.contract import AcquireError, ReplicaInfo
 from vlmhub.errors import VlmhubError
-from vlmhub.locate import ConfigError
-from vlmhub.replica import AcquireError, ReplicaInfo
 from vlmhub.router.errors import acquire_error_response, error_response, unknown_model_response
 from vlmhub.router.state import RouterState, bearer, is_loopback, key_matches, router_state
 
@@ -100,7 +100,7 @@ async def unload_model(request: Request) -> Response:
 
 
 async def reload_config(request: Request) -> Response:
-    """POST /api/reload: re-read models.yaml and apply it (vlmhub.reload). An invalid file is
+    """POST /api/reload: re-read models.yaml and apply it (control.reload). An invalid file is
     refused (400, with its located error) and the running config stays."""
     st = _state(request)
     if (denied := check_admin(request, st)) is not None:

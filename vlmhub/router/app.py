@@ -28,8 +28,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from vlmhub.config import Config, api_keys
-from vlmhub.replica import AcquireError, Lease, ReplicaInfo, SupervisorLike
+from vlmhub.config.schema import Config, api_keys
+from vlmhub.control.contract import AcquireError, Lease, ReplicaInfo, SupervisorLike
 from vlmhub.router.access import AccessMiddleware, request_info
 from vlmhub.router.admin import admin_routes, replica_json
 from vlmhub.router.body import parse_payload, read_body, too_deep

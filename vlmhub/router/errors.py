@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from vlmhub.replica import AcquireError, SupervisorLike
+from vlmhub.control.contract import AcquireError, SupervisorLike
 
 ErrorCode = str | int | None
 DEFAULT_RETRY_AFTER_S = 5

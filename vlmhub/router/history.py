@@ -23,7 +23,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from vlmhub.replica import Observer, ReplicaInfo, SupervisorLike
+from vlmhub.control.contract import Observer, ReplicaInfo, SupervisorLike
 
 WINDOW_S = 3600.0
 KEEPALIVE_S = 60.0  # a sample at least this often, even when nothing changed

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from vlmhub.replica import AcquireError, Lease, SupervisorLike
+from vlmhub.control.contract import AcquireError, Lease, SupervisorLike
 from vlmhub.router.errors import sse_error_event
 from vlmhub.router.watch import ClientWatch
 

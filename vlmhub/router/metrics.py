@@ -20,7 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from vlmhub.replica import STATES, ReplicaInfo
+from vlmhub.control.contract import STATES, ReplicaInfo
 
 UNKNOWN_MODEL = "(unknown)"
 """The model label of requests that named no configured model (keeps label values bounded)."""

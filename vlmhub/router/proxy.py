@@ -29,10 +29,10 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
-from vlmhub.replica import Lease, SupervisorLike
+from vlmhub.config.vision import advise_context_error
+from vlmhub.control.contract import Lease, SupervisorLike
 from vlmhub.router.errors import error_body, sse_error_event
 from vlmhub.router.watch import CLIENT_LEFT, ClientWatch
-from vlmhub.vision import advise_context_error
 
 log = logging.getLogger("vlmhub.router.proxy")
 

@@ -19,8 +19,8 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response
 
-from vlmhub.config import Config
-from vlmhub.replica import SupervisorLike
+from vlmhub.config.schema import Config
+from vlmhub.control.contract import SupervisorLike
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.proxy import create_session
 

@@ -21,16 +21,16 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from vlmhub.config import Config, ResolvedModel
-from vlmhub.replica import ReplicaInfo, SupervisorLike
+from vlmhub.config.schema import Config, ResolvedModel
+from vlmhub.control.contract import ReplicaInfo, SupervisorLike
+from vlmhub.engines.base import EngineHandle, Runtime
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.router.admin import check_admin
 from vlmhub.router.errors import error_response, unknown_model_response
 from vlmhub.router.history import WINDOW_S, History
 from vlmhub.router.state import router_state
 from vlmhub.router.ui_ocr import ocr_routes
-from vlmhub.runtimes.base import EngineHandle, Runtime
-from vlmhub.runtimes.process import ProcessRuntime
-from vlmhub.vram import Gpu
+from vlmhub.sizing.vram import Gpu
 from vlmhub.web import STATIC_DIR
 
 ASSETS: dict[str, str] = {  # file name -> media type; nothing else in STATIC_DIR is served

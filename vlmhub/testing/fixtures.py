@@ -15,11 +15,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlmhub.config import ModelEntry, ResolvedModel, RuntimeConfig
+from vlmhub.config.schema import ModelEntry, ResolvedModel, RuntimeConfig
 from vlmhub.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from vlmhub.runtimes.base import LaunchRequest, Runtime
+    from vlmhub.engines.base import LaunchRequest, Runtime
 
 STUB_IMAGE = "vlmhub/stub-engine:dev"
 STUB_MODULE = "vlmhub.testing.stub_engine"
@@ -57,7 +57,7 @@ def stub_spec(name: str, **overrides: Any) -> ModelSpec:
 
 def stub_model(spec: ModelSpec, gpu_total_gib: float = 8.0) -> ResolvedModel:
     """``spec`` as a configured model (no models.yaml), its budget checked against a GPU."""
-    from vlmhub.vram import Gpu, check_fits_alone
+    from vlmhub.sizing.vram import Gpu, check_fits_alone
 
     budget = check_fits_alone(spec, Gpu(gpu_total_gib))
     return ResolvedModel(spec.name, ModelEntry(), spec, budget, "test")
@@ -68,8 +68,8 @@ def stub_launch_request(
     gpu_total_gib: float = 8.0,
 ) -> LaunchRequest:
     """The real launch request (:func:`vlmhub.launch.launch_request`) for ``spec``."""
-    from vlmhub.launch import launch_request
-    from vlmhub.vram import Gpu
+    from vlmhub.engines.launch import launch_request
+    from vlmhub.sizing.vram import Gpu
 
     return launch_request(stub_model(spec, gpu_total_gib), Gpu(gpu_total_gib), runtime, rc, port)
 

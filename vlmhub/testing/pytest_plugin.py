@@ -7,9 +7,9 @@ Fixtures:
   never silently skips the Docker tier.
 * ``stub_image`` (session): the stand-in engine image ``vlmhub/stub-engine:dev``, built with
   scripts/build-stub-image.sh when missing or older than stub_engine.py.
-* ``process_runtime``: a :class:`~vlmhub.runtimes.process.ProcessRuntime` running the stand-in
+* ``process_runtime``: a :class:`~vlmhub.engines.process.ProcessRuntime` running the stand-in
   engine with a temporary state dir; every engine it started is stopped at teardown.
-* ``docker_runtime``: a :class:`~vlmhub.runtimes.docker.DockerRuntime` without GPUs, caches
+* ``docker_runtime``: a :class:`~vlmhub.engines.docker.DockerRuntime` without GPUs, caches
   in a temporary dir and a unique container-name prefix; every container with that prefix is
   removed at teardown, even when the test failed.
 
@@ -38,8 +38,8 @@ from vlmhub.testing.fixtures import (
 )
 
 if TYPE_CHECKING:
-    from vlmhub.runtimes.docker import DockerRuntime
-    from vlmhub.runtimes.process import ProcessRuntime
+    from vlmhub.engines.docker import DockerRuntime
+    from vlmhub.engines.process import ProcessRuntime
 
 
 def in_ci() -> bool:
@@ -73,7 +73,7 @@ def docker_client() -> Iterator[Any]:
 def vllm_python() -> Path:
     """The python of the vLLM CPU venv (scripts/vllm-cpu-env.sh); skip without it (fail
     instead when CI=true)."""
-    from vlmhub import vllm_env
+    from vlmhub.engines import vllm_env
 
     python = vllm_env.vllm_python()
     if python is None:
@@ -94,7 +94,7 @@ def stub_image(docker_client: Any) -> str:
 @pytest.fixture
 def process_runtime(tmp_path: Path) -> Iterator[ProcessRuntime]:
     """A process runtime for the stand-in engine; stops all its engines at teardown."""
-    from vlmhub.runtimes.process import ProcessRuntime
+    from vlmhub.engines.process import ProcessRuntime
 
     runtime = ProcessRuntime(stub_process_config(tmp_path), state_dir=tmp_path / "state")
     yield runtime
@@ -109,7 +109,7 @@ def process_runtime(tmp_path: Path) -> Iterator[ProcessRuntime]:
 @pytest.fixture
 def docker_runtime(docker_client: Any, tmp_path: Path) -> Iterator[DockerRuntime]:
     """A GPU-less Docker runtime with a unique name prefix; removes its containers after."""
-    from vlmhub.runtimes.docker import LABEL_PREFIX, DockerRuntime
+    from vlmhub.engines.docker import LABEL_PREFIX, DockerRuntime
 
     prefix = f"vlmhubtest-{uuid.uuid4().hex[:8]}"
     runtime = DockerRuntime(stub_docker_config(tmp_path, prefix), client=docker_client)

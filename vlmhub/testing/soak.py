@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import yaml
 
-from vlmhub.runtimes.ports import free_port
+from vlmhub.engines.ports import free_port
 from vlmhub.testing.stub_engine import ledger_used_gib
 
 REPO = Path(__file__).resolve().parents[2]
@@ -352,7 +352,7 @@ def soak_config(folder: Path, clients: int, token_delay: float = 0.01) -> Path:
         router={"max_queue": max(64, clients * 2), "queue_timeout_s": 600,
                 "drain_timeout_s": 120, "health_interval_s": 2.0},
         # the stand-ins report the memory they are planned with, so a start's measured
-        # budget (vlmhub.budgets) keeps three from fitting
+        # budget (vlmhub.sizing.budgets) keeps three from fitting
         env={"VLMHUB_STUB_TOKEN_DELAY": str(token_delay), "VLMHUB_STUB_WEIGHTS_GIB": "2.9",
              "VLMHUB_STUB_ACTIVATION_GIB": "0", "VLMHUB_STUB_NON_TORCH_GIB": "0",
              "VLMHUB_STUB_KV_BYTES_PER_TOKEN": "262144"},

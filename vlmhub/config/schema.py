@@ -1,0 +1,506 @@
+"""models.yaml: its schema, where it is found, and how it becomes resolved models.
+
+:func:`load_config` reads and validates the file; every problem comes back as a
+:class:`~vlmhub.locate.ConfigError` naming the file, the line, the field and a fix.
+:func:`resolve` joins the file with the plugin registry and the GPU into
+:class:`ResolvedModel` objects. Both block only on reading the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vlmhub.config.locate import ConfigError, FieldProblem, Loc, Locator, explain, load_yaml
+from vlmhub.config.vision import context_problem
+from vlmhub.sizing.budgets import BudgetStore, key_for
+from vlmhub.sizing.flags import engine_version, flag_like_values
+from vlmhub.sizing.together import GroupPlan, MeasureFn, fit_together
+from vlmhub.sizing.vram import Budget, DoesNotFit, Gpu, Measured, check_fits_alone
+from vlmhub.spec import ModelSpec, Strict, version_tuple
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = PACKAGE_DIR / "examples" / "demo.yaml"
+USER_CONFIG = Path("~/.config/vlmhub/models.yaml")
+
+
+class Section(Strict):
+    """A models.yaml mapping: unknown keys and non-finite floats (``.inf``, ``.nan``) refused."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+def _port_range_problem() -> FieldProblem:
+    return FieldProblem(
+        "must be [low, high] with 1 <= low <= high <= 65535",
+        "write two ports, the lower first, e.g. [8100, 8199]",
+    )
+
+
+def _key(value: str) -> str:
+    if not value.strip():
+        raise FieldProblem("an empty key", "remove the entry, or write the key")
+    return value
+
+
+class GpuConfig(Section):
+    """The card. ``total_gib`` is used when NVML finds no GPU (or always, with ``force``)."""
+
+    total_gib: float | None = Field(default=None, gt=0)
+    reserve_gib: float = Field(default=0.5, ge=0)
+    budget_gib: float | None = Field(default=None, gt=0)
+    index: int = Field(default=0, ge=0)
+    force_total: bool = False
+
+
+class RouterConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    api_keys: list[Annotated[str, AfterValidator(_key)]] = Field(default_factory=list)
+    admin_key: str | None = None
+    max_queue: int = Field(default=32, ge=0)
+    queue_timeout_s: float = Field(default=600.0, gt=0)
+    max_body_mb: float = Field(default=50.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    stop_engines_on_exit: bool = True
+    health_interval_s: float = Field(default=5.0, gt=0)
+    restart_backoff_s: float = Field(default=2.0, ge=0)
+    crash_loop_max: int = Field(default=3, ge=1)
+    crash_loop_window_s: float = Field(default=300.0, gt=0)
+    policy: Literal["vlmhub", "fifo", "lru", "exclusive"] = "vlmhub"
+    """The swap policy (vlmhub.scheduling.policy; docs/scheduling.md)."""
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cors_origins: list[str] = Field(default_factory=list)
+    """Browser origins (e.g. http://localhost:3000) that may call /v1/* (CORS); "*" for any."""
+    loading_comments_s: float = Field(default=5.0, ge=0)
+    """A streamed request that must wait for its model gets an SSE comment line at once and then
+    every this many seconds (``: vlmhub loading MODEL: PHASE (N s)``); 0 turns them off."""
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_set(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise FieldProblem(
+                "an empty admin_key would leave the admin API (/api/*) without a key",
+                "remove the line (then only loopback clients may use /api/*), or set a real key",
+            )
+        return v
+
+
+class RuntimeConfig(Section):
+    kind: Literal["docker", "process", "ray"] = "docker"
+    address: str = "auto"
+    """``kind: ray``: the Ray cluster to join (``auto``: the one ``ray start`` runs here, or
+    ``RAY_ADDRESS``; else ``host:port`` of the head's GCS). See docs/scale-out.md."""
+    engine_host: str = "127.0.0.1"
+    """``kind: ray``: where each engine listens on its node. ``127.0.0.1`` only reaches engines
+    when every node is this machine (tests, a local cluster); ``node`` binds the node's IP,
+    which a cluster of several machines needs (on a private network: engines have no auth)."""
+    docker_host: str | None = None
+    hf_cache: str = "~/.cache/huggingface"
+    vllm_cache: str = "~/.cache/vllm"
+    process_argv: list[str] = Field(default_factory=lambda: ["vllm", "serve"])
+    port_range: tuple[int, int] = (8100, 8199)
+    memory_flags: bool = True
+    gpus: str | None = "all"
+    ipc_host: bool = True
+    vllm_version: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    pass_env: list[str] = Field(default_factory=lambda: ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"])
+    name_prefix: str = "vlmhub"
+    model_arg: Literal["auto", "positional", "flag"] = "auto"
+
+    @property
+    def model_as_flag(self) -> bool:
+        """Pass the model as ``--model``: the api_server module has no positional model;
+        ``vllm serve`` (the image's entrypoint) wants it positional."""
+        if self.model_arg != "auto":
+            return self.model_arg == "flag"
+        return self.kind in ("process", "ray") and any("api_server" in a for a in self.process_argv)
+
+    @field_validator("process_argv")
+    @classmethod
+    def _argv_not_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("process_argv needs at least the program to run")
+        return v
+
+    @field_validator("port_range", mode="before")
+    @classmethod
+    def _two_ports(cls, v: Any) -> Any:
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise _port_range_problem()
+        return v
+
+    @field_validator("port_range")
+    @classmethod
+    def _ports(cls, v: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = v
+        if not 1 <= lo <= hi <= 65535:
+            raise _port_range_problem()
+        return v
+
+
+class ModelEntry(Section):
+    """One enabled model: a plugin (with overrides), an inline spec, or an external URL."""
+
+    plugin: str | None = None
+    variant: str | None = None
+    spec: dict[str, Any] | None = None
+    url: str | None = None
+    served_model_name: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    model_path: str | None = None
+    """The weights to load instead of the plugin's hf_repo (a local folder or a hub repo)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """vLLM options that replace the plugin's, key by key (as in a spec's ``options``)."""
+    max_model_len: int | None = Field(default=None, gt=0)
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    max_pixels: int | None = Field(default=None, gt=0)
+    """The image cap (mm_processor_kwargs), lowered as a ``together`` group would."""
+    budget_gib: float | None = Field(default=None, gt=0)
+    pinned: bool = False
+    ttl: float | None = Field(default=None, ge=0, description="Idle seconds before unload.")
+    preload: bool = False
+    sleep: bool = False
+    max_queue: int | None = Field(default=None, ge=0)
+    priority: Literal["interactive", "batch"] = "interactive"
+    """The class of this model's requests unless a request says otherwise (header)."""
+    max_wait_s: float | None = Field(default=None, gt=0)
+    """The longest a request waits before its model's swap is forced (default: derived)."""
+    enabled: bool = True
+    env: dict[str, str] = Field(default_factory=dict)
+    fit_with: list[str] = Field(
+        default_factory=list, description="Models that must be resident with this one."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:
+            parts = parts._replace(netloc="")
+        blank = any(c.isspace() or not c.isprintable() for c in v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or blank:
+            raise FieldProblem(
+                "an external model's url must be an http:// or https:// URL with a host",
+                "write the server's base URL, e.g. http://127.0.0.1:8000",
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelEntry:
+        if self.spec is not None and (self.plugin or self.variant):
+            raise ValueError("give either spec (a model declared here) or plugin, not both")
+        if self.url is not None and (self.spec is not None or self.plugin):
+            raise ValueError("an external model (url) has no plugin or spec")
+        return self
+
+
+class Config(Section):
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+    together: list[list[str]] = Field(
+        default_factory=list, description="Groups of models planned to be resident at once."
+    )
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    path: Path
+    locator: Locator
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to plan and launch. ``spec`` is None for an external endpoint."""
+
+    name: str
+    entry: ModelEntry
+    spec: ModelSpec | None
+    budget: Budget | None
+    source: str
+    group: GroupPlan | None = None
+    """The ``together`` group this model is planned in (its caps and the trade-off)."""
+
+    @property
+    def external(self) -> bool:
+        return self.entry.url is not None
+
+    @property
+    def aliases(self) -> list[str]:
+        base = self.spec.aliases if self.spec else []
+        return [*base, *self.entry.aliases]
+
+    @property
+    def api_name(self) -> str:
+        if self.spec is not None:
+            return self.spec.api_name
+        return self.entry.served_model_name or self.name
+
+
+def find_config(explicit: Path | None) -> Path:
+    """``--config``, then ./models.yaml, then ~/.config/vlmhub/models.yaml, else the demo."""
+    if explicit is not None:
+        return explicit
+    for candidate in (Path("models.yaml"), USER_CONFIG.expanduser()):
+        if candidate.is_file():
+            return candidate
+    return DEMO_CONFIG
+
+
+def load_config(path: Path) -> LoadedConfig:
+    data, locator = load_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([locator.error((), "the file must be a mapping", "start with `models:`")])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(explain(exc, Config, locator)) from None
+    base = path.parent
+    expanded = {
+        **config.runtime.model_dump(),
+        "process_argv": [_expand(a, base) for a in config.runtime.process_argv],
+    }
+    config = config.model_copy(update={"runtime": RuntimeConfig.model_validate(expanded)})
+    return LoadedConfig(config, path, locator)
+
+
+def _expand(arg: str, base: Path) -> str:
+    """``{python}`` is this interpreter; ``{config_dir}`` the folder of the config file."""
+    import sys
+
+    return arg.replace("{python}", sys.executable).replace("{config_dir}", str(base.resolve()))
+
+
+def _inline_spec(name: str, entry: ModelEntry, locator: Locator) -> ModelSpec:
+    assert entry.spec is not None
+    where: Loc = ("models", name, "spec")
+    try:
+        spec = ModelSpec.model_validate({"name": name, **entry.spec})
+    except ValidationError as exc:
+        raise ConfigError(explain(exc, ModelSpec, locator, where)) from None
+    bad = [
+        locator.error(
+            loc, f"{value} is not a finite number", "write a finite number, or remove the key"
+        )
+        for loc, value in _non_finite(spec.model_dump(exclude={"name"}), where)
+    ]
+    if bad:
+        raise ConfigError(bad)
+    return spec
+
+
+def _non_finite(value: Any, loc: Loc) -> Iterator[tuple[Loc, float]]:
+    """Every ``inf``/``nan`` in plain data, with its key path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield loc, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, (*loc, str(key)))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _non_finite(item, (*loc, i))
+
+
+def resolve(
+    loaded: LoadedConfig,
+    plugins: dict[str, ModelSpec],
+    gpu: Gpu,
+    *,
+    only: list[str] | None = None,
+    check_fit: bool = True,
+    measured: BudgetStore | None = None,
+) -> list[ResolvedModel]:
+    """Join the file with the plugins. All problems are collected, then raised together.
+    Budgets use what ``measured`` recorded for a model where it has a measurement; models in
+    a ``together`` group get the caps that make the group fit (see
+    :mod:`vlmhub.sizing.together`)."""
+    config, loc = loaded.config, loaded.locator
+    problems: list[str] = []
+    out: list[ResolvedModel] = []
+    groups = together_groups(config)
+    wanted = None if only is None else set(only).union(*(g for g in groups if g & set(only)))
+
+    def measure(spec: ModelSpec) -> Measured | None:
+        if measured is None:
+            return None
+        return measured.lookup(key_for(spec, gpu, config.runtime.vllm_version))
+
+    for name, entry in config.models.items():
+        if not entry.enabled or (wanted is not None and name not in wanted):
+            continue
+        where = ("models", name)
+        if entry.url is not None:
+            out.append(ResolvedModel(name, entry, None, None, f"external {entry.url}"))
+            continue
+        try:
+            if entry.spec is not None:
+                spec, source = _inline_spec(name, entry, loc), f"{loaded.path.name} (inline)"
+            else:
+                plugin = entry.plugin or name
+                if plugin not in plugins:
+                    known = ", ".join(sorted(plugins)) or "none installed"
+                    problems.append(
+                        loc.error(
+                            (*where, "plugin") if entry.plugin else where,
+                            f"no model plugin named {plugin!r}",
+                            f"use one of: {known} (see `vlmhub models`)",
+                        )
+                    )
+                    continue
+                spec, source = plugins[plugin], f"plugin {plugin}"
+                if entry.variant is not None:
+                    try:
+                        spec = spec.with_variant(entry.variant)
+                    except KeyError as exc:
+                        problems.append(loc.error((*where, "variant"), str(exc.args[0])))
+                        continue
+                if spec.name != name:  # renamed: the plugin's own aliases stay with the plugin
+                    spec = spec.model_copy(update={"name": name, "aliases": []})
+            spec = _entry_overrides(spec, entry)
+            if (need := context_problem(spec)) is not None:
+                problems.append(loc.error((*where, "max_model_len"), *need.problem(name)))
+                continue
+            budget = (
+                check_fits_alone(spec, gpu, entry.budget_gib, measure(spec)) if check_fit else None
+            )
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        except DoesNotFit as exc:
+            field = "budget_gib" if entry.budget_gib else "max_model_len"
+            problems.append(loc.error((*where, field), str(exc)))
+            continue
+        except ValidationError as exc:
+            problems += explain(exc, ModelSpec, loc, where)
+            continue
+        inline = entry.spec is not None
+        problems += [loc.error(*bad) for bad in flag_like_values(spec, where, inline)]
+        out.append(ResolvedModel(name, entry, spec, budget, source))
+    problems += _check_names(out, loc)
+    if check_fit and not problems:
+        out, problems = _fit_groups(out, config, groups, gpu, measure, loc)
+    if problems:
+        raise ConfigError(problems)
+    return [m for m in out if only is None or m.name in only]
+
+
+def _entry_overrides(spec: ModelSpec, entry: ModelEntry) -> ModelSpec:
+    """``spec`` with the entry's weights, vLLM options, then its caps (in one validation)."""
+    if entry.model_path is not None:
+        spec = spec.model_copy(update={"hf_repo": entry.model_path, "revision": None})
+    return spec.with_overrides(**entry.options).with_caps(
+        max_num_seqs=entry.max_num_seqs, max_model_len=entry.max_model_len,
+        max_pixels=entry.max_pixels)  # fmt: skip
+
+
+def together_groups(config: Config) -> list[frozenset[str]]:
+    """The models that must be resident at once: every ``together`` entry and every model
+    with its ``fit_with``; groups that share a model are one group."""
+    merged: list[set[str]] = []
+    raw = [*config.together, *([n, *e.fit_with] for n, e in config.models.items() if e.fit_with)]
+    for group in raw:
+        joined = set(group)
+        for other in [m for m in merged if m & joined]:
+            joined |= other
+            merged.remove(other)
+        merged.append(joined)
+    return [frozenset(g) for g in merged if len(g) > 1]
+
+
+def _fit_groups(
+    models: list[ResolvedModel],
+    config: Config,
+    groups: list[frozenset[str]],
+    gpu: Gpu,
+    measure: MeasureFn,
+    loc: Locator,
+) -> tuple[list[ResolvedModel], list[str]]:
+    """Plan each group with :func:`~vlmhub.together.fit_together`; models get its caps."""
+    problems: list[str] = []
+    by_name = {m.name: m for m in models}
+    for group in groups:
+        where: Loc = _group_loc(config, group)
+        unknown = sorted(n for n in group if n not in config.models)
+        if unknown:
+            problems.append(loc.error(where, f"no model named {', '.join(unknown)} in `models:`",
+                                      "list only models defined under `models:`"))  # fmt: skip
+            continue
+        members = [by_name[n] for n in sorted(group) if n in by_name and by_name[n].spec]
+        plan = fit_together([m.spec for m in members if m.spec is not None], gpu, measure)
+        if not plan.fits:
+            problems.append(loc.error(where, plan.summary()))
+            continue
+        for member, m in zip(plan.members, members, strict=True):
+            by_name[m.name] = dataclasses.replace(
+                m, spec=member.spec, budget=member.budget, group=plan
+            )
+    return [by_name[m.name] for m in models], problems
+
+
+def _group_loc(config: Config, group: frozenset[str]) -> Loc:
+    for i, listed in enumerate(config.together):
+        if set(listed) <= group:
+            return ("together", i)
+    name = next(n for n, e in config.models.items() if e.fit_with and n in group)
+    return ("models", name, "fit_with")
+
+
+def _check_names(models: list[ResolvedModel], loc: Locator) -> list[str]:
+    seen: dict[str, str] = {}
+    problems: list[str] = []
+    for m in models:
+        for alias in [m.name, *m.aliases]:
+            if alias in seen and seen[alias] != m.name:
+                problems.append(
+                    loc.error(
+                        ("models", m.name),
+                        f"name or alias {alias!r} is also used by {seen[alias]!r}",
+                        "give every model and alias a distinct name",
+                    )
+                )
+            seen.setdefault(alias, m.name)
+    return problems
+
+
+def api_keys(config: Config) -> list[str]:
+    """Keys from the file plus ``VLMHUB_API_KEYS`` (comma-separated). Never logged."""
+    extra = [k.strip() for k in os.environ.get("VLMHUB_API_KEYS", "").split(",") if k.strip()]
+    return [*config.router.api_keys, *extra]
+
+
+def sleep_ok(m: ResolvedModel) -> bool:
+    """Whether ``m``'s engine is started with sleep mode (asked for, and vLLM can)."""
+    return bool(
+        m.entry.sleep
+        and m.spec is not None
+        and version_tuple(engine_version(m.spec)) >= version_tuple(m.spec.sleep_min_vllm)
+    )

@@ -1,0 +1,99 @@
+"""Config reload without a restart: what changed between the running models and a new
+models.yaml. :func:`diff_models` compares (pure); :func:`apply_models` changes the replicas
+to match (synchronous, no I/O), and the supervisor fails the removed models' waiters and runs
+the stops as operations (see :meth:`vlmhub.supervisor.Supervisor.reload`).
+
+- **added**: a new replica, stopped until its first request (or preload);
+- **removed**: drained (running requests finish, new ones get 404), stopped, then forgotten;
+- **changed** (anything that changes the launched engine: spec, flags, variant, budget, env,
+  sleep, external URL): keeps serving from the old engine until it is idle, then stops; the
+  next request starts the new one;
+- **unchanged**: keeps serving without a blip; settings that do not touch the engine (ttl,
+  aliases, priority, max_queue, pinned...) take effect at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from vlmhub.config.schema import ResolvedModel, sleep_ok
+from vlmhub.control.replica import Replica, new_replica
+
+
+@dataclass(frozen=True)
+class ModelDiff:
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        parts = [
+            f"{what}: {', '.join(names)}"
+            for what, names in (
+                ("added", self.added), ("removed", self.removed), ("changed", self.changed)
+            )
+            if names
+        ]
+        return "; ".join(parts) or "no model changed"
+
+
+def engine_identity(m: ResolvedModel) -> tuple[object, ...]:
+    """Everything about ``m`` that the launched engine depends on."""
+    return (
+        m.spec.spec_hash() if m.spec is not None else None,
+        m.entry.url,
+        m.entry.served_model_name,
+        tuple(sorted(m.entry.env.items())),
+        round(m.budget.footprint_gib, 6) if m.budget is not None else None,
+        m.entry.sleep,
+    )
+
+
+def diff_models(old: Mapping[str, ResolvedModel], new: Sequence[ResolvedModel]) -> ModelDiff:
+    """Compare the running models (by name) with a freshly resolved config."""
+    fresh = {m.name: m for m in new}
+    added = tuple(n for n in fresh if n not in old)
+    removed = tuple(n for n in old if n not in fresh)
+    changed = tuple(
+        n for n in fresh if n in old and engine_identity(old[n]) != engine_identity(fresh[n])
+    )
+    unchanged = tuple(n for n in fresh if n in old and n not in changed)
+    return ModelDiff(added, removed, changed, unchanged)
+
+
+@dataclass
+class Applied:
+    """The outcome of :func:`apply_models`."""
+
+    diff: ModelDiff
+    replicas: dict[str, Replica]
+    """The new replica table: every model of the new config in its order, then the removed
+    ones that still have an engine or requests to drain."""
+    removed: list[Replica]
+    """Every removed replica (its queued requests must be failed)."""
+
+
+def apply_models(replicas: Mapping[str, Replica], models: Sequence[ResolvedModel]) -> Applied:
+    """Mark and update the replicas for a new config. Runs on the event loop, synchronously:
+    a removed replica is marked ``retire="removed"`` (forgotten at once when it runs no engine
+    and serves nothing), a changed one with an engine ``retire="changed"``, an unchanged one
+    only takes the new settings; added models get new (stopped) replicas."""
+    diff = diff_models({n: r.model for n, r in replicas.items()}, models)
+    fresh = {m.name: m for m in models}
+    removed = [replicas[n] for n in diff.removed]
+    for r in removed:
+        r.retire = "removed"
+    for name in (*diff.changed, *diff.unchanged):
+        r = replicas[name]
+        r.model = fresh[name]
+        if name in diff.changed:
+            r.sleep_ok = sleep_ok(fresh[name])
+            r.retire = "changed" if r.handle is not None else None
+            if fresh[name].external:
+                r.state, r.retire = "ready", None
+    kept = [r.name for r in removed if r.handle is not None or r.in_flight]
+    order = [m.name for m in models] + kept
+    table = {n: replicas[n] if n in replicas else new_replica(fresh[n]) for n in order}
+    return Applied(diff, table, removed)

@@ -1,0 +1,133 @@
+"""The supervisor's per-model state machine (:class:`Replica`) and its queue entries.
+
+Owned by the supervisor's event loop: nothing here blocks or is shared across threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vlmhub.config.schema import sleep_ok
+from vlmhub.control.contract import Lease, ReplicaInfo, State
+from vlmhub.scheduling.scheduler import ReplicaView
+
+if TYPE_CHECKING:
+    from vlmhub.config.schema import ResolvedModel
+    from vlmhub.engines.base import EngineHandle
+
+
+@dataclass(eq=False)
+class Queued:
+    """One request waiting in a model's queue: its future lease, arrival and priority."""
+
+    fut: asyncio.Future[Lease]
+    arrived: float
+    priority: str = "interactive"
+
+
+@dataclass
+class Replica:
+    """One model's mutable state. Touched only from the event loop."""
+
+    model: ResolvedModel
+    state: State = "stopped"
+    phase: str = ""
+    handle: EngineHandle | None = None
+    in_flight: int = 0
+    waiters: deque[Queued] = field(default_factory=deque)
+    wanted: list[asyncio.Future[None]] = field(default_factory=list)
+    last_used: float = 0.0
+    last_load_s: float | None = None
+    last_error: str | None = None
+    draining: bool = False
+    failures: list[float] = field(default_factory=list)
+    restarts: int = 0
+    sleep_ok: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    loaded_at: float = 0.0
+    """When the engine last became ready (monotonic): the policy holds a costly load."""
+    priority: str = "interactive"
+    """The class of the latest request leased on it (the policy protects interactive work)."""
+    waiting_reason: str | None = None
+    retire: str | None = None
+    """Set by a config reload: ``removed`` or ``changed``; its engine is drained and stopped."""
+    budget_note: str | None = None
+    """What the last start taught the budgets file ("measured ...", "raised ...")."""
+    healthy_at: float = 0.0
+    """When the engine last answered its health path (monotonic)."""
+    leases: dict[int, Lease] = field(default_factory=dict)
+    """The leases out on this engine, by ``id()``: revoked when the engine fails."""
+    node: str = ""
+    """The GPU node its engine is placed on (a Ray node's name; "" with one GPU). Set when an
+    operation is planned there; meaningful while it holds memory (starting..stopping)."""
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def leases_at_once(self) -> bool:
+        """Whether a new request is leased this engine at once (ready, not draining, nobody
+        queued ahead of it) rather than queued."""
+        return self.state == "ready" and not self.draining and not self.waiters
+
+    @property
+    def footprint(self) -> float:
+        return self.model.budget.footprint_gib if self.model.budget else 0.0
+
+    def view(self) -> ReplicaView:
+        """What the scheduler and the swap policy know of this replica."""
+        m = self.model
+        return ReplicaView(
+            name=self.name,
+            state=self.state,
+            footprint_gib=self.footprint,
+            sleep_gib=m.budget.sleep_residual_gib if m.budget else 0.0,
+            in_flight=self.in_flight,
+            pinned=m.entry.pinned,
+            last_used=self.last_used,
+            reload_cost_s=self.last_load_s or (m.spec.reload_cost_s if m.spec else 1),
+            can_sleep=self.sleep_ok,
+            external=m.external,
+            draining=self.draining,
+            loaded_at=self.loaded_at,
+            priority=self.priority,
+            group=",".join(m.group.names) if m.group else None,
+        )
+
+    def info(self, runtime_kind: str) -> ReplicaInfo:
+        """A read-only snapshot of this replica."""
+        spec = self.model.spec
+        return ReplicaInfo(
+            name=self.name,
+            state=self.state,
+            phase=self.phase,
+            runtime="external" if self.model.external else runtime_kind,
+            port=self.handle.port if self.handle else None,
+            budget_gib=round(self.footprint, 3),
+            in_flight=self.in_flight,
+            queued=len(self.waiters),
+            pinned=self.model.entry.pinned,
+            external=self.model.external,
+            last_used=self.last_used or None,
+            last_load_s=self.last_load_s,
+            last_error=self.last_error,
+            aliases=tuple(self.model.aliases),
+            max_model_len=spec.options.max_model_len if spec else None,
+            draining=self.draining,
+            restarts=self.restarts,
+            waiting_reason=self.waiting_reason if self.waiters else None,
+            node=self.node if self.state != "stopped" else "",
+        )
+
+
+def new_replica(m: ResolvedModel) -> Replica:
+    """A replica for ``m``: stopped (an external endpoint: ready), idle."""
+    r = Replica(m, sleep_ok=sleep_ok(m))
+    r.idle.set()
+    if m.external:
+        r.state = "ready"
+    return r

@@ -1,0 +1,538 @@
+"""The supervisor: one replica state machine per model, driven by ONE asyncio control loop.
+
+Requests call :meth:`Supervisor.acquire`. A ready replica hands out a lease at once; otherwise
+the request waits in the replica's bounded queue and the control loop is woken. Only the loop
+decides to start, wake, sleep or stop an engine: it asks the pure :mod:`vlmhub.scheduling.placement`
+(the per-GPU scheduling.scheduler and scheduling.policy) for a plan and runs at most ONE
+engine operation at a time per GPU node (vLLM instances must not profile concurrently on one
+GPU); with one GPU that is one operation at all. Every state transition happens synchronously
+inside the loop or inside an operation task (which touches only replicas on its node), so
+concurrent requests cannot race a start.
+
+States: stopped -> starting -> ready -> (sleeping) -> stopping -> stopped, and failed.
+Concurrency: all methods run on the event loop; ``acquire`` awaits; the rest never block.
+
+Health checks only observe (:mod:`vlmhub.control.liveness`, which also watches a Ray cluster's
+nodes). When one finds an engine dead or hung (or its node gone), it changes the replica
+synchronously (``ready`` -> ``stopping``), revokes every lease out on that engine (its clients
+get an error at once, and no new lease is granted), and leaves the stop to the control loop,
+which runs it as that node's one operation like any other. The operations themselves live in
+:mod:`vlmhub.control.engine_ops`; each stops only the engine handle it was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import httpx
+
+from vlmhub.config.schema import Config, ResolvedModel
+from vlmhub.control.contract import (
+    AcquireError,
+    Lease,
+    LoadFailed,
+    LoadTimeout,
+    NullObserver,
+    Observer,
+    QueueFull,
+    Refused,
+    ReplicaInfo,
+    UnknownModel,
+)
+from vlmhub.control.engine_ops import EngineOps, StartHook
+from vlmhub.control.liveness import Liveness
+from vlmhub.control.reload import ModelDiff, apply_models
+from vlmhub.control.replica import Queued, Replica, new_replica
+from vlmhub.engine_log import LogParser
+from vlmhub.engines.adopt import reconcile_engines
+from vlmhub.engines.base import EngineHandle, Runtime, probe
+from vlmhub.engines.launch import engine_hash
+from vlmhub.errors import VlmhubError
+from vlmhub.scheduling import placement, policy, scheduler
+from vlmhub.sizing.budgets import BudgetStore, observe_start
+from vlmhub.sizing.vram import Gpu
+
+DECISIONS = logging.getLogger("vlmhub.scheduling.policy")
+"""At debug level: every swap-policy decision with its inputs (vlmhub.policy.describe)."""
+
+
+class Supervisor:
+    """Owns every replica and the one loop that changes them. See the module docstring."""
+
+    def __init__(
+        self,
+        models: Sequence[ResolvedModel],
+        config: Config,
+        gpu: Gpu,
+        runtime: Runtime,
+        *,
+        observer: Observer | None = None,
+        tick_s: float = 0.5,
+        on_start: StartHook | None = None,
+        budgets: BudgetStore | None = None,
+    ) -> None:
+        self.config, self.gpu, self.runtime = config, gpu, runtime
+        self.rc = config.router
+        self.observer: Observer = observer or NullObserver()
+        self.replicas: dict[str, Replica] = {m.name: new_replica(m) for m in models}
+        self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
+        self._kick = asyncio.Event()
+        self._ops: dict[str, asyncio.Task[Any]] = {}
+        """The engine operation running on each GPU node (``""``: the only GPU)."""
+        self._targets: dict[str, str] = {}
+        """Node -> the model its running operation brings in (planned nowhere else meanwhile)."""
+        self.nodes: dict[str, float] = {"": gpu.usable_gib}
+        """Live GPU nodes -> usable GiB (a Ray cluster's, refreshed by liveness)."""
+        self.liveness = Liveness(self)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tick_s = tick_s
+        self._recheck_at: float | None = None
+        """The policy asked to decide again at this time (a short grace ends before a tick)."""
+        self.http = httpx.AsyncClient(timeout=10.0)
+        self.budgets = budgets
+        """Where engine starts record what they measured (vlmhub.sizing.budgets); None: nowhere."""
+        self._on_start = on_start
+        self.ops = EngineOps(
+            config, gpu, runtime, self.http, self.observer,
+            fail_waiters=self._fail_waiters, on_start=self._started,
+        )
+        self._closing = False
+        self.params = policy.params_from(config, models)
+        self.foreign: list[EngineHandle] = []
+        """Engines of models not in this config, found running at start: not managed."""
+
+    # -- the router's side (SupervisorLike) ---------------------------------------------------
+    def resolve(self, name: str) -> str | None:
+        return self._aliases.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.replicas)
+
+    async def acquire(self, name: str, priority: str | None = None) -> Lease:
+        """Wait in the model's queue until it is ready; raise an AcquireError otherwise.
+
+        ``priority`` (``interactive``/``batch``; None: the model's ``priority``) is what the
+        swap policy weighs when several queues need a swap (vlmhub.scheduling.policy).
+        """
+        real = self.resolve(name)
+        if real is None:
+            raise UnknownModel(
+                f"model {name!r} does not exist; available: {', '.join(self.replicas)}"
+            )
+        r = self.replicas[real]
+        if self._closing:
+            raise AcquireError("the router is shutting down", retry_after=5)
+        klass = priority or r.model.entry.priority
+        if r.leases_at_once:
+            return self._lease(r, klass)
+        limit = (
+            r.model.entry.max_queue if r.model.entry.max_queue is not None else self.rc.max_queue
+        )
+        if len(r.waiters) >= limit:
+            raise QueueFull(
+                f"{real} has {len(r.waiters)} requests queued (max_queue {limit}); retry later",
+                retry_after=max(5.0, (r.last_load_s or 30.0) / 2),
+            )
+        if r.model.external and r.state == "failed":
+            raise LoadFailed(f"{real} at {r.model.entry.url} is unreachable: {r.last_error}")
+        fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        entry = Queued(fut, time.monotonic(), klass)
+        r.waiters.append(entry)
+        self.kick()
+        try:
+            done, _ = await asyncio.wait({fut}, timeout=self.rc.queue_timeout_s)
+        except asyncio.CancelledError:  # the client left while queued: leak no lease
+            self._abandon(r, entry)
+            raise
+        if fut in done:
+            return fut.result()
+        self._abandon(r, entry)
+        raise LoadTimeout(
+            f"{real} was not ready after {self.rc.queue_timeout_s:.0f} s in the queue "
+            f"(state {r.state}, phase {r.phase or '-'})"
+            + (f"; last error: {r.last_error}" if r.last_error else "")
+        )
+
+    def would_wait(self, name: str) -> bool:
+        r = self.replicas.get(name)
+        if r is None or r.model.external:  # an external endpoint never loads here
+            return False
+        return not r.leases_at_once
+
+    def _abandon(self, r: Replica, entry: Queued) -> None:
+        """Take a waiter out of the queue; a lease it was handed meanwhile goes back."""
+        fut = entry.fut
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.release(fut.result())
+        fut.cancel()
+        with contextlib.suppress(ValueError):
+            r.waiters.remove(entry)
+
+    def release(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        r = self.replicas.get(lease.model)
+        if r is None:  # a reload removed the model while this request ran
+            return
+        r.leases.pop(id(lease), None)
+        r.in_flight = max(r.in_flight - 1, 0)
+        r.last_used = time.monotonic()
+        if r.in_flight == 0:
+            r.idle.set()
+        self.kick()
+
+    def report_failure(self, lease: Lease, reason: str) -> None:
+        r = self.replicas.get(lease.model)
+        if r is None or r.model.external or r.state != "ready" or r.handle is None:
+            return
+        if r.handle.base_url != lease.base_url:
+            return  # the lease was on an engine that is already gone
+        self._spawn(self.liveness.check(r, hint=reason))
+
+    def snapshot(self) -> list[ReplicaInfo]:
+        return [self._info(r) for r in self.replicas.values()]
+
+    async def load(self, name: str) -> ReplicaInfo:
+        """Admin: start a model now and wait until it is ready or failed. Resets a crash loop."""
+        r = self._get(name)
+        r.failures.clear()
+        if r.state != "ready":
+            fut = self._want(r)
+            self.kick()
+            with contextlib.suppress(AcquireError):
+                await fut
+        return self._info(r)
+
+    async def unload(self, name: str) -> ReplicaInfo:
+        """Admin: drain then stop a model (waits for any running operation first)."""
+        r = self._get(name)
+        while self._busy(r.node):
+            await asyncio.wait({self._ops[r.node]})
+        if not r.model.external and r.state in ("ready", "sleeping"):
+            why = "unloaded by the admin API"
+            await asyncio.wait({self._launch(r.node, self._evict(
+                r, scheduler.Evict(r.name, "stop"), why))})
+        elif r.state == "failed" and r.handle is not None:
+            await asyncio.wait({self._launch(r.node, self.ops.stop_failed(r))})
+        self.kick()
+        return self._info(r)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Adopt matching engines left running, stop stale ones, preload, start the loops."""
+        multi = await self.liveness.refresh_nodes()
+        await self._adopt()
+        for r in self.replicas.values():
+            if r.model.entry.preload and r.state != "ready":
+                self._want(r)
+        self._tasks = [asyncio.create_task(self._loop()),
+                       asyncio.create_task(self.liveness.health_loop())]
+        if multi:
+            self._tasks.append(asyncio.create_task(self.liveness.node_loop()))
+        self.kick()
+
+    async def shutdown(self, stop_engines: bool = True, timeout_s: float = 30.0) -> None:
+        """Refuse new work, let running requests finish (up to ``timeout_s``), stop engines."""
+        self._closing = True
+        for r in self.replicas.values():
+            self._fail_waiters(r, AcquireError("the router is shutting down", retry_after=5))
+        deadline = time.monotonic() + timeout_s
+        for r in self.replicas.values():
+            left = max(deadline - time.monotonic(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(r.idle.wait(), left)
+        for t in self._tasks:
+            t.cancel()
+        for op in list(self._ops.values()):
+            op.cancel()
+            with contextlib.suppress(BaseException):
+                await op
+        if stop_engines:
+            for r in self.replicas.values():
+                if r.handle is not None and not r.model.external:
+                    await self.ops.stop_engine(r, r.handle, grace_s=20.0)
+                    r.state = "stopped"
+        await self.http.aclose()
+        await self.runtime.close()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    # -- the control loop ----------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            wait = self._tick_s
+            if self._recheck_at is not None:
+                wait = min(max(self._recheck_at - time.monotonic(), 0.0), wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), wait)
+            self._kick.clear()
+            try:
+                self._reconcile(time.monotonic())
+            except Exception as exc:  # a bug here must not kill the loop silently
+                for r in self.replicas.values():
+                    r.last_error = f"internal error: {exc!r}"
+
+    def _views(self) -> list[scheduler.ReplicaView]:
+        return [r.view() for r in self.replicas.values()]
+
+    def _reconcile(self, now: float) -> None:
+        """One pass of the loop. Synchronous: no other coroutine runs while it decides.
+
+        At most one operation per GPU node: a node whose operation runs is left alone."""
+        for r in self.replicas.values():
+            if r.state == "ready" and not r.draining:
+                while r.waiters:
+                    q = r.waiters.popleft()
+                    if not q.fut.done():
+                        q.fut.set_result(self._lease(r, q.priority))
+                self._resolve_wanted(r)
+        self._recheck_at = None
+        if self.nodes and all(self._busy(n) for n in self.nodes):
+            return
+        for r in self.replicas.values():  # engines a health check failed: stop them first
+            if r.state == "stopping" and not self._busy(r.node):  # nobody else stops it
+                self._launch(r.node, self._run(self.ops.stop_failed(r)))
+        for r in list(self.replicas.values()):  # models a reload removed or changed
+            if r.retire is None or self._busy(r.node):
+                continue
+            if r.handle is not None and not r.model.external:
+                self._launch(r.node, self._run(self._retire(r)))
+                continue
+            self._retired(r)
+        if self.nodes and all(self._busy(n) for n in self.nodes):
+            return
+        demand = [
+            policy.Demand(
+                r.name,
+                tuple(policy.Waiter(q.arrived, q.priority) for q in r.waiters),  # type: ignore[arg-type]
+                bool(r.wanted),
+            )
+            for r in self.replicas.values()
+            if (r.waiters or r.wanted)
+            and r.state != "ready"
+            and not any(self._busy(n) and t == r.name for n, t in self._targets.items())
+            and (r.state != "failed" or self._may_restart(r, now))
+        ]
+        held: frozenset[str] = frozenset()
+        if demand:
+            views = self._views()
+            busy = frozenset(n for n in {*self.nodes, *self._ops} if self._busy(n))
+            where = {r.name: r.node for r in self.replicas.values()}
+            d = placement.decide(self.nodes, views, where, demand, now, self.params, busy)
+            self._recheck_at = d.recheck_at
+            if DECISIONS.isEnabledFor(logging.DEBUG):
+                for node, nd in d.decisions:
+                    DECISIONS.debug("decision", extra={"decision": {
+                        **policy.describe(views, demand, now, nd),
+                        **({"node": node} if node else {})}})
+            for r in self.replicas.values():
+                r.waiting_reason = None
+            for name, why in d.deferred:
+                self.replicas[name].waiting_reason = why
+            for name, why in d.refuse:
+                self._fail_waiters(self.replicas[name], Refused(why, retry_after=30))
+            for node, plan in d.plans:
+                target = self.replicas[plan.target]
+                target.waiting_reason, target.node = None, node
+                self._launch(node, self._run(self._execute(target, plan)))
+                self._targets[node] = target.name
+            held = d.busy_nodes  # an engine is changing there: wait for it
+        ttl = {r.name: r.model.entry.ttl for r in self.replicas.values()}
+        for name in scheduler.expired(self._views(), ttl, now):
+            r = self.replicas[name]
+            if self._busy(r.node) or r.node in held:
+                continue
+            self._launch(r.node, self._run(self._evict(
+                r, scheduler.Evict(name, "stop"), "idle past its ttl"
+            )))
+
+    def _busy(self, node: str) -> bool:
+        """Whether an engine operation runs on ``node`` now."""
+        op = self._ops.get(node)
+        return op is not None and not op.done()
+
+    def _launch(self, node: str, op: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``op`` as ``node``'s one engine operation (the caller checked it is free)."""
+        task = self._ops[node] = asyncio.create_task(op)
+        return task
+
+    def _may_restart(self, r: Replica, now: float) -> bool:
+        window = self.rc.crash_loop_window_s
+        r.failures = [t for t in r.failures if now - t < window]
+        if len(r.failures) >= self.rc.crash_loop_max:
+            self._fail_waiters(
+                r,
+                LoadFailed(
+                    f"{r.name} is in a crash loop ({len(r.failures)} failures in {window:.0f} s); "
+                    f"last error: {r.last_error}. "
+                    f"Fix the cause, then POST /api/models/{r.name}/load",
+                    retry_after=max(window - (now - r.failures[0]), 1.0),
+                ),
+            )
+            return False
+        delay = scheduler.restart_delay(len(r.failures), self.rc.restart_backoff_s)
+        return not r.failures or now - r.failures[-1] >= delay
+
+    # -- health (control.liveness) --------------------------------------------------------
+    def _started(self, r: Replica, parser: LogParser | None, err: VlmhubError | None) -> None:
+        """After every start attempt (inside the operation): record the memory the engine
+        reported, or raise the estimate of one that failed for memory. The next start of ``r``
+        plans with the new budget. Blocks briefly on the budgets file."""
+        if self.budgets is not None and not r.model.external:
+            obs = observe_start(
+                self.budgets, r.model, self.gpu, parser.facts if parser else {}, err is None,
+                err, vllm_version=self.config.runtime.vllm_version,
+            )
+            if obs.kind != "none":
+                r.model = obs.model
+                r.budget_note = obs.message
+        if self._on_start is not None:
+            self._on_start(r, parser, err)
+
+    # -- operations: each runs as its node's one operation (engine_ops.py) ------------------
+    async def _run(self, op: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await op
+        finally:
+            self.kick()
+
+    async def _execute(self, r: Replica, p: scheduler.Plan) -> None:
+        for ev in p.evict:
+            if not await self._evict(self.replicas[ev.name], ev, f"room for {r.name}"):
+                self._fail_waiters(
+                    r,
+                    Refused(
+                        f"{ev.name} still had requests running after "
+                        f"{self.rc.drain_timeout_s:.0f} s; {r.name} could not be given room"
+                    ),
+                    retry_after=10,
+                )
+                return
+        if p.action == "wake" and await self.ops.wake(r):
+            return
+        taken = [x.handle.port for x in self.replicas.values() if x.handle is not None]
+        await self.ops.start(r, taken, node=r.node)
+
+    # -- reload ---------------------------------------------------------------------------------
+    def reload(self, models: Sequence[ResolvedModel], config: Config) -> ModelDiff:
+        """Apply a new config (vlmhub.control.reload). Synchronous: added models appear and removed
+        ones disappear from routing at once; the stops they need (removed, or changed and
+        running) drain and run as operations. Unchanged models keep serving untouched."""
+        applied = apply_models(self.replicas, models)
+        for r in applied.removed:
+            self._fail_waiters(r, UnknownModel(f"model {r.name!r} was removed from the config"))
+        self.replicas = applied.replicas
+        self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
+        self.config, self.rc = config, config.router
+        self.ops.config, self.ops.rc = config, config.router
+        self.params = policy.params_from(config, models)
+        self.kick()
+        return applied.diff
+
+    async def _retire(self, r: Replica) -> None:
+        if await self.ops.evict(r, scheduler.Evict(r.name, "stop"), f"config {r.retire}"):
+            self._retired(r)
+
+    def _retired(self, r: Replica) -> None:
+        if r.retire == "removed" and not r.in_flight:
+            self.replicas.pop(r.name, None)
+        elif r.retire == "changed":
+            r.retire = None
+            if r.state == "failed":
+                r.state, r.failures = "stopped", []
+
+    async def _evict(self, v: Replica, ev: scheduler.Evict, reason: str) -> bool:
+        try:
+            return await self.ops.evict(v, ev, reason)
+        finally:
+            self.kick()
+
+    # -- helpers --------------------------------------------------------------------------------
+    async def _adopt(self) -> None:
+        """Take over engines a previous vlmhub left running with the same spec; engines of
+        changed specs are replaced, those of models not configured here are left alone."""
+        wanted = {
+            r.name: engine_hash(r.model, r.sleep_ok)
+            for r in self.replicas.values()
+            if r.model.spec is not None
+        }
+        try:
+            found = await reconcile_engines(self.runtime, wanted)
+        except VlmhubError:
+            return
+        self.foreign = found.unknown
+        for h in found.kept:
+            r = self.replicas[h.name]
+            if await probe(h, self.http):
+                r.handle, r.state, r.phase = h, "ready", "ready (adopted)"
+                r.node = h.node if h.node in self.nodes else r.node
+                r.last_used = r.healthy_at = time.monotonic()
+
+    def _lease(self, r: Replica, priority: str = "interactive") -> Lease:
+        r.in_flight += 1
+        r.priority = priority
+        r.idle.clear()
+        r.last_used = time.monotonic()
+        revoked = asyncio.get_running_loop().create_future()
+        if r.model.external:
+            base = (r.model.entry.url or "").rstrip("/")
+            lease = Lease(r.name, base, r.model.api_name, external=True, revoked=revoked)
+        else:
+            assert r.handle is not None
+            lease = Lease(r.name, r.handle.base_url, r.model.api_name, revoked=revoked)
+        r.leases[id(lease)] = lease
+        return lease
+
+    def _fail_waiters(
+        self, r: Replica, err: AcquireError, retry_after: float | None = None
+    ) -> None:
+        if retry_after is not None:
+            err.retry_after = retry_after
+        while r.waiters:
+            fut = r.waiters.popleft().fut
+            if not fut.done():
+                fut.set_exception(err)
+        for w in r.wanted:
+            if not w.done():
+                w.set_exception(err)
+        r.wanted.clear()
+
+    def _want(self, r: Replica) -> asyncio.Future[None]:
+        """Ask the loop to make ``r`` ready without a request (preload, admin load)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        r.wanted.append(fut)
+        return fut
+
+    def _resolve_wanted(self, r: Replica) -> None:
+        for w in r.wanted:
+            if not w.done():
+                w.set_result(None)
+        r.wanted.clear()
+
+    def _get(self, name: str) -> Replica:
+        real = self.resolve(name)
+        if real is None:
+            raise UnknownModel(
+                f"model {name!r} does not exist; available: {', '.join(self.replicas)}"
+            )
+        return self.replicas[real]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    def _info(self, r: Replica) -> ReplicaInfo:
+        return r.info(self.runtime.kind)
+
+
+policy_params = policy.params_from
+"""The swap policy's parameters from a config (kept here for callers of the old name)."""

@@ -1,0 +1,76 @@
+"""Turn a resolved model into a :class:`~vlmhub.engines.base.LaunchRequest`, and pick the
+runtime for a config. Pure apart from :func:`make_runtime` (which may connect to Docker)."""
+
+from __future__ import annotations
+
+from vlmhub.config.schema import Config, ResolvedModel, RuntimeConfig
+from vlmhub.engines.base import LaunchRequest, Runtime
+from vlmhub.sizing.flags import render_argv
+from vlmhub.sizing.vram import Gpu
+
+
+def engine_hash(model: ResolvedModel, sleep_mode: bool) -> str:
+    """What identifies a launched engine: the spec hash, plus whether it can sleep."""
+    assert model.spec is not None
+    return model.spec.spec_hash() + ("-sleep" if sleep_mode else "")
+
+
+def launch_request(
+    model: ResolvedModel,
+    gpu: Gpu,
+    runtime: Runtime,
+    rc: RuntimeConfig,
+    port: int,
+    *,
+    sleep_mode: bool = False,
+) -> LaunchRequest:
+    """The engine's argv, environment and port. Secret values never enter the request."""
+    spec, budget = model.spec, model.budget
+    if spec is None or budget is None:
+        raise ValueError(f"{model.name} is an external endpoint; vlmhub does not launch it")
+    host, inner_port = runtime.engine_bind(port)
+    argv = render_argv(
+        spec,
+        budget,
+        gpu,
+        port=inner_port,
+        host=host,
+        sleep_mode=sleep_mode,
+        with_memory_flags=rc.memory_flags,
+        vllm_version=rc.vllm_version,
+        model_flag=rc.model_as_flag,
+    )
+    env = {**rc.env, **spec.env, **model.entry.env}
+    if sleep_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    return LaunchRequest(
+        name=model.name,
+        spec_hash=engine_hash(model, sleep_mode),
+        image=spec.image,
+        argv=argv,
+        port=port,
+        env=env,
+        pass_env=list(rc.pass_env),
+        health_path=spec.health_path,
+        startup_timeout_s=spec.startup_timeout_s,
+    )
+
+
+def make_runtime(config: Config, kind: str | None = None) -> Runtime:
+    """The runtime named by ``kind`` or the config. Docker connects (and may raise
+    :class:`~vlmhub.errors.RuntimeUnavailable` naming how to start the engine)."""
+    rc = config.runtime
+    chosen = kind or rc.kind
+    if chosen == "docker":
+        from vlmhub.engines.docker import DockerRuntime
+
+        return DockerRuntime(rc)
+    if chosen == "process":
+        from vlmhub.engines.process import ProcessRuntime
+
+        return ProcessRuntime(rc)
+    if chosen == "ray":
+        from vlmhub.engines.ray import RayRuntime
+
+        return RayRuntime(rc)
+    raise ValueError(f"unknown runtime {chosen!r}: use docker, process or ray")

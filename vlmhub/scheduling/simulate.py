@@ -1,0 +1,551 @@
+"""``vlmhub simulate``: the supervisor's queueing rules and the REAL swap policy, in simulated
+time. No engines, no sleeping, no clock: a discrete-event loop over a trace (.simtrace).
+
+What is the same as :class:`vlmhub.supervisor.Supervisor` (its ``_reconcile`` pass):
+- a request for a ready, non-draining model with nobody queued is leased at once; otherwise it
+  joins the model's queue (``max_queue``: refused when full; ``queue_timeout_s``: 504);
+- a ready model leases ALL its waiters at once (no engine concurrency limit: the router hands
+  out leases and vLLM batches whatever arrives; a request's ``duration`` is its service time);
+- one engine operation at a time, chosen by :func:`vlmhub.policy.decide` (which asks
+  :func:`vlmhub.scheduler.plan`) over the same :class:`~vlmhub.scheduler.ReplicaView` the
+  supervisor builds (reload cost: the last measured start, else the spec's ``reload_cost_s``);
+- an operation evicts each victim in turn (drain: wait for its in-flight requests, at most
+  ``drain_timeout_s``, then sleep or stop), then wakes or starts the target; ``ttl`` expiry
+  stops idle models when nothing else is to be done; ``preload`` models are wanted at t=0;
+- a pass runs after every batch of simultaneous events and at least every ``tick_s`` (0.5 s).
+A closed-loop client's next request arrives ``rtt_s`` (0.02 s) after its answer: the HTTP round
+trip during which, live, the model has nothing in flight. What is not modelled: engine
+failures (crash loops, health checks), start-up jitter, and the router's own latency. Costs: a
+cold start takes the model's ``start_s`` (by default the spec's ``reload_cost_s``), a wake
+``wake_s``, a level-1 sleep ``sleep_s``, a stop ``stop_s``.
+
+Pure and single-threaded: :func:`simulate` runs to completion and returns a :class:`SimResult`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from vlmhub.config.schema import Config, ResolvedModel, sleep_ok
+from vlmhub.control.contract import State
+from vlmhub.scheduling import policy, scheduler
+from vlmhub.scheduling.policy import PRIORITIES, Params, Priority, params_from
+from vlmhub.scheduling.simtrace import Clients, Draw, Stream, Trace, draw
+
+Step = tuple[Literal["delay"], float] | tuple[Literal["idle"], "_Rep"]
+Op = Generator[Step, bool, object]
+WORK = frozenset({"arrive", "done", "client", "stream"})
+"""Events that keep the run going; timers (tick, queue and drain timeouts, operation steps)
+matter only while something waits or an operation runs (:meth:`Simulation._busy`)."""
+HORIZON_S = 30 * 86400.0
+"""A trace still unfinished after 30 simulated days is a bug (or a policy that starves)."""
+
+
+class SimulationStuck(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """One configured model as the simulation sees it."""
+
+    name: str
+    footprint_gib: float
+    start_s: float
+    """How long a cold start takes here."""
+    reload_cost_s: float | None = None
+    """What the policy assumes before the first measured start (the spec's); None: start_s."""
+    sleep_gib: float = 1.25
+    can_sleep: bool = False
+    pinned: bool = False
+    external: bool = False
+    ttl: float | None = None
+    priority: Priority = "interactive"
+    max_queue: int = 32
+    preload: bool = False
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    models: tuple[SimModel, ...]
+    usable_gib: float
+    params: Params = field(default_factory=Params)
+    wake_s: float = 2.0
+    sleep_s: float = 1.0
+    stop_s: float = 2.0
+    tick_s: float = 0.5
+    rtt_s: float = 0.02
+    """A closed-loop client's round trip: from an answer's release (the router's last byte) to
+    its next request reaching the router. Live, the resident models are idle for this long
+    between a client's requests, and the policy sees it (policy ``busy_grace_s``)."""
+    queue_timeout_s: float = 600.0
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """Queueing delay (arrival to lease) of one priority class's served requests."""
+
+    served: int = 0
+    total_wait_s: float = 0.0
+    p50_s: float = 0.0
+    p95_s: float = 0.0
+    max_s: float = 0.0
+    over_max_wait: int = 0
+    """Served (or timed out in the queue) later than their model's max_wait_s for this class
+    (:func:`vlmhub.policy.max_wait`, from the reload costs known at that moment)."""
+
+
+@dataclass(frozen=True)
+class SimResult:
+    policy: str
+    trace: str
+    requests: int
+    served: int
+    loads: int
+    wakes: int
+    evictions: int
+    """Victims put to sleep or stopped to make room (ttl expiries are ``expired``)."""
+    sleeps: int
+    expired: int
+    loading_s: float
+    """Simulated seconds during which a start or a wake was running (one at a time)."""
+    makespan_s: float
+    refused: dict[str, int]
+    """Requests not served, by cause: ``queue_full``, ``refused`` (503), ``timeout`` (504)."""
+    waits: dict[str, ClassStats]
+    worst_wait_ratio: float
+    """The largest wait / max_wait_s of any request served or timed out (above 1: a bound was
+    overrun)."""
+
+    @property
+    def loading_fraction(self) -> float:
+        return self.loading_s / self.makespan_s if self.makespan_s > 0 else 0.0
+
+    @property
+    def throughput(self) -> float:
+        """Served requests per simulated second, first arrival to last answer."""
+        return self.served / self.makespan_s if self.makespan_s > 0 else 0.0
+
+    @property
+    def over_max_wait(self) -> int:
+        return sum(s.over_max_wait for s in self.waits.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy, "trace": self.trace, "requests": self.requests,
+            "served": self.served, "loads": self.loads, "wakes": self.wakes,
+            "evictions": self.evictions, "sleeps": self.sleeps, "expired": self.expired,
+            "loading_s": round(self.loading_s, 3), "makespan_s": round(self.makespan_s, 3),
+            "loading_fraction": round(self.loading_fraction, 4),
+            "throughput_rps": round(self.throughput, 4), "refused": dict(self.refused),
+            "over_max_wait": self.over_max_wait,
+            "worst_wait_ratio": round(self.worst_wait_ratio, 3),
+            "waits": {k: {f: round(v, 3) if isinstance(v, float) else v
+                          for f, v in s.__dict__.items()} for k, s in self.waits.items()},
+        }
+
+
+@dataclass(eq=False)
+class _Req:
+    model: str
+    arrived: float
+    duration: float
+    priority: Priority
+    after: tuple[int, float] | None = None
+    """A closed-loop request: (its group, the think time before the client's next)."""
+    leased: float | None = None
+    ended: float | None = None
+    """When it stopped waiting: leased, or timed out in the queue."""
+    outcome: str = "queued"
+    bound: float = math.inf
+
+
+@dataclass(eq=False)
+class _Rep:
+    m: SimModel
+    state: State = "stopped"
+    in_flight: int = 0
+    waiters: deque[_Req] = field(default_factory=deque)
+    last_used: float = 0.0
+    last_load_s: float | None = None
+    loaded_at: float = 0.0
+    draining: bool = False
+    priority: str = "interactive"
+    wanted: bool = False
+    deferred: bool = False
+
+    def view(self) -> scheduler.ReplicaView:
+        m = self.m
+        return scheduler.ReplicaView(
+            name=m.name, state=self.state, footprint_gib=m.footprint_gib,
+            sleep_gib=m.sleep_gib, in_flight=self.in_flight, pinned=m.pinned,
+            last_used=self.last_used,
+            reload_cost_s=self.last_load_s or (m.reload_cost_s or m.start_s),
+            can_sleep=m.can_sleep, external=m.external, draining=self.draining,
+            loaded_at=self.loaded_at, priority=self.priority,
+        )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..1) of ``values``; 0 for none."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[max(math.ceil(q * len(s)) - 1, 0)]
+
+
+class Simulation:
+    """One run: a trace against a config under one policy. Call :meth:`run` once."""
+
+    def __init__(self, config: SimConfig, trace: Trace) -> None:
+        self.c, self.trace, self.now = config, trace, 0.0
+        self.reps = {m.name: _Rep(m) for m in config.models}
+        for r in self.reps.values():
+            if r.m.external:
+                r.state = "ready"
+            r.wanted = r.m.preload and not r.m.external
+        self._heap: list[tuple[float, int, str, Any]] = []
+        self._seq = self._pending = 0
+        self._op: Op | None = None
+        self._op_token = 0
+        self._idle_wait: _Rep | None = None
+        self._next_tick = 0.0
+        self.reqs: list[_Req] = []
+        self._group_next = [0] * len(trace.clients)
+        self._group_left = [len(g.draws) for g in trace.clients]
+        self._rngs = [s.arrivals() for s in trace.streams]
+        self.loads = self.wakes = self.evictions = self.sleeps = self.expired = 0
+        self.loading_s = 0.0
+        self.last_done = 0.0
+        self.timeline: list[tuple[float, str]] = []
+        """What the loop and its operations did, in order: (time, "start b, evicting a (stop)"),
+        (time, "a stopped"), (time, "b ready"), ..."""
+
+    # -- the event queue -------------------------------------------------------------------------
+    def _at(self, t: float, kind: str, payload: Any = None) -> None:
+        self._seq += 1
+        if kind in WORK:
+            self._pending += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, payload))
+
+    def run(self) -> SimResult:
+        for r in self.trace.requests:
+            q = _Req(r.model, r.t, r.duration, self._klass(r.model, r.priority))
+            self._at(r.t, "arrive", q)
+        for gi, g in enumerate(self.trace.clients):
+            for _ in range(min(g.clients, len(g.draws))):
+                self._at(g.start, "client", gi)
+        for si, s in enumerate(self.trace.streams):
+            self._at(s.start + draw(self._rngs[si], s.every), "stream", si)
+        self._reconcile()
+        while self._heap and (self._pending or self._busy()):
+            t = self._heap[0][0]
+            if t > HORIZON_S:
+                raise SimulationStuck(f"{self.trace.name}: requests still waiting after "
+                                      f"{HORIZON_S / 86400:.0f} simulated days")
+            self.now = t
+            acted = False
+            while self._heap and self._heap[0][0] == t:
+                _, _, kind, payload = heapq.heappop(self._heap)
+                if kind == "tick":  # only the latest tick counts: a pass resets the timer
+                    acted = acted or t == self._next_tick
+                    continue
+                if kind == "recheck":  # the policy asked for a pass now (Decision.recheck_at)
+                    acted = True
+                    continue
+                self._pending -= kind in WORK
+                acted = True
+                self._handle(kind, payload)
+            if not acted:
+                continue
+            self._reconcile()
+            self._next_tick = self.now + self.c.tick_s
+            self._at(self._next_tick, "tick")
+        return self._result()
+
+    def _busy(self) -> bool:
+        return self._op is not None or any(r.waiters or r.wanted for r in self.reps.values())
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "arrive":
+            self._acquire(payload)
+        elif kind == "done":
+            self._release(payload)
+        elif kind == "client":
+            self._client(payload)
+        elif kind == "stream":
+            self._stream(payload)
+        elif kind == "qtimeout":
+            self._queue_timeout(payload)
+        elif kind == "op" and payload == self._op_token:
+            self._advance(True)
+        elif kind == "drain" and payload == self._op_token and self._idle_wait is not None:
+            self._idle_wait = None
+            self._advance(False)
+
+    # -- workload --------------------------------------------------------------------------------
+    def _klass(self, model: str, priority: Priority | None) -> Priority:
+        return priority or self.reps[model].m.priority
+
+    def _client(self, gi: int) -> None:
+        g: Clients = self.trace.clients[gi]
+        k = self._group_next[gi]
+        if k >= len(g.draws):
+            return
+        self._group_next[gi] += 1
+        d: Draw = g.draws[k]
+        self._acquire(_Req(d.model, self.now, d.duration, self._klass(d.model, g.priority),
+                           after=(gi, d.think)))
+
+    def _stream(self, si: int) -> None:
+        s: Stream = self.trace.streams[si]
+        done = all(left == 0 for left in self._group_left)
+        if (s.until == "clients" and done) or (s.until != "clients" and self.now > s.until):
+            return
+        rng = self._rngs[si]
+        model = rng.choice(s.models)
+        self._acquire(_Req(model, self.now, draw(rng, s.duration), self._klass(model, s.priority)))
+        self._at(self.now + draw(rng, s.every), "stream", si)
+
+    def _finished(self, q: _Req, outcome: str) -> None:
+        q.outcome = outcome
+        if q.after is not None:
+            gi, think = q.after
+            self._group_left[gi] -= 1
+            self._at(self.now + think + self.c.rtt_s, "client", gi)
+
+    # -- the supervisor's side -------------------------------------------------------------------
+    def _acquire(self, q: _Req) -> None:
+        self.reqs.append(q)
+        r = self.reps[q.model]
+        if r.state == "ready" and not r.draining and not r.waiters:
+            self._lease(r, q)
+        elif len(r.waiters) >= r.m.max_queue:
+            self._finished(q, "queue_full")
+        else:
+            r.waiters.append(q)
+            self._at(self.now + self.c.queue_timeout_s, "qtimeout", q)
+
+    def _queue_timeout(self, q: _Req) -> None:
+        r = self.reps[q.model]
+        if q.outcome == "queued" and q in r.waiters:
+            r.waiters.remove(q)
+            q.bound = policy.max_wait(r.view(), self._views(), q.priority, self.c.params)
+            q.ended = self.now
+            self._finished(q, "timeout")
+
+    def _views(self) -> list[scheduler.ReplicaView]:
+        return [x.view() for x in self.reps.values()]
+
+    def _lease(self, r: _Rep, q: _Req) -> None:
+        q.bound = policy.max_wait(r.view(), self._views(), q.priority, self.c.params)
+        r.in_flight += 1
+        r.priority = q.priority
+        r.last_used = q.leased = q.ended = self.now
+        q.outcome = "leased"
+        self._at(self.now + q.duration, "done", q)
+
+    def _release(self, q: _Req) -> None:
+        r = self.reps[q.model]
+        r.in_flight -= 1
+        r.last_used = self.last_done = self.now
+        self._finished(q, "served")
+        if r.in_flight == 0 and self._idle_wait is r:
+            self._idle_wait = None
+            self._op_token += 1  # the drain timeout is moot
+            self._advance(True)
+
+    def _fail_waiters(self, r: _Rep, outcome: str) -> None:
+        while r.waiters:
+            self._finished(r.waiters.popleft(), outcome)
+        r.wanted = False
+
+    def _reconcile(self) -> None:
+        """Supervisor._reconcile, minus health and crash loops."""
+        now = self.now
+        for r in self.reps.values():
+            if r.state == "ready" and not r.draining:
+                while r.waiters:
+                    self._lease(r, r.waiters.popleft())
+                r.wanted = False
+        if self._op is not None:
+            return
+        demand = [
+            policy.Demand(r.m.name, tuple(policy.Waiter(q.arrived, q.priority) for q in r.waiters),
+                          r.wanted)
+            for r in self.reps.values()
+            if (r.waiters or r.wanted) and r.state != "ready"
+        ]
+        if demand:
+            d = policy.decide(self._views(), demand, self.c.usable_gib, now, self.c.params)
+            if d.recheck_at is not None and d.recheck_at > now:
+                self._at(d.recheck_at, "recheck")
+            deferred = {name for name, _ in d.deferred}
+            for r in self.reps.values():
+                r.deferred = r.m.name in deferred
+            for name, _ in d.refuse:
+                self._fail_waiters(self.reps[name], "refused")
+            if d.plan is not None:
+                self.reps[d.plan.target].deferred = False
+                evicting = ", ".join(f"{e.name} ({e.mode})" for e in d.plan.evict)
+                self._log(f"{d.plan.action} {d.plan.target}"
+                          + (f", evicting {evicting}" if evicting else ""))
+                self._begin(self._execute(self.reps[d.plan.target], d.plan))
+                return
+            if any(not r.deferred for r in self.reps.values() if r.waiters and r.state != "ready"):
+                return
+        ttl = {r.m.name: r.m.ttl for r in self.reps.values()}
+        for name in scheduler.expired(self._views(), ttl, now):
+            self.expired += 1
+            self._log(f"ttl: stop {name}")
+            self._begin(self._evict(self.reps[name], scheduler.Evict(name, "stop"), count=False))
+            return
+
+    # -- the one engine operation (engine_ops.py, in simulated time) -----------------------------
+    def _log(self, what: str) -> None:
+        self.timeline.append((self.now, what))
+
+    def _begin(self, op: Op) -> None:
+        self._op = op
+        self._advance(None)
+
+    def _advance(self, value: bool | None) -> None:
+        """Run the operation to its next wait: ``value`` answers the wait it was in (True:
+        the victim is idle or the delay passed; False: the drain timed out)."""
+        assert self._op is not None
+        try:
+            step = self._op.send(value)  # type: ignore[arg-type]  # None only to start it
+        except StopIteration:
+            self._op = None
+            return
+        self._op_token += 1
+        if step[0] == "delay":
+            self._at(self.now + step[1], "op", self._op_token)
+        elif step[1].in_flight == 0:
+            self._advance(True)
+        else:
+            self._idle_wait = step[1]
+            self._at(self.now + self.c.drain_timeout_s, "drain", self._op_token)
+
+    def _execute(self, r: _Rep, p: scheduler.Plan) -> Generator[Step, bool, None]:
+        for ev in p.evict:
+            ok = yield from self._evict(self.reps[ev.name], ev)
+            if not ok:  # the victim stayed busy: the target's requests get 503
+                self._log(f"{ev.name} still busy after drain_timeout_s: {r.m.name} refused")
+                self._fail_waiters(r, "refused")
+                return
+        r.state = "starting"
+        began = self.now
+        if p.action == "wake":
+            yield ("delay", self.c.wake_s)
+            self.wakes += 1
+        else:
+            yield ("delay", r.m.start_s)
+            r.last_load_s = r.m.start_s
+            self.loads += 1
+        self.loading_s += self.now - began
+        r.state, r.last_used, r.loaded_at = "ready", self.now, self.now
+        self._log(f"{r.m.name} ready")
+
+    def _evict(self, v: _Rep, ev: scheduler.Evict, count: bool = True) -> Generator[
+        Step, bool, bool
+    ]:
+        v.draining = True
+        try:
+            if v.in_flight and not (yield ("idle", v)):
+                return False
+            if ev.mode == "sleep" and v.state == "ready":
+                yield ("delay", self.c.sleep_s)
+                v.state = "sleeping"
+                self.sleeps += 1
+            else:
+                v.state = "stopping"
+                yield ("delay", self.c.stop_s)
+                v.state = "stopped"
+            self._log(f"{v.m.name} {v.state}")
+            self.evictions += count
+            return True
+        finally:
+            v.draining = False
+
+    # -- the report ------------------------------------------------------------------------------
+    def _result(self) -> SimResult:
+        waits: dict[str, ClassStats] = {}
+        for klass in PRIORITIES:
+            mine = [q for q in self.reqs if q.priority == klass]
+            if not mine:
+                continue
+            w = [q.leased - q.arrived for q in mine if q.leased is not None]
+            over = sum(1 for q in mine
+                       if q.ended is not None and q.ended - q.arrived > q.bound + 1e-9)
+            waits[klass] = ClassStats(len(w), sum(w), percentile(w, 0.5), percentile(w, 0.95),
+                                      max(w, default=0.0), over)
+        worst = max(((q.ended - q.arrived) / q.bound for q in self.reqs if q.ended is not None),
+                    default=0.0)
+        refused = {k: sum(1 for q in self.reqs if q.outcome == k)
+                   for k in ("queue_full", "refused", "timeout")}
+        first = min((q.arrived for q in self.reqs), default=0.0)
+        return SimResult(
+            policy=self.c.params.name, trace=self.trace.name, requests=len(self.reqs),
+            served=sum(1 for q in self.reqs if q.outcome == "served"), loads=self.loads,
+            wakes=self.wakes, evictions=self.evictions, sleeps=self.sleeps,
+            expired=self.expired, loading_s=self.loading_s,
+            makespan_s=max(self.last_done - first, 0.0), refused=refused, waits=waits,
+            worst_wait_ratio=worst,
+        )
+
+
+def from_config(
+    models: Sequence[ResolvedModel],
+    config: Config,
+    usable_gib: float,
+    *,
+    start_s: float | None = None,
+    wake_s: float = 2.0,
+    sleep_s: float = 1.0,
+    stop_s: float = 2.0,
+    rtt_s: float = 0.02,
+) -> SimConfig:
+    """The simulation of a resolved models.yaml: footprints from the budgets, a cold start's
+    cost from the spec's ``reload_cost_s`` (or ``start_s`` for every model), sleep where the
+    supervisor would use it (``sleep: true`` and a vLLM that has it), the router's queue
+    settings, and the swap policy's parameters as the supervisor derives them."""
+    out: list[SimModel] = []
+    for m in models:
+        prior = m.spec.reload_cost_s if m.spec is not None else 1.0
+        out.append(SimModel(
+            name=m.name,
+            footprint_gib=m.budget.footprint_gib if m.budget else 0.0,
+            start_s=prior if start_s is None else start_s,
+            reload_cost_s=prior,
+            sleep_gib=m.budget.sleep_residual_gib if m.budget else 0.0,
+            can_sleep=sleep_ok(m),
+            pinned=m.entry.pinned,
+            external=m.external,
+            ttl=m.entry.ttl,
+            priority=m.entry.priority,
+            max_queue=m.entry.max_queue if m.entry.max_queue is not None
+            else config.router.max_queue,
+            preload=m.entry.preload,
+        ))
+    rc = config.router
+    return SimConfig(
+        models=tuple(out), usable_gib=usable_gib, params=params_from(config, models),
+        wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s, rtt_s=rtt_s,
+        queue_timeout_s=rc.queue_timeout_s, drain_timeout_s=rc.drain_timeout_s,
+    )
+
+
+def simulate(
+    config: SimConfig, trace: Trace, policy_name: policy.PolicyName | None = None
+) -> SimResult:
+    """Run ``trace`` against ``config`` (under ``policy_name``, else config.params.name)."""
+    if policy_name is not None:
+        config = replace(config, params=replace(config.params, name=policy_name))
+    return Simulation(config, trace).run()

@@ -1,0 +1,383 @@
+"""Measured budgets: what vLLM reported at start-up, kept so the next plan uses it.
+
+Every engine start logs its memory (``Model loading took X GiB``, the profiled peak
+activation and non-torch memory, CUDA-graph memory, the KV cache it got; on a CPU the
+checkpoint size); :mod:`vlmhub.engine_log` parses those lines into facts. The process that
+started the engine (the router's supervisor, or ``vlmhub serve``) hands them to
+:func:`observe_start`, which records them here; :func:`vlmhub.config.resolve` then plans with
+the measured figures (plus a margin, see :mod:`.vram`) instead of the plugin's estimate.
+A start that fails for memory (vLLM's free-memory, no-cache-blocks, max-model-len or CUDA
+out-of-memory errors) raises that model's estimate instead, and says so.
+
+The store is one small JSON file, ``$VLMHUB_STATE_DIR/budgets.json`` (default
+``~/.local/state/vlmhub``), keyed by :class:`BudgetKey`: model, variant, vLLM version, GPU
+name and the settings that change memory. Writes are atomic (temp file + ``os.replace``) under
+an advisory lock. Everything blocks briefly on that small file; nothing here is async.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlmhub.engine_log import MEMORY_FACTS, KnownError, diagnose
+from vlmhub.paths import default_state_dir
+from vlmhub.sizing.flags import engine_version
+from vlmhub.sizing.vram import Budget, Gpu, Measured, budget_for
+from vlmhub.spec import GIB, ModelSpec
+
+if TYPE_CHECKING:
+    from vlmhub.config.schema import ResolvedModel
+
+FILE_NAME = "budgets.json"
+SCHEMA = 1
+MEMORY_ERRORS = ("free_memory", "no_cache_blocks", "max_model_len", "cuda_oom")
+RAISE_FRACTION = 0.25
+"""Without a shortfall in the error, a memory failure raises the activation by 25 %..."""
+RAISE_MIN_GIB = 0.25
+"""...and by at least this much."""
+
+
+@dataclass(frozen=True)
+class BudgetKey:
+    """What a measurement is valid for: the same weights, vLLM, card and memory settings."""
+
+    model: str
+    variant: str | None
+    hf_repo: str
+    vllm_version: str
+    gpu: str
+    max_model_len: int
+    max_num_seqs: int | None
+    max_pixels: int | None
+    dtype: str | None
+    kv_cache_dtype: str | None
+    quantization: str | None
+    enforce_eager: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def planned_version(spec: ModelSpec, vllm_version: str | None = None) -> str:
+    """The vLLM version a start of ``spec`` runs: ``runtime.vllm_version`` if set, else the
+    image tag (the same rule for recording and for planning, so keys meet)."""
+    return vllm_version or engine_version(spec)
+
+
+def key_for(spec: ModelSpec, gpu: Gpu, vllm_version: str | None = None) -> BudgetKey:
+    o = spec.options
+    return BudgetKey(
+        model=spec.name,
+        variant=spec.variant,
+        hf_repo=spec.hf_repo,
+        vllm_version=planned_version(spec, vllm_version),
+        gpu=gpu.name,
+        max_model_len=o.max_model_len,
+        max_num_seqs=o.max_num_seqs,
+        max_pixels=spec.max_pixels,
+        dtype=o.dtype,
+        kv_cache_dtype=o.kv_cache_dtype,
+        quantization=o.quantization,
+        enforce_eager=o.enforce_eager,
+    )
+
+
+def measured_from_facts(facts: Mapping[str, float]) -> Measured:
+    """The budget parts an engine log reported (GPU lines, or vLLM CPU's checkpoint size)."""
+    weights = facts.get("model_load_gib", facts.get("weights_gib", facts.get("checkpoint_gib")))
+    non_torch = facts.get("non_torch_gib")
+    if non_torch is None and "consumed_gib" in facts and weights is not None:
+        non_torch = max(facts["consumed_gib"] - weights, 0.0)
+    kv_per_token = None
+    tokens, kv_gib = facts.get("kv_cache_tokens"), facts.get("kv_cache_gib")
+    if tokens and kv_gib:
+        kv_per_token = kv_gib * GIB / tokens
+    return Measured(
+        weights_gib=weights,
+        activation_gib=facts.get("peak_activation_gib"),
+        non_torch_gib=non_torch,
+        cuda_graph_gib=facts.get("cuda_graph_gib"),
+        kv_bytes_per_token=kv_per_token,
+    )
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored measurement (and any raise after a memory failure)."""
+
+    key: BudgetKey
+    facts: dict[str, float] = field(default_factory=dict)
+    measured_at: str | None = None
+    raised_activation_gib: float = 0.0
+    raised_headroom_gib: float = 0.0
+    raised_at: str | None = None
+    reasons: tuple[str, ...] = ()
+
+    def measured(self) -> Measured:
+        base = measured_from_facts(self.facts) if self.measured_at else Measured()
+        return dataclasses.replace(
+            base,
+            measured_on=self.measured_at[:10] if self.measured_at else None,
+            raised_activation_gib=self.raised_activation_gib,
+            raised_headroom_gib=self.raised_headroom_gib,
+            raised_on=self.raised_at[:10] if self.raised_at else None,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["reasons"] = list(self.reasons)
+        return data
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> Entry:
+        facts = {str(k): float(v) for k, v in dict(data.get("facts") or {}).items()}
+        return Entry(
+            key=BudgetKey(**data["key"]),
+            facts=facts,
+            measured_at=data.get("measured_at"),
+            raised_activation_gib=float(data.get("raised_activation_gib", 0.0)),
+            raised_headroom_gib=float(data.get("raised_headroom_gib", 0.0)),
+            raised_at=data.get("raised_at"),
+            reasons=tuple(str(r) for r in data.get("reasons") or ()),
+        )
+
+
+def _stamp(now: datetime | None) -> str:
+    return (now or datetime.now().astimezone()).isoformat(timespec="seconds")
+
+
+class BudgetStore:
+    """The budgets file. One owner writes it per engine (the process that started it); the
+    lock only keeps two writers (a router and ``vlmhub budgets forget``) from losing updates.
+    An unreadable file reads as empty and is replaced on the next write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def default(cls) -> BudgetStore:
+        return cls(default_state_dir() / FILE_NAME)
+
+    def entries(self) -> list[Entry]:
+        try:
+            data = json.loads(self.path.read_text())
+            return [Entry.from_dict(e) for e in data.get("entries", [])]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return []
+
+    def find(self, key: BudgetKey) -> Entry | None:
+        return next((e for e in self.entries() if e.key == key), None)
+
+    def lookup(self, key: BudgetKey) -> Measured | None:
+        """The measured parts for ``key`` (None if never measured nor raised)."""
+        entry = self.find(key)
+        return entry.measured() if entry is not None else None
+
+    def record(
+        self, key: BudgetKey, facts: Mapping[str, float], now: datetime | None = None
+    ) -> Entry:
+        """Store what a successful start measured. A measured peak activation supersedes an
+        earlier raise of the activation; a headroom raise stays until ``forget``."""
+        kept = {k: float(v) for k, v in facts.items() if k in MEMORY_FACTS}
+
+        def update(old: Entry | None) -> Entry:
+            base = old or Entry(key)
+            activation = base.raised_activation_gib
+            if "peak_activation_gib" in kept:
+                activation = 0.0
+            return dataclasses.replace(
+                base, facts=kept, measured_at=_stamp(now), raised_activation_gib=activation
+            )
+
+        return self._update(key, update)
+
+    def raise_estimate(
+        self,
+        key: BudgetKey,
+        reason: str,
+        *,
+        activation_gib: float = 0.0,
+        headroom_gib: float = 0.0,
+        now: datetime | None = None,
+    ) -> Entry:
+        """Add to the model's activation (inside its GPU fraction) or to the headroom kept
+        free outside it, after a start that failed for memory."""
+
+        def update(old: Entry | None) -> Entry:
+            base = old or Entry(key)
+            return dataclasses.replace(
+                base,
+                raised_activation_gib=base.raised_activation_gib + activation_gib,
+                raised_headroom_gib=base.raised_headroom_gib + headroom_gib,
+                raised_at=_stamp(now),
+                reasons=(*base.reasons, reason)[-5:],
+            )
+
+        return self._update(key, update)
+
+    def forget(self, model: str | None = None) -> int:
+        """Drop every entry of ``model`` (all entries with None); returns how many."""
+        with self._locked():
+            entries = self.entries()
+            kept = [e for e in entries if model is not None and e.key.model != model]
+            self._write(kept)
+        return len(entries) - len(kept)
+
+    def _update(self, key: BudgetKey, change: Any) -> Entry:
+        with self._locked():
+            entries = self.entries()
+            old = next((e for e in entries if e.key == key), None)
+            new: Entry = change(old)
+            self._write([*(e for e in entries if e.key != key), new])
+        return new
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _write(self, entries: list[Entry]) -> None:
+        data = {"schema": SCHEMA, "entries": [e.as_dict() for e in entries]}
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+# --- one call for whoever started the engine ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What :func:`observe_start` did: ``kind`` is "measured", "raised" or "none";
+    ``model`` is the model re-planned with the store (use it for the next start)."""
+
+    kind: str
+    message: str
+    model: ResolvedModel
+    before: Budget | None
+    after: Budget | None
+
+
+def plan_budget(
+    spec: ModelSpec,
+    gpu: Gpu,
+    store: BudgetStore | None,
+    budget_gib: float | None = None,
+    vllm_version: str | None = None,
+) -> Budget:
+    """``spec``'s budget with whatever ``store`` measured for it (no fit check)."""
+    measured = store.lookup(key_for(spec, gpu, vllm_version)) if store is not None else None
+    return budget_for(spec, budget_gib, measured)
+
+
+def observe_start(
+    store: BudgetStore,
+    model: ResolvedModel,
+    gpu: Gpu,
+    facts: Mapping[str, float],
+    ok: bool,
+    error: BaseException | None = None,
+    *,
+    vllm_version: str | None = None,
+    now: datetime | None = None,
+) -> Observation:
+    """Record one engine start of ``model``: its measured facts when it became ready
+    (``ok``), or a raised estimate when it failed for memory (``error`` is the
+    :class:`~vlmhub.errors.EngineStartError`; its ``code`` and log ``tail`` say how much).
+    Other failures change nothing. Blocks briefly on the budgets file."""
+    spec = model.spec
+    if spec is None:
+        return Observation("none", "", model, None, None)
+    key = key_for(spec, gpu, vllm_version)
+    before = model.budget
+    if ok:
+        if not any(k in facts for k in MEMORY_FACTS):
+            return Observation("none", f"{model.name}: its log reported no memory figures",
+                               model, before, before)  # fmt: skip
+        store.record(key, facts, now)
+        kind = "measured"
+    else:
+        raise_by = _raise_for(error, before, spec)
+        if raise_by is None:
+            return Observation("none", "", model, before, before)
+        reason, activation, headroom = raise_by
+        store.raise_estimate(
+            key, reason, activation_gib=activation, headroom_gib=headroom, now=now
+        )
+        kind = "raised"
+    after = plan_budget(spec, gpu, store, model.entry.budget_gib, vllm_version)
+    new_model = dataclasses.replace(model, budget=after)
+    return Observation(kind, _message(kind, model.name, before, after), new_model, before, after)
+
+
+def _raise_for(
+    error: BaseException | None, planned: Budget | None, spec: ModelSpec
+) -> tuple[str, float, float] | None:
+    """(reason, activation GiB, headroom GiB) to add after ``error``, or None."""
+    code = getattr(error, "code", None)
+    tail = list(getattr(error, "tail", None) or [])
+    known: KnownError | None = diagnose(tail) if tail else None
+    if known is not None and known.code in MEMORY_ERRORS:
+        code = known.code
+    if code not in MEMORY_ERRORS:
+        return None
+    d = known.details if known is not None and known.code == code else {}
+    activation = planned.activation_gib if planned is not None else spec.vram.activation_gib
+    fallback = max(RAISE_FRACTION * activation, RAISE_MIN_GIB)
+    if code == "free_memory" and "requested_gib" in d:
+        short = max(d["requested_gib"] - d["free_gib"], 0.0)
+        return (f"free memory {d['free_gib']:g} GiB < requested {d['requested_gib']:g} GiB",
+                0.0, _up(short + 0.1))  # fmt: skip
+    if code == "free_memory":
+        return "vLLM's free-memory check failed", 0.0, _up(fallback)
+    if code == "max_model_len" and "needed_gib" in d:
+        short = max(d["needed_gib"] - d["available_gib"], 0.0)
+        return (f"KV cache {d['available_gib']:g} GiB < needed {d['needed_gib']:g} GiB",
+                _up(short + 0.05), 0.0)  # fmt: skip
+    if code == "no_cache_blocks":  # the rest took at least the planned KV cache, and more
+        kv = planned.kv_cache_gib if planned is not None else 0.0
+        return "no memory was left for the KV cache", _up(kv + fallback), 0.0
+    if code == "cuda_oom" and "tried_gib" in d:
+        return f"CUDA out of memory ({d['tried_gib']:g} GiB)", _up(d["tried_gib"]), 0.0
+    return f"{code.replace('_', ' ')} at start-up", _up(fallback), 0.0
+
+
+def _up(gib: float) -> float:
+    """Round a raise up to 0.01 GiB."""
+    return math.ceil(round(gib * 100, 6)) / 100
+
+
+def _message(kind: str, name: str, before: Budget | None, after: Budget) -> str:
+    was = f" (was {before.footprint_gib:.2f} GiB, {before.label})" if before else ""
+    if kind == "measured":
+        return (
+            f"{name}: recorded the measured budget (weights {after.weights_gib:.2f} GiB, "
+            f"activation {after.activation_gib:.2f}, non-torch {after.non_torch_gib:.2f}, "
+            f"CUDA graphs {after.cuda_graph_gib:.2f}); it now plans "
+            f"{after.footprint_gib:.2f} GiB{was}"
+        )
+    return (
+        f"{name} failed to start for lack of memory: raised its budget by "
+        f"{after.raised_gib - (before.raised_gib if before else 0.0):.2f} GiB to "
+        f"{after.footprint_gib:.2f} GiB{was}, so the next start gets more room"
+    )
