@@ -32,6 +32,7 @@ class Page:
         self.ws = ws
         self.ids = itertools.count(1)
         self.errors: list[str] = []  # uncaught exceptions and console errors
+        self.size: tuple[int, int] | None = None  # the window's, when set by ``resize``
 
     async def call(self, method: str, **params: Any) -> dict[str, Any]:
         mid = next(self.ids)
@@ -86,10 +87,31 @@ class Page:
         await self.call("DOM.setFileInputFiles", nodeId=node["nodeId"],
                         files=[str(p) for p in paths])
 
+    async def resize(self, width: int, height: int) -> None:
+        """Lay the page out in a window of ``width`` x ``height`` CSS pixels (a desktop's)."""
+        await self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                        deviceScaleFactor=1, mobile=False)
+        self.size = (width, height)
+
     async def screenshot(self, path: Path) -> Path:
-        """A PNG of the whole page at ``path``."""
-        shot = await self.call("Page.captureScreenshot", format="png",
-                               captureBeyondViewport=True)
+        """A PNG of the whole page at ``path``, taken in a window taller than the page (as wide
+        as the current one), so without a scroll bar: captureBeyondViewport alone lays the page
+        out again without the bar, wider, and keeps the old width, cutting the right edge off.
+        (Chromium keeps the bar in a window exactly as tall as the page: hence the margin.)"""
+        width, height = self.size or await self.js("[innerWidth, innerHeight]")
+        tall = await self.js("document.documentElement.scrollHeight")
+        await self.call("Emulation.setDeviceMetricsOverride", width=width,
+                        height=max(tall + 200, height), deviceScaleFactor=1, mobile=False)
+        try:
+            page = await self.js("Math.ceil(document.documentElement.getBoundingClientRect()"
+                                 ".height)")
+            shot = await self.call("Page.captureScreenshot", format="png", clip={
+                "x": 0, "y": 0, "width": width, "height": max(page, height), "scale": 1})
+        finally:
+            if self.size:
+                await self.resize(*self.size)
+            else:
+                await self.call("Emulation.clearDeviceMetricsOverride")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(shot["data"]))
         return path

@@ -571,3 +571,61 @@ async def test_logs_and_the_last_hour_in_a_real_browser(tmp_path: Path,
             shot = await page.screenshot(tmp_path / "logs-and-history.png")
             assert page.errors == []
     keep_artifact(shot, "logs-and-history.png", capsys)
+
+
+# vLLM writes lines like these: its arguments as one dict, and paths without a space in them.
+LONG_LOG_LINES = [
+    "INFO 05-12 10:00:00 [api_server.py:1] non-default args: {"
+    + ", ".join(f"'option_{i}': 'value-{i}-{'x' * 12}'" for i in range(40)) + "}",
+    "ERROR 05-12 10:00:01 [core.py:711] OSError: cannot open "
+    + "/".join(f"segment-{i:03d}" for i in range(60)) + "/model.safetensors",
+]
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [390, 1280, 1920])
+async def test_the_dashboard_never_scrolls_sideways_with_long_log_lines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], width: int) -> None:
+    """Issue 21 item 16: long engine-log lines stay inside the log panel (wrapped) and the
+    models table scrolls inside its own box; the page is never wider than the window."""
+    if CHROMIUM is None:
+        skip_or_fail("no Chromium binary (scripts/test.sh installs Debian's chromium)")
+    sup, _, _ = build(tmp_path, models(), delay=0.1)
+    assert isinstance(sup.runtime, ProcessRuntime)
+    async with routed_app(sup) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            for name in ("alpha", "bravo"):
+                assert (await http.post(f"/api/models/{name}/load")).json()["state"] == "ready"
+        for name in ("alpha", "bravo"):  # appended to the engines' own log files
+            with sup.runtime.log_path(name).open("a") as log:
+                log.write("\n".join(LONG_LOG_LINES) + "\n")
+        async with chromium_page(url + "/ui", tmp_path / "profile") as page:
+            await page.resize(width, 900)
+            logs = "document.getElementById('logs-out')"
+            await page.wait_for(f"{logs}.textContent.includes('segment-059/model.safetensors')")
+            await page.wait_for("document.querySelectorAll('#models-body tr[data-model]')"
+                                ".length === 2")
+            await page.wait_for("document.querySelectorAll('#gpu-segments .seg').length === 2")
+            sizes = await page.js("""(() => {
+                const root = document.documentElement, right = (id) =>
+                    document.getElementById(id).getBoundingClientRect().right;
+                const out = document.getElementById('logs-out');
+                return {window: window.innerWidth, visible: root.clientWidth,
+                        page: root.scrollWidth, body: document.body.scrollWidth,
+                        cards: Math.max(...[...document.querySelectorAll('.card')].map(
+                            (c) => c.getBoundingClientRect().right)),
+                        bar: right('gpu-bar'),
+                        wrap: document.querySelector('.table-wrap').getBoundingClientRect().right,
+                        log: right('logs-out'), logScroll: out.scrollWidth,
+                        logClient: out.clientWidth};
+            })()""")
+            shot = await page.screenshot(tmp_path / f"dashboard-{width}.png")
+            assert page.errors == []
+    keep_artifact(shot, f"dashboard-{width}.png", capsys)
+    window = sizes["window"]
+    assert window == width
+    visible = sizes["visible"]  # the window less its vertical scroll bar
+    assert sizes["page"] <= visible and sizes["body"] <= visible, sizes  # no sideways scroll
+    for part in ("cards", "bar", "wrap", "log"):  # nothing cut at the right edge
+        assert sizes[part] <= visible, (part, sizes)
+    assert sizes["logScroll"] <= sizes["logClient"], sizes  # long lines wrap in the panel
