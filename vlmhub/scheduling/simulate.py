@@ -32,9 +32,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from vlmhub.config.schema import Config, ResolvedModel, sleep_ok
-from vlmhub.control.contract import State
 from vlmhub.scheduling import policy, scheduler
 from vlmhub.scheduling.policy import PRIORITIES, Params, Priority, params_from
+from vlmhub.scheduling.scheduler import State
 from vlmhub.scheduling.simtrace import Clients, Draw, Stream, Trace, draw
 
 Step = tuple[Literal["delay"], float] | tuple[Literal["idle"], "_Rep"]
