@@ -93,7 +93,7 @@ class Supervisor:
         self._tick_s = tick_s
         self._recheck_at: float | None = None
         """The policy asked to decide again at this time (a short grace ends before a tick)."""
-        self.http = httpx.AsyncClient(timeout=10.0)
+        self.http = httpx.AsyncClient(timeout=10.0, trust_env=False)  # engines: never a proxy
         self.budgets = budgets
         """Where engine starts record what they measured (vlmhub.sizing.budgets); None: nowhere."""
         self._on_start = on_start
