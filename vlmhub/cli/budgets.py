@@ -1,8 +1,9 @@
-"""``vlmhub budgets [show | forget MODEL]``: the measured budgets vlmhub plans with.
+"""``vlmhub budgets [show | forget MODEL | --reset MODEL]``: the budgets vlmhub learned.
 
 Each engine start records what vLLM reported about its memory (see :mod:`vlmhub.sizing.budgets`);
 ``show`` lists them, ``forget`` drops a model's so the next start measures again. Both read
-or write one small file and return.
+or write one small file and return. ``--reset MODEL`` is ``forget MODEL``: what a router that
+refuses a model whose learned budget no longer fits tells the user to run.
 """
 
 from __future__ import annotations
@@ -71,9 +72,16 @@ def _row(e: Entry) -> list[str]:
 
 
 @budgets_app.callback()
-def main(typer_ctx: typer.Context) -> None:
+def main(
+    typer_ctx: typer.Context,
+    reset: Annotated[str | None, typer.Option(
+        "--reset", metavar="MODEL", help="Forget what MODEL's starts taught (measurements and "
+        "raises): its next start plans with the plugin's estimate and measures again.")] = None,
+) -> None:
     """Show the measured budgets (the default), or forget a model's."""
-    if typer_ctx.invoked_subcommand is None:
+    if reset is not None:
+        forget(reset, all_models=False)
+    elif typer_ctx.invoked_subcommand is None:
         show()
 
 

@@ -20,7 +20,7 @@ from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, user_er
 from vlmhub.cli.output import JsonOption, print_json
 from vlmhub.config.locate import ConfigError
 from vlmhub.config.schema import ResolvedModel, find_config
-from vlmhub.sizing.budgets import key_for
+from vlmhub.sizing.budgets import plan_budget
 from vlmhub.sizing.flags import redact, render_argv
 from vlmhub.sizing.together import GroupPlan
 from vlmhub.sizing.vram import Budget, Gpu, budget_for, fitting_sets
@@ -82,7 +82,7 @@ def _plugin_budget(ctx: Context, spec: ModelSpec) -> Budget:
         gpu, version = ctx.gpu, ctx.loaded.config.runtime.vllm_version
     except ConfigError:  # a broken models.yaml must not hide the plugin list
         return budget_for(spec)
-    return budget_for(spec, None, store().lookup(key_for(spec, gpu, version)))
+    return plan_budget(spec, gpu, store(), None, version)
 
 
 def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption,

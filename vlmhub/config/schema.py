@@ -28,10 +28,10 @@ from pydantic import (
 
 from vlmhub.config.locate import ConfigError, FieldProblem, Loc, Locator, explain, load_yaml
 from vlmhub.config.vision import context_problem
-from vlmhub.sizing.budgets import BudgetStore, key_for
+from vlmhub.sizing.budgets import BudgetStore, learned
 from vlmhub.sizing.flags import engine_version, flag_like_values
 from vlmhub.sizing.together import GroupPlan, MeasureFn, fit_together
-from vlmhub.sizing.vram import Budget, DoesNotFit, Gpu, Measured, check_fits_alone
+from vlmhub.sizing.vram import Budget, DoesNotFit, Gpu, Measured, budget_for, check_fits_alone
 from vlmhub.spec import ModelSpec, Strict, version_tuple
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -68,6 +68,19 @@ class GpuConfig(Section):
     force_total: bool = False
 
 
+class BatchConfig(Section):
+    """``router.batch``: the Batch and Files API (``/v1/files``, ``/v1/batches``; docs/api.md)."""
+
+    max_file_mib: float = Field(default=100.0, gt=0)
+    """The largest file ``POST /v1/files`` accepts, in MiB (a larger upload is a 413). The
+    upload is held in the router's memory while it arrives."""
+    concurrency: int = Field(default=8, ge=1)
+    """Lines of all batches sent to the models at once, each at batch priority (keep it under
+    the model's ``max_queue`` so interactive requests still find room in the queue)."""
+    max_lines: int = Field(default=50_000, ge=1)
+    """The most request lines one batch input file may hold (OpenAI's limit is 50,000)."""
+
+
 class RouterConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
@@ -90,9 +103,16 @@ class RouterConfig(Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     cors_origins: list[str] = Field(default_factory=list)
     """Browser origins (e.g. http://localhost:3000) that may call /v1/* (CORS); "*" for any."""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """The Batch and Files API's limits (docs/api.md, "Batch and Files")."""
     loading_comments_s: float = Field(default=5.0, ge=0)
     """A streamed request that must wait for its model gets an SSE comment line at once and then
     every this many seconds (``: vlmhub loading MODEL: PHASE (N s)``); 0 turns them off."""
+    trust_loopback: bool = True
+    """Without ``admin_key``, clients on this machine (loopback) may use the admin API (/api/*).
+    A request carrying ``Forwarded``, ``X-Forwarded-For`` or ``X-Real-IP`` is never trusted as
+    loopback; set false (and set ``admin_key``) behind a reverse proxy or an ``ssh -L`` on this
+    host, where remote users arrive from loopback without those headers."""
 
     @field_validator("admin_key")
     @classmethod
@@ -247,6 +267,10 @@ class ResolvedModel:
     source: str
     group: GroupPlan | None = None
     """The ``together`` group this model is planned in (its caps and the trade-off)."""
+    refusal: str | None = None
+    """Why this model is refused although its plugin's estimate fits: what starts of it
+    learned (the budgets file) no longer fits the GPU. Its ``budget`` is that learned one, so
+    the scheduler refuses it; the others serve. Says how to reset it."""
 
     @property
     def external(self) -> bool:
@@ -350,9 +374,7 @@ def resolve(
     wanted = None if only is None else set(only).union(*(g for g in groups if g & set(only)))
 
     def measure(spec: ModelSpec) -> Measured | None:
-        if measured is None:
-            return None
-        return measured.lookup(key_for(spec, gpu, config.runtime.vllm_version))
+        return learned(measured, spec, gpu, config.runtime.vllm_version)
 
     for name, entry in config.models.items():
         if not entry.enabled or (wanted is not None and name not in wanted):
@@ -389,9 +411,8 @@ def resolve(
             if (need := context_problem(spec)) is not None:
                 problems.append(loc.error((*where, "max_model_len"), *need.problem(name)))
                 continue
-            budget = (
-                check_fits_alone(spec, gpu, entry.budget_gib, measure(spec)) if check_fit else None
-            )
+            budget, refusal = (_fit_alone(spec, gpu, entry.budget_gib, measure(spec))
+                               if check_fit else (None, None))  # fmt: skip
         except ConfigError as exc:
             problems += exc.problems
             continue
@@ -404,13 +425,34 @@ def resolve(
             continue
         inline = entry.spec is not None
         problems += [loc.error(*bad) for bad in flag_like_values(spec, where, inline)]
-        out.append(ResolvedModel(name, entry, spec, budget, source))
+        out.append(ResolvedModel(name, entry, spec, budget, source, refusal=refusal))
     problems += _check_names(out, loc)
     if check_fit and not problems:
         out, problems = _fit_groups(out, config, groups, gpu, measure, loc)
     if problems:
         raise ConfigError(problems)
     return [m for m in out if only is None or m.name in only]
+
+
+def _fit_alone(
+    spec: ModelSpec, gpu: Gpu, budget_gib: float | None, learned_parts: Measured | None
+) -> tuple[Budget, str | None]:
+    """The budget and, when only what the budgets file learned makes it too big for the GPU,
+    the refusal (the model is then refused, not the config). ``DoesNotFit`` when even the
+    plugin's estimate does not fit: that stays a config error."""
+    try:
+        return check_fits_alone(spec, gpu, budget_gib, learned_parts), None
+    except DoesNotFit as exc:
+        if learned_parts is None:
+            raise
+        estimate = check_fits_alone(spec, gpu, budget_gib)  # or DoesNotFit: a config error
+        budget = budget_for(spec, None, learned_parts)
+        return budget, (
+            f"{spec.name} is refused: what its past starts taught (budgets file: {budget.label}) "
+            f"makes it need {exc.needed_gib:.2f} GiB, more than the {gpu.usable_gib:.2f} GiB "
+            f"usable (its estimate, {estimate.footprint_gib:.2f} GiB, fits). If the GPU is "
+            f"free now, reset it: `vlmhub budgets --reset {spec.name}`"
+        )
 
 
 def _entry_overrides(spec: ModelSpec, entry: ModelEntry) -> ModelSpec:

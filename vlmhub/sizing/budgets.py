@@ -6,8 +6,12 @@ checkpoint size); :mod:`vlmhub.engine_log` parses those lines into facts. The pr
 started the engine (the router's supervisor, or ``vlmhub serve``) hands them to
 :func:`observe_start`, which records them here; :func:`vlmhub.config.resolve` then plans with
 the measured figures (plus a margin, see :mod:`.vram`) instead of the plugin's estimate.
-A start that fails for memory (vLLM's free-memory, no-cache-blocks, max-model-len or CUDA
-out-of-memory errors) raises that model's estimate instead, and says so.
+A start that fails for memory (vLLM's no-cache-blocks, max-model-len or CUDA out-of-memory
+errors) raises that model's estimate instead, and says so. Such raises are bounded (at most
+:data:`RAISE_CAP_FRACTION` of the plugin's estimate in all) and expire (after
+:data:`RAISE_TTL_DAYS` days, and at the next good start that measures the activation). A
+start that failed because the card was busy (vLLM's free-memory check: another program held
+memory) says nothing about the model, and never raises it.
 
 The store is one small JSON file, ``$VLMHUB_STATE_DIR/budgets.json`` (default
 ``~/.local/state/vlmhub``), keyed by :class:`BudgetKey`: model, variant, vLLM version, GPU
@@ -26,7 +30,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +45,14 @@ if TYPE_CHECKING:
 
 FILE_NAME = "budgets.json"
 SCHEMA = 1
-MEMORY_ERRORS = ("free_memory", "no_cache_blocks", "max_model_len", "cuda_oom")
+MEMORY_ERRORS = ("no_cache_blocks", "max_model_len", "cuda_oom")
+BUSY_CARD = "free_memory"
+"""vLLM's start-up check found less free memory than asked: the card was busy, not the model
+too big. It never raises a budget."""
+RAISE_CAP_FRACTION = 0.5
+"""All raises of one model together are at most this fraction of its estimated footprint."""
+RAISE_TTL_DAYS = 7
+"""A raise older than this is ignored (the conditions that caused it rarely last)."""
 RAISE_FRACTION = 0.25
 """Without a shortfall in the error, a memory failure raises the activation by 25 %..."""
 RAISE_MIN_GIB = 0.25
@@ -124,15 +135,30 @@ class Entry:
     raised_at: str | None = None
     reasons: tuple[str, ...] = ()
 
-    def measured(self) -> Measured:
+    def measured(self, now: datetime | None = None) -> Measured:
+        """The measured parts, with the raises unless they expired (:data:`RAISE_TTL_DAYS`)."""
         base = measured_from_facts(self.facts) if self.measured_at else Measured()
+        base = dataclasses.replace(
+            base, measured_on=self.measured_at[:10] if self.measured_at else None
+        )
+        if self.raise_expired(now):
+            return base
         return dataclasses.replace(
             base,
-            measured_on=self.measured_at[:10] if self.measured_at else None,
             raised_activation_gib=self.raised_activation_gib,
             raised_headroom_gib=self.raised_headroom_gib,
             raised_on=self.raised_at[:10] if self.raised_at else None,
         )
+
+    def raise_expired(self, now: datetime | None = None) -> bool:
+        """Whether the raise (if any) is older than :data:`RAISE_TTL_DAYS`."""
+        if self.raised_at is None:
+            return False
+        try:
+            at = datetime.fromisoformat(self.raised_at)
+            return (now or datetime.now().astimezone()) - at > timedelta(days=RAISE_TTL_DAYS)
+        except (ValueError, TypeError):  # unreadable or naive stamp: treat as expired
+            return True
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -179,16 +205,18 @@ class BudgetStore:
     def find(self, key: BudgetKey) -> Entry | None:
         return next((e for e in self.entries() if e.key == key), None)
 
-    def lookup(self, key: BudgetKey) -> Measured | None:
-        """The measured parts for ``key`` (None if never measured nor raised)."""
+    def lookup(self, key: BudgetKey, now: datetime | None = None) -> Measured | None:
+        """The measured parts for ``key`` (None if never measured nor raised); a raise older
+        than :data:`RAISE_TTL_DAYS` is left out."""
         entry = self.find(key)
-        return entry.measured() if entry is not None else None
+        return entry.measured(now) if entry is not None else None
 
     def record(
         self, key: BudgetKey, facts: Mapping[str, float], now: datetime | None = None
     ) -> Entry:
         """Store what a successful start measured. A measured peak activation supersedes an
-        earlier raise of the activation; a headroom raise stays until ``forget``."""
+        earlier raise of the activation; a good start also ends a headroom raise (the card had
+        the room after all)."""
         kept = {k: float(v) for k, v in facts.items() if k in MEMORY_FACTS}
 
         def update(old: Entry | None) -> Entry:
@@ -197,7 +225,8 @@ class BudgetStore:
             if "peak_activation_gib" in kept:
                 activation = 0.0
             return dataclasses.replace(
-                base, facts=kept, measured_at=_stamp(now), raised_activation_gib=activation
+                base, facts=kept, measured_at=_stamp(now), raised_activation_gib=activation,
+                raised_headroom_gib=0.0, raised_at=base.raised_at if activation else None,
             )
 
         return self._update(key, update)
@@ -209,17 +238,27 @@ class BudgetStore:
         *,
         activation_gib: float = 0.0,
         headroom_gib: float = 0.0,
+        cap_gib: float | None = None,
         now: datetime | None = None,
     ) -> Entry:
         """Add to the model's activation (inside its GPU fraction) or to the headroom kept
-        free outside it, after a start that failed for memory."""
+        free outside it, after a start that failed for memory. An expired raise starts again
+        from 0; the sum stays at most ``cap_gib`` (the activation gives way first)."""
 
         def update(old: Entry | None) -> Entry:
             base = old or Entry(key)
+            if base.raise_expired(now):
+                base = dataclasses.replace(base, raised_activation_gib=0.0,
+                                           raised_headroom_gib=0.0)  # fmt: skip
+            act = base.raised_activation_gib + activation_gib
+            head = base.raised_headroom_gib + headroom_gib
+            if cap_gib is not None and act + head > cap_gib:
+                head = min(head, cap_gib)
+                act = max(cap_gib - head, 0.0)
             return dataclasses.replace(
                 base,
-                raised_activation_gib=base.raised_activation_gib + activation_gib,
-                raised_headroom_gib=base.raised_headroom_gib + headroom_gib,
+                raised_activation_gib=act,
+                raised_headroom_gib=head,
                 raised_at=_stamp(now),
                 reasons=(*base.reasons, reason)[-5:],
             )
@@ -268,7 +307,8 @@ class BudgetStore:
 
 @dataclass(frozen=True)
 class Observation:
-    """What :func:`observe_start` did: ``kind`` is "measured", "raised" or "none";
+    """What :func:`observe_start` did: ``kind`` is "measured", "raised", "busy" (the card was
+    busy: nothing recorded, ``message`` says so) or "none";
     ``model`` is the model re-planned with the store (use it for the next start)."""
 
     kind: str
@@ -278,6 +318,29 @@ class Observation:
     after: Budget | None
 
 
+def raise_cap_gib(spec: ModelSpec) -> float:
+    """The most all raises of ``spec`` may add: :data:`RAISE_CAP_FRACTION` of its estimate."""
+    return _up(RAISE_CAP_FRACTION * budget_for(spec).footprint_gib)
+
+
+def learned(
+    store: BudgetStore | None,
+    spec: ModelSpec,
+    gpu: Gpu,
+    vllm_version: str | None = None,
+    now: datetime | None = None,
+) -> Measured | None:
+    """What ``store`` learned for ``spec``: measurements, and unexpired raises held to
+    :func:`raise_cap_gib` (a file written before the cap existed is held to it too)."""
+    if store is None:
+        return None
+    m = store.lookup(key_for(spec, gpu, vllm_version), now)
+    if m is None or m.raised_gib <= (cap := raise_cap_gib(spec)):
+        return m
+    head = min(m.raised_headroom_gib, cap)
+    return dataclasses.replace(m, raised_headroom_gib=head, raised_activation_gib=cap - head)
+
+
 def plan_budget(
     spec: ModelSpec,
     gpu: Gpu,
@@ -285,9 +348,8 @@ def plan_budget(
     budget_gib: float | None = None,
     vllm_version: str | None = None,
 ) -> Budget:
-    """``spec``'s budget with whatever ``store`` measured for it (no fit check)."""
-    measured = store.lookup(key_for(spec, gpu, vllm_version)) if store is not None else None
-    return budget_for(spec, budget_gib, measured)
+    """``spec``'s budget with whatever ``store`` learned for it (no fit check)."""
+    return budget_for(spec, budget_gib, learned(store, spec, gpu, vllm_version))
 
 
 def observe_start(
@@ -302,9 +364,10 @@ def observe_start(
     now: datetime | None = None,
 ) -> Observation:
     """Record one engine start of ``model``: its measured facts when it became ready
-    (``ok``), or a raised estimate when it failed for memory (``error`` is the
+    (``ok``), or a raised estimate (bounded) when it failed for memory (``error`` is the
     :class:`~vlmhub.errors.EngineStartError`; its ``code`` and log ``tail`` say how much).
-    Other failures change nothing. Blocks briefly on the budgets file."""
+    A start that met a busy card, and other failures, change nothing. Blocks briefly on the
+    budgets file."""
     spec = model.spec
     if spec is None:
         return Observation("none", "", model, None, None)
@@ -317,39 +380,52 @@ def observe_start(
         store.record(key, facts, now)
         kind = "measured"
     else:
+        if (busy := _busy_card(error)) is not None:
+            return Observation("busy", f"{model.name}: {busy}", model, before, before)
         raise_by = _raise_for(error, before, spec)
         if raise_by is None:
             return Observation("none", "", model, before, before)
         reason, activation, headroom = raise_by
-        store.raise_estimate(
-            key, reason, activation_gib=activation, headroom_gib=headroom, now=now
-        )
+        store.raise_estimate(key, reason, activation_gib=activation, headroom_gib=headroom,
+                             cap_gib=raise_cap_gib(spec), now=now)  # fmt: skip
         kind = "raised"
     after = plan_budget(spec, gpu, store, model.entry.budget_gib, vllm_version)
     new_model = dataclasses.replace(model, budget=after)
     return Observation(kind, _message(kind, model.name, before, after), new_model, before, after)
 
 
+def _known(error: BaseException | None) -> tuple[str | None, KnownError | None]:
+    """The error's code (the log's diagnosis first) and the diagnosis."""
+    code = getattr(error, "code", None)
+    tail = list(getattr(error, "tail", None) or [])
+    known: KnownError | None = diagnose(tail) if tail else None
+    if known is not None and known.code in (*MEMORY_ERRORS, BUSY_CARD):
+        code = known.code
+    return code, known
+
+
+def _busy_card(error: BaseException | None) -> str | None:
+    """What to say when ``error`` is vLLM's free-memory check (the card was busy), else None."""
+    code, known = _known(error)
+    if code != BUSY_CARD:
+        return None
+    d = known.details if known is not None and known.code == code else {}
+    seen = (f" ({d['free_gib']:g} GiB free < {d['requested_gib']:g} GiB requested)"
+            if "requested_gib" in d else "")  # fmt: skip
+    return (f"the GPU was busy at start-up{seen}: another program held memory. Its budget is "
+            "unchanged; free the GPU (`nvidia-smi` lists who holds it) and try again")
+
+
 def _raise_for(
     error: BaseException | None, planned: Budget | None, spec: ModelSpec
 ) -> tuple[str, float, float] | None:
     """(reason, activation GiB, headroom GiB) to add after ``error``, or None."""
-    code = getattr(error, "code", None)
-    tail = list(getattr(error, "tail", None) or [])
-    known: KnownError | None = diagnose(tail) if tail else None
-    if known is not None and known.code in MEMORY_ERRORS:
-        code = known.code
+    code, known = _known(error)
     if code not in MEMORY_ERRORS:
         return None
     d = known.details if known is not None and known.code == code else {}
     activation = planned.activation_gib if planned is not None else spec.vram.activation_gib
     fallback = max(RAISE_FRACTION * activation, RAISE_MIN_GIB)
-    if code == "free_memory" and "requested_gib" in d:
-        short = max(d["requested_gib"] - d["free_gib"], 0.0)
-        return (f"free memory {d['free_gib']:g} GiB < requested {d['requested_gib']:g} GiB",
-                0.0, _up(short + 0.1))  # fmt: skip
-    if code == "free_memory":
-        return "vLLM's free-memory check failed", 0.0, _up(fallback)
     if code == "max_model_len" and "needed_gib" in d:
         short = max(d["needed_gib"] - d["available_gib"], 0.0)
         return (f"KV cache {d['available_gib']:g} GiB < needed {d['needed_gib']:g} GiB",
