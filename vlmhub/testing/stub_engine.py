@@ -42,6 +42,11 @@ from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
+try:  # dots.ocr layout answers; the stand-in's Docker image holds this file alone: none there
+    from vlmhub.testing import stub_layout
+except ImportError:
+    stub_layout = None  # type: ignore[assignment]
+
 VERSION = "0.32.0"
 GIB = 1024**3
 SLEEP_CLAIM_GIB = 1.25  # what a sleeping vLLM keeps on the GPU (CUDA context, graph pools)
@@ -509,6 +514,8 @@ class Handler(BaseHTTPRequestHandler):
         wanted = body.get("max_completion_tokens") or body.get("max_tokens")
         try:
             prompt, prompt_tokens, images = prompt_of(body, chat)
+            layout = (stub_layout.answer(body, WORDS)  # only for dots.ocr's layout prompt
+                      if chat and stub_layout is not None else None)
             if wanted is not None and (not isinstance(wanted, int) or wanted < 1):
                 raise ValueError("max_tokens must be a positive integer")
             if prompt_tokens + (wanted or 0) > limit:
@@ -519,7 +526,8 @@ class Handler(BaseHTTPRequestHandler):
                     "messages or completion.")
         except ValueError as exc:
             return self.reply_json(400, error_body(str(exc), "BadRequestError", 400))
-        pieces = generate(model, prompt, images, min(wanted or 16, 64))
+        pieces = (generate(model, prompt, images, min(wanted or 16, 64)) if layout is None
+                  else stub_layout.pieces(layout, wanted))
         finish = "length" if wanted == len(pieces) else "stop"
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + len(pieces),
                  "completion_tokens": len(pieces)}
