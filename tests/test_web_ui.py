@@ -340,7 +340,7 @@ LAYOUT = [
     {"bbox": [88, 260, 1144, 420], "category": "Text",
      "text": "Sales of **apples** rose; see the table <script>alert(1)</script>."},
     {"bbox": [88, 460, 700, 640], "category": "Table", "text": TABLE},
-    {"bbox": [300, 680, 930, 760], "category": "Formula", "text": r"E = m c^{2}"},
+    {"bbox": [300, 680, 930, 760], "category": "Formula", "text": r"\[ E = m c^{2} \]"},
     {"bbox": [88, 800, 616, 1300], "category": "Picture"},
     {"bbox": [88, 1320, 616, 1380], "category": "Caption", "text": "Figure 1: an apple."},
     {"bbox": [560, 1700, 680, 1740], "category": "Page-footer", "text": "3"},
@@ -417,16 +417,27 @@ async def test_ocr_render_gives_markdown_and_boxes_on_the_sent_page(tmp_path: Pa
     sup = ocr_supervisor(tmp_path, "[]")
     answer = json.dumps(LAYOUT)
     async with routed_app(sup) as (url, _), httpx.AsyncClient(base_url=url, timeout=60) as http:
-        async def render(text: str, preset: str | None = "layout") -> dict[str, Any]:
+        async def render(text: str, preset: str | None = "layout",
+                         **source: int) -> dict[str, Any]:
             r = await http.post("/api/ui/ocr/render", json={
                 "model": "dots-ocr", "preset": preset, "text": text,
-                "width": PAGE_SIZE[0], "height": PAGE_SIZE[1]})
+                "width": PAGE_SIZE[0], "height": PAGE_SIZE[1], **source})
             assert r.status_code == 200, r.text
             data: dict[str, Any] = r.json()
             return data
 
+        # a page sent downscaled from 2480 x 3508: boxes (and the Markdown's picture link) in
+        # the original page's pixels, the coordinates of `vlmhub ocr`'s NAME.json
+        big = await render(answer, source_width=2480, source_height=3508)
+        assert (big["layout"]["width"], big["layout"]["height"]) == (2480, 3508)
+        picture = LAYOUT[5]["bbox"]
+        box = [round(v * 2480 / SEEN[0]) if i % 2 == 0 else round(v * 3508 / SEEN[1])
+               for i, v in enumerate(picture)]
+        assert big["layout"]["cells"][5]["bbox"] == box
+        assert f"![picture](bbox:{','.join(map(str, box))})" in big["markdown"]
+        assert big["layout"]["colours"]["Picture"] == "#c2255c"  # the drawing's colours
         whole = await render(answer)
-        assert whole["markdown"].startswith("# Fruit report\n\n")  # the plugin's postprocess
+        assert whole["markdown"].startswith("# Fruit report\n\n")  # dots.ocr's Markdown
         assert TABLE in whole["markdown"] and "$$\nE = m c^{2}\n$$" in whole["markdown"]
         assert "ACME quarterly" not in whole["markdown"]  # page header dropped
         cells = whole["layout"]["cells"]

@@ -149,17 +149,25 @@ def ocr(
         "--max-pixels", min=1, help="Downscale pages to at most this many pixels (default: "
         "the model's vision.max_pixels, else 11289600); never above the model's own cap.")]
     = None,
+    embed_images: Annotated[bool, typer.Option(
+        "--embed-images", help="Layout preset: put figures in the Markdown as data URLs "
+        "instead of NAME.fig-N.png files.")] = False,
+    draw_layout: Annotated[bool, typer.Option(
+        "--draw-layout", help="Layout preset: also write NAME.layout.png, the page with its "
+        "boxes and categories drawn.")] = False,
     as_json: Annotated[bool, JsonOption] = False,
 ) -> None:
     """OCR many images and PDF pages through a running router or engine. Writes
-    NAME.raw.txt, NAME.md and manifest.jsonl; a re-run resumes. Exit 1 if any page failed."""
+    NAME.raw.txt, NAME.md and manifest.jsonl (the layout preset also NAME.json and figures;
+    a PDF also one Markdown for the document); a re-run resumes. Exit 1 if any page failed."""
     with user_errors():
         ctx = Context(config)
         spec = find_spec(ctx, model)
         opts = BatchOptions(model=model, out_dir=out, preset=preset, concurrency=concurrency,
                             base_url=normalise_url(url or default_url(ctx)),
                             api_key=os.environ.get(api_key_env) or None, force=force,
-                            max_pixels=max_pixels,
+                            max_pixels=max_pixels, embed_images=embed_images,
+                            draw_layout=draw_layout,
                             max_body_bytes=None if url else config_body_limit(ctx))
         runner = BatchRunner(opts, spec)  # an unknown preset fails here, listing the presets
         jobs = plan(inputs, opts, runner.prompt)

@@ -28,7 +28,10 @@ Outputs in ``out_dir``: ``<name>.raw.txt`` (the answer as is), ``<name>.md``
 (``spec.postprocess(text, preset)``, or the answer when the model's spec is unknown), where
 ``<name>`` is the input's stem plus ``-p0001`` for a PDF page, and one ``manifest.jsonl`` line
 per page attempted. A page whose latest manifest line for the same model and preset is ``ok``
-(and whose ``.raw.txt`` exists) is skipped, unless ``force``.
+(and whose ``.raw.txt`` exists) is skipped, unless ``force``. The ``layout`` preset's pages
+also get ``<name>.json``, their figures and (``draw_layout``) a drawing, in the original
+page's pixels (:mod:`vlmhub.ocr.outputs`); a PDF's or multi-page TIFF's pages are also joined
+in one ``<stem>.md`` (:mod:`vlmhub.ocr.document`).
 """
 
 from __future__ import annotations
@@ -36,12 +39,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
@@ -57,169 +59,43 @@ from vlmhub.ocr.answers import (
     parse_answer,
     retry_after_s,
 )
+from vlmhub.ocr.document import Documents
 from vlmhub.ocr.images import DEFAULT_MAX_PIXELS
 from vlmhub.ocr.layout import not_recovered, was_recovered
-from vlmhub.ocr.pages import PageRef, PageRenderer, find_inputs, list_pages, output_names
+from vlmhub.ocr.outputs import (
+    PageGeometry,
+    is_layout,
+    needs_image,
+    page_files,
+    read_page_layout,
+    write_atomic,
+    write_page_files,
+)
+from vlmhub.ocr.pages import PageRenderer
+from vlmhub.ocr.plan import (
+    DEFAULT_URL,
+    GENERIC_PROMPT,
+    MANIFEST,
+    BatchOptions,
+    BatchSummary,
+    PageJob,
+    PageResult,
+    Prompt,
+    Status,
+    choose_prompt,
+    page_key,
+    plan,
+    read_manifest,
+)
 from vlmhub.spec import ModelSpec
 
-DEFAULT_URL = "http://127.0.0.1:8080/v1"
-GENERIC_PROMPT = "Extract all text from this image."
-MANIFEST = "manifest.jsonl"
+__all__ = ["DEFAULT_URL", "GENERIC_PROMPT", "MANIFEST", "BatchOptions", "BatchRunner",
+           "BatchSummary", "PageJob", "PageResult", "Prompt", "Status", "choose_prompt",
+           "ocr_batch", "page_key", "plan", "read_manifest", "write_atomic"]
+
 FATAL_STATUSES = frozenset({401, 403, 404})  # wrong key or model: every page would fail
 CHECK_TIMEOUT_S = 10.0
 FIT_TRIES = 3  # sends of one page that a 413 may cause
-Status = Literal["ok", "failed", "skipped"]
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """The text and sampling settings sent with every page. ``preset`` None: generic."""
-
-    preset: str | None
-    text: str
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-
-
-def choose_prompt(spec: ModelSpec | None, preset: str | None, model: str) -> Prompt:
-    """The preset asked for, else the spec's default (or its ``ocr`` preset), else a generic
-    prompt. An unknown preset raises VlmhubError listing the model's presets."""
-    if spec is None:
-        if preset is not None:
-            raise VlmhubError(f"{model!r} is not in the config, so its presets are unknown. "
-                              "Fix: drop --preset, or pass the --config that declares it")
-        return Prompt(None, GENERIC_PROMPT)
-    if preset is None:
-        preset = spec.default_preset or ("ocr" if "ocr" in spec.presets else None)
-        if preset is None:
-            return Prompt(None, GENERIC_PROMPT)
-    if preset not in spec.presets:
-        known = "; ".join(f"{n} ({p.description})" if p.description else n
-                          for n, p in spec.presets.items()) or "none: omit --preset"
-        raise VlmhubError(f"{model} has no preset {preset!r}. Fix: use one of: {known}")
-    p = spec.presets[preset]
-    return Prompt(preset, p.prompt, p.temperature, p.top_p, p.max_tokens)
-
-
-@dataclass(frozen=True)
-class BatchOptions:
-    """How to run a batch. ``api_key`` is sent as a bearer token and never shown."""
-
-    model: str
-    out_dir: Path
-    base_url: str = DEFAULT_URL
-    preset: str | None = None
-    concurrency: int = 4
-    api_key: str | None = field(default=None, repr=False)
-    force: bool = False
-    max_attempts: int = 5
-    backoff_s: float = 1.0
-    max_wait_s: float = 60.0
-    timeout_s: float = 900.0
-    max_pixels: int | None = None  # None: the spec's cap, else DEFAULT_MAX_PIXELS
-    max_body_bytes: int | None = None  # the endpoint's body limit, when known beforehand
-    stop_after: int = 3  # pages in a row that cannot connect before the batch stops
-
-
-@dataclass(frozen=True)
-class PageJob:
-    """One page to do. ``error`` is set when the input could not even be opened."""
-
-    ref: PageRef
-    name: str
-    skip: bool = False
-    error: str | None = None
-
-    @property
-    def page(self) -> int | None:
-        return None if self.error is not None and self.ref.count == 0 else self.ref.number
-
-
-@dataclass(frozen=True)
-class PageResult:
-    """The outcome of one page, as reported to the progress callback and the manifest."""
-
-    input: str
-    page: int | None
-    name: str
-    status: Status
-    seconds: float = 0.0
-    error: str | None = None
-    attempts: int = 0
-    http_status: int | None = None
-    finish_reason: str | None = None
-    width: int | None = None
-    height: int | None = None
-    dpi: int | None = None
-    encoding: str | None = None  # "original" (the JPEG file as is), "png" or "jpeg"
-    retryable: bool = False  # a failure that running the batch again can fix
-    recovered: bool = False  # the answer was repaired (cut short, loops): see ocr.layout
-
-
-@dataclass
-class BatchSummary:
-    results: list[PageResult]
-    seconds: float
-    stopped: str | None = None  # why the batch stopped early (the endpoint went away)
-
-    def count(self, status: Status) -> int:
-        return sum(r.status == status for r in self.results)
-
-    def failed(self, retryable: bool) -> list[PageResult]:
-        """The failed pages that a re-run can fix (``retryable``), or the others."""
-        return [r for r in self.results if r.status == "failed" and r.retryable == retryable]
-
-    @property
-    def pages_per_s(self) -> float:
-        return self.count("ok") / self.seconds if self.seconds > 0 else 0.0
-
-
-def page_key(input_path: str, page: int | None, model: str, preset: str | None) -> str:
-    return json.dumps([input_path, page, model, preset])
-
-
-def read_manifest(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """The latest manifest line per (input, page, model, preset). Bad lines are ignored."""
-    latest: dict[str, dict[str, Any]] = {}
-    path = out_dir / MANIFEST
-    if not path.is_file():
-        return latest
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-            latest[page_key(rec["input"], rec["page"], rec["model"], rec["preset"])] = rec
-        except (ValueError, KeyError, TypeError):
-            continue
-    return latest
-
-
-def plan(inputs: Sequence[Path], opts: BatchOptions, prompt: Prompt) -> list[PageJob]:
-    """Every page of every input, marked ``skip`` when already done. Blocks (file system)."""
-    files = find_inputs(inputs)
-    names = output_names(files)
-    done = {} if opts.force else read_manifest(opts.out_dir)
-    jobs: list[PageJob] = []
-    for f in files:
-        try:
-            refs = list_pages(f)
-        except VlmhubError as exc:
-            jobs.append(PageJob(PageRef(f, 0, 0, "pdf"), names[f], error=str(exc)))
-            continue
-        for ref in refs:
-            name = f"{names[f]}-p{ref.number:04d}" if ref.paged else names[f]
-            rec = done.get(page_key(str(f.resolve()), ref.number, opts.model, prompt.preset))
-            skip = (rec is not None and rec.get("status") == "ok"
-                    and (opts.out_dir / f"{name}.raw.txt").is_file())
-            jobs.append(PageJob(ref, name, skip))
-    return jobs
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class BatchRunner:
@@ -317,7 +193,10 @@ class BatchRunner:
                 return replace(res, attempts=attempts, seconds=time.monotonic() - t0,
                                error=str(exc))
             res = replace(res, width=page.width, height=page.height, dpi=page.dpi,
-                          encoding=page.encoding)
+                          encoding=page.encoding, source_width=page.source_width,
+                          source_height=page.source_height)
+            geo = PageGeometry.of((page.source_width, page.source_height),
+                                  (page.width, page.height), self.spec, self.max_pixels)
             body = await asyncio.to_thread(self.payload, page.data_url)
             del page
             ans = await self.post(client, body)
@@ -334,7 +213,9 @@ class BatchRunner:
             return replace(res, seconds=time.monotonic() - t0, error=ans.error,
                            retryable=ans.retryable)
         try:
-            md = await asyncio.to_thread(self.save, job.name, ans.text)
+            md = await self.save(renderer, job, ans.text, geo)
+        except VlmhubError as exc:  # the page changed since it was sent: a re-run sends it
+            return replace(res, seconds=time.monotonic() - t0, error=str(exc), retryable=True)
         except (OSError, ValueError) as exc:
             return replace(res, seconds=time.monotonic() - t0,
                            error=f"saving the result failed: {exc}")
@@ -364,14 +245,36 @@ class BatchRunner:
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise VlmhubError(not_running(self.opts.base_url, why)) from None
 
-    def save(self, name: str, text: str) -> str:
-        """Write ``name.raw.txt`` and ``name.md``; return the Markdown. Blocks (file writes,
-        postprocess)."""
-        out = self.opts.out_dir
-        write_atomic(out / f"{name}.raw.txt", text)
-        md = self.spec.postprocess(text, self.prompt.preset) if self.spec else text
-        write_atomic(out / f"{name}.md", md)
-        return md
+    async def save(self, renderer: PageRenderer, job: PageJob, text: str,
+                   geo: PageGeometry) -> str:
+        """Write ``NAME.raw.txt`` and ``NAME.md`` and, for the layout preset, the page's
+        figures, ``NAME.json`` and (``draw_layout``) ``NAME.layout.png``, all in the original
+        page's pixels (:mod:`vlmhub.ocr.outputs`); return the Markdown. File writes and CPU
+        work run in threads; the page is read (or rendered, in the PDFium thread) again only
+        when it has a picture to crop or its layout is drawn. Raises VlmhubError when that
+        page is no longer the page that was sent."""
+        out, name = self.opts.out_dir, job.name
+        await asyncio.to_thread(write_atomic, out / f"{name}.raw.txt", text)
+        if not is_layout(self.prompt.preset):
+            md = (await asyncio.to_thread(self.spec.postprocess, text, self.prompt.preset)
+                  if self.spec else text)
+            await asyncio.to_thread(write_atomic, out / f"{name}.md", md)
+            return md
+        layout = await asyncio.to_thread(read_page_layout, text, geo)
+        image = None
+        if needs_image(layout, self.opts.draw_layout):
+            image = await renderer.aimage(job.ref)
+            if image.size != geo.source:
+                raise VlmhubError(
+                    f"{job.ref.label()}: the page is {image.width}x{image.height} px now but "
+                    f"was {geo.source[0]}x{geo.source[1]} when it was sent (the file changed "
+                    "during the batch): its figures cannot be cut from it. Fix: run again")
+        files = await asyncio.to_thread(page_files, layout, name, image,
+                                        embed=self.opts.embed_images,
+                                        draw=self.opts.draw_layout)
+        del image
+        await asyncio.to_thread(write_page_files, out, name, files)
+        return str(files[f"{name}.md"])
 
     def record(self, result: PageResult) -> None:
         """Append one manifest line. Blocks briefly (one small write)."""
@@ -409,14 +312,17 @@ class BatchRunner:
             for i, job in todo:  # one shared iterator: each job goes to one worker
                 results[i] = await self.one(client, renderer, job)
                 self.record(results[i])
+                await documents.finished(job.name, results[i].status == "ok")
                 if on_page:
                     on_page(results[i])
 
         client = httpx.AsyncClient(base_url=opts.base_url.rstrip("/"), headers=headers,
                                    timeout=timeout, limits=limits)
         renderer = PageRenderer()
+        documents = Documents(opts.out_dir, jobs, write_atomic)
         tasks: list[asyncio.Task[None]] = []
         try:
+            await documents.start()
             if len(results) < len(jobs):
                 await self.check(client)
             tasks = [asyncio.create_task(worker()) for _ in range(opts.concurrency)]
@@ -427,6 +333,7 @@ class BatchRunner:
             await asyncio.gather(*tasks, return_exceptions=True)
             await client.aclose()
             renderer.close()
+            await documents.flush()
         ordered = [results[i] for i in sorted(results)]
         return BatchSummary(ordered, time.monotonic() - t0, self.stopped)
 

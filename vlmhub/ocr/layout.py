@@ -25,8 +25,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from vlmhub.ocr.formulas import formula_markdown, text_markdown
 
 SKIPPED = frozenset({"Page-header", "Page-footer"})
 RECOVERED_MARK = "<!-- vlmhub: recovered"
@@ -257,21 +260,34 @@ def parse_layout(text: str) -> tuple[list[dict[str, Any]], bool]:
 
 
 # ----------------------------------------------------------------------------- Markdown
-def render_markdown(layout: Layout, *, keep_headers: bool = False) -> str:
-    """The cells as Markdown (headers and footers dropped, formulas in ``$$``, pictures as
-    ``![picture](bbox:...)``); a recovered page ends with a comment saying what was done."""
+PictureLink = Callable[[int, Cell], str]
+"""Gives the Markdown of the ``n``-th picture (1-based) of a page."""
+
+
+def bbox_link(n: int, cell: Cell) -> str:
+    """A picture as a link to its box (no image at hand: the plugin's ``postprocess``)."""
+    return f"![picture](bbox:{','.join(map(str, cell.bbox)) if cell.bbox else '?'})"
+
+
+def render_markdown(layout: Layout, *, keep_headers: bool = False,
+                    picture: PictureLink = bbox_link) -> str:
+    """The cells as Markdown, as dots.ocr's ``layoutjson2md`` writes them: one paragraph per
+    cell (an empty cell too), headers and footers dropped unless ``keep_headers``, formulas
+    and other text by :mod:`vlmhub.ocr.formulas`, each picture as ``picture`` makes it (by
+    default a link to its bbox). A recovered page ends with a comment saying what was done;
+    an answer that is not layout JSON gives only a comment saying so."""
     parts: list[str] = []
+    pictures = 0
     for cell in layout.cells:
         if cell.category in SKIPPED and not keep_headers:
             continue
-        content = cell.text.strip()
         if cell.category == "Picture":
-            box = "bbox:" + ",".join(map(str, cell.bbox)) if cell.bbox else "bbox:?"
-            parts.append(f"![picture]({box})")
-        elif cell.category == "Formula" and content:
-            parts.append(content if content.startswith("$$") else f"$$\n{content}\n$$")
-        elif content:
-            parts.append(content)
+            pictures += 1
+            parts.append(picture(pictures, cell))
+        elif cell.category == "Formula":
+            parts.append(formula_markdown(cell.text))
+        else:
+            parts.append(text_markdown(cell.text))
     if layout.malformed:
         parts.append(f"{NOT_RECOVERED_MARK}: {'; '.join(layout.notes)}; nothing could be read "
                      "(the raw answer is kept beside this file) -->")

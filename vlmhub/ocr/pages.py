@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from vlmhub.errors import VlmhubError
-from vlmhub.ocr.images import PreparedPage, prepare, upright
+from vlmhub.ocr.images import PreparedPage, prepare, to_rgb, upright
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -249,6 +249,16 @@ class PageRenderer:
             img, dpi = await loop.run_in_executor(self._pdf_thread, self.render_pdf_page, ref)
             return await asyncio.to_thread(prepare, img, max_pixels, dpi, max_bytes=max_bytes)
         return await asyncio.to_thread(self.load, ref, max_pixels, max_bytes)
+
+    async def aimage(self, ref: PageRef) -> Image:
+        """The original page as :meth:`aload` prepares it before any downscaling (upright,
+        flattened to RGB or L), without blocking the event loop (as :meth:`aload`)."""
+        loop = asyncio.get_running_loop()
+        if ref.kind == "pdf":
+            img, _ = await loop.run_in_executor(self._pdf_thread, self.render_pdf_page, ref)
+        else:
+            img, _ = await asyncio.to_thread(load_image, ref)
+        return await asyncio.to_thread(to_rgb, img)
 
     def _close_docs(self) -> None:
         while self._docs:

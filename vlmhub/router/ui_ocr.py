@@ -4,10 +4,13 @@ page itself sends to ``POST /v1/chat/completions``.
 - ``POST /api/ui/ocr/page?model=M&name=FILE&page=N`` (body: the uploaded file) prepares one
   page as ``vlmhub ocr`` would (EXIF upright, PDFs rendered at 200 dpi, downscaled to the
   model's pixel cap, encoded to fit the router's body limit) and answers its data URL and size.
-- ``POST /api/ui/ocr/render`` (``{model, preset, text, width, height}``) turns the answer into
-  what the page shows: the model's post-processed Markdown and, for a layout answer, the
-  repaired cells with their bboxes in the pixels of the page that was sent
-  (:func:`vlmhub.ocr.layout.read_layout`).
+- ``POST /api/ui/ocr/render`` (``{model, preset, text, width, height, source_width,
+  source_height}``) turns the answer into what the page shows: the Markdown and, for a layout
+  answer, the repaired cells with their bboxes in the pixels of the original page
+  (``source_*``, else the page that was sent), the coordinates of ``vlmhub ocr``'s NAME.json
+  (:mod:`vlmhub.ocr.outputs`), with the colours its drawing uses. The layout preset's
+  Markdown is rendered from those cells (so its picture links carry the same coordinates);
+  other presets' is the model's post-processing.
 
 Both follow the admin rule of ``/api``. Reading the upload blocks asynchronously; decoding,
 rendering and encoding run in threads (PDFs one at a time: PDFium is not thread-safe).
@@ -28,8 +31,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vlmhub.errors import VlmhubError
+from vlmhub.ocr.drawing import CATEGORY_COLOURS, OTHER_COLOUR
 from vlmhub.ocr.images import DEFAULT_MAX_PIXELS
-from vlmhub.ocr.layout import FACTOR, MIN_PIXELS, not_recovered, read_layout, was_recovered
+from vlmhub.ocr.layout import not_recovered, render_markdown, was_recovered
+from vlmhub.ocr.outputs import PageGeometry, is_layout, read_page_layout
 from vlmhub.ocr.pages import INSTALL_HINT, PageRenderer, is_supported, list_pages
 from vlmhub.router.admin import check_admin
 from vlmhub.router.body import parse_payload, read_body
@@ -135,18 +140,18 @@ async def ocr_render(request: Request) -> Response:
     model = body.get("model")
     spec = _spec(st, model if isinstance(model, str) else None)
     width, height = _size(body.get("width")), _size(body.get("height"))
+    source = (_size(body.get("source_width")) or width, _size(body.get("source_height")) or height)
     markdown = await asyncio.to_thread(spec.postprocess, text, preset) if spec else text
     layout: dict[str, Any] | None = None
-    if width and height:
-        kwargs = (spec.options.mm_processor_kwargs or {}) if spec is not None else {}
-        factor = spec.vision.patch_factor if spec is not None and spec.vision else FACTOR
+    if width and height and source[0] and source[1]:
         cap = spec.vision.max_pixels if spec is not None and spec.vision else DEFAULT_MAX_PIXELS
-        read = await asyncio.to_thread(
-            read_layout, text, size=(width, height), factor=factor,
-            min_pixels=int(kwargs.get("min_pixels", MIN_PIXELS)),
-            max_pixels=int(kwargs.get("max_pixels", cap)))
+        geo = PageGeometry.of((source[0], source[1]), (width, height), spec, cap)
+        read = await asyncio.to_thread(read_page_layout, text, geo)
+        if is_layout(preset):
+            markdown = await asyncio.to_thread(render_markdown, read)
         if any(c.bbox is not None for c in read.cells):
-            layout = read.as_json()
+            layout = {**read.as_json(), "width": source[0], "height": source[1],
+                      "colours": {**CATEGORY_COLOURS, "other": OTHER_COLOUR}}
     recovered = was_recovered(markdown) or bool(layout and layout["recovered"])
     return JSONResponse({"markdown": markdown, "layout": layout, "recovered": recovered,
                          "not_recovered": not_recovered(markdown)},

@@ -9,17 +9,14 @@
 (() => {
   const V = window.vlmhub;
   const $ = (id) => document.getElementById(id);
-  const CATEGORY_COLOURS = {
-    Title: "#d9480f", "Section-header": "#e8590c", Text: "#2f6fde", "List-item": "#1971c2",
-    Table: "#2b8a3e", Formula: "#8e44ad", Picture: "#c2255c", Caption: "#0c8599",
-    Footnote: "#b08900", "Page-header": "#868e96", "Page-footer": "#868e96",
-  };
   const ALLOWED = new Set(["TABLE", "THEAD", "TBODY", "TFOOT", "TR", "TD", "TH", "CAPTION",
                            "B", "STRONG", "I", "EM", "SUB", "SUP", "BR", "P", "SPAN", "DIV",
                            "UL", "OL", "LI", "CODE"]);
-  const st = { file: null, page: null, abort: null, result: null, urls: [], picked: false };
+  const st = { file: null, page: null, abort: null, result: null, urls: [], picked: false,
+               colours: {} };
 
-  const catColour = (c) => CATEGORY_COLOURS[c] || "#495057";
+  // the colours of vlmhub.ocr.drawing (`vlmhub ocr --draw-layout`), sent with the layout
+  const catColour = (c) => st.colours[c] || st.colours.other || "#495057";
 
   // ------------------------------------------------------------- safe Markdown rendering
   // Only whitelisted elements (and colspan/rowspan) of an HTML fragment, rebuilt as new
@@ -161,7 +158,10 @@
 
   function drawBoxes(layout) {
     clearBoxes();
+    st.colours = layout.colours || {};
     const svg = $("ocr-boxes");
+    // the boxes are in the original page's pixels (as NAME.json of `vlmhub ocr`)
+    svg.setAttribute("viewBox", `0 0 ${layout.width} ${layout.height}`);
     const counts = new Map();
     layout.cells.forEach((cell, index) => {
       if (!cell.bbox) return;
@@ -277,7 +277,9 @@
     const resp = await fetch("/api/ui/ocr/render", {
       method: "POST", headers: V.headers("admin", true),
       body: JSON.stringify({ model: $("ocr-model").value, preset: p ? p.name : null, text: raw,
-                             width: st.page.width, height: st.page.height }),
+                             width: st.page.width, height: st.page.height,
+                             source_width: st.page.source_width,
+                             source_height: st.page.source_height }),
     });
     const out = resp.ok ? await resp.json() : { markdown: raw, layout: null, recovered: false };
     renderMarkdown(out.markdown, $("ocr-md"));
