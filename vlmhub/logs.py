@@ -1,31 +1,34 @@
 """Logging for `vlmhub route`: text or JSON lines on stderr, with secrets masked.
 
 Loggers: ``vlmhub.access`` (one line per request), ``vlmhub.engine`` (one line per engine event:
-start, phase, ready, sleep, wake, evict, fail), ``vlmhub.router`` (the rest). Every record passes
-:class:`Redactor`, which replaces the configured keys and any ``HF_TOKEN``-like value with
-``***`` in the message and its fields, so a secret never reaches a log line.
-Logging calls never block: a record is masked, then put on a bounded queue in the calling
-thread (the event loop), and one writer thread (:class:`logging.handlers.QueueListener`) writes
-the lines to stderr. A stderr that nobody reads (a full pipe) therefore stalls only that thread,
-never the router; when the queue is full, lines are dropped and counted, and the count is
-written as soon as stderr takes lines again.
+start, phase, ready, sleep, wake, evict, fail), ``vlmhub.router`` (the rest). Every line is
+masked whole by :class:`Redactor` just before it is written (message, traceback, stack and
+fields alike): the configured keys, keys added by a reload (:func:`add_secrets`) and any
+``HF_TOKEN``-like value become ``***``, so a secret never reaches a log line.
+
+Logging calls never block. A record is turned into a small tuple in the calling thread (its
+message and traceback formatted there, as the stdlib's QueueHandler does) and appended to a
+bounded deque; an access line skips the logging module altogether (:func:`access`: a tuple of
+fields, formatted on the writer). One writer thread (:class:`_Writer`) drains the deque every
+:data:`POLL_S` and writes the lines of a batch with one ``write``. A stderr that nobody reads (a
+full pipe) therefore stalls only that thread, never the router; when the deque is full, lines
+are dropped and counted, and the count is written as soon as stderr takes lines again.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import logging
-import logging.handlers
 import os
-import queue
 import re
 import sys
 import threading
 import time
+import traceback
+from collections import deque
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 LogFormat = Literal["text", "json"]
 ENGINE = logging.getLogger("vlmhub.engine")
@@ -37,137 +40,237 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "VLMHUB_API_KEYS", "VLMHUB_A
 
 
 class Redactor(logging.Filter):
-    """Masks every known secret (and Hugging Face token shapes) in a record."""
+    """Masks every known secret (and Hugging Face token shapes) in text or a record."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        self.secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Mask ``secrets`` too from now on (one list swap: safe while another thread masks)."""
+        fresh = {s for s in secrets if s and len(s) >= 4} | set(self.secrets)
+        self.secrets = sorted(fresh, key=len, reverse=True)
 
     def mask(self, text: str) -> str:
         for s in self.secrets:
-            text = text.replace(s, "***")
-        return _TOKEN.sub("***", text)
+            if s in text:
+                text = text.replace(s, "***")
+        return _TOKEN.sub("***", text) if "hf_" in text else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self.mask(record.getMessage())
+        """Mask ``record`` whole, its traceback and stack included (they become its message)."""
+        record.msg = self.mask(_full_message(record))
         record.args = None
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
         for key, value in list(vars(record).items()):
             if key not in _STD and isinstance(value, str):
                 setattr(record, key, self.mask(value))
         return True
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the record's extra fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-            + f".{int(record.msecs):03d}",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        out.update({k: v for k, v in vars(record).items() if k not in _STD})
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+def _full_message(record: logging.LogRecord) -> str:
+    """The record's message with its traceback and stack appended, as a formatter shows it."""
+    msg = record.getMessage()
+    if record.exc_info and not record.exc_text:
+        record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+    if record.exc_text:
+        msg = f"{msg}\n{record.exc_text}"
+    if record.stack_info:
+        msg = f"{msg}\n{record.stack_info}"
+    return msg
 
 
+# -- access lines ------------------------------------------------------------------------------
+AccessFields = tuple[float, str, str, str, "str | None", "str | None", int, "float | None",
+                     "str | None", "float | None", float, int]
+"""(time, request id, method, path, model, asked, status, queue ms, replica, ttfb ms,
+duration ms, bytes): one request, as :class:`vlmhub.router.access.AccessMiddleware` saw it."""
+ACCESS_KEYS = ("request_id", "model", "asked", "status", "queue_ms", "replica", "ttfb_ms",
+               "duration_ms", "bytes", "path")
+
+
+def access_message(f: AccessFields) -> str:
+    """The access line's text: ``ID METHOD PATH model=M status=S queue_ms=... bytes=N``."""
+    _, rid, method, path, model, asked, status, queue_ms, replica, ttfb, ms, sent = f
+    also = f" (asked {asked})" if asked and asked != model else ""
+    q = f"{queue_ms:.0f}" if queue_ms is not None else "-"
+    t = f"{ttfb:.0f}" if ttfb is not None else "-"
+    return (f"{rid} {method} {path} model={model or '-'}{also} status={status} queue_ms={q} "
+            f"replica={replica or '-'} ttfb_ms={t} ms={ms:.0f} bytes={sent}")
+
+
+def access_extra(f: AccessFields) -> dict[str, Any]:
+    """The access line's fields (JSON lines and records carry them)."""
+    _, rid, _, path, model, asked, status, queue_ms, replica, ttfb, ms, sent = f
+    return dict(zip(ACCESS_KEYS, (rid, model, asked, status, queue_ms, replica, ttfb, ms, sent,
+                                  path), strict=True))
+
+
+def access(fields: AccessFields) -> None:
+    """Log one access line. Call only when ``ACCESS.isEnabledFor(logging.INFO)``. With
+    :func:`configure`'s writer and no handler on ``vlmhub.access`` itself, the tuple goes
+    straight to the writer (no record, no format, no lock); otherwise a normal record."""
+    writer = _writer
+    if writer is not None and not ACCESS.handlers:
+        writer.put(fields)
+        return
+    ACCESS.info("%s", access_message(fields), extra=access_extra(fields))
+
+
+# -- the writer --------------------------------------------------------------------------------
 QUEUE_LINES = 10_000
 """Lines kept waiting for a slow stderr before new ones are dropped (and counted)."""
+POLL_S = 0.02
+"""How often the writer looks for lines (a line waits at most this long)."""
+EXIT_WAIT_S = 5.0
+Line = tuple[float, int, str, str, dict[str, Any]]
+"""(time, level, logger, message with traceback, extra fields): a record, formatted."""
+_LEVEL_NAMES = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}
 
 
-class DroppingQueueHandler(logging.handlers.QueueHandler):
-    """A QueueHandler that never blocks: a full queue drops the record and counts it."""
+class _Front(logging.Handler):
+    """The handler on ``vlmhub``: the record as a :data:`Line`, handed to the writer."""
 
-    def __init__(self, q: queue.Queue[logging.LogRecord | None]) -> None:
-        super().__init__(q)
-        self.dropped = 0
-        self._lock = threading.Lock()
+    def __init__(self, writer: _Writer) -> None:
+        super().__init__()
+        self.writer = writer
 
-    def enqueue(self, record: logging.LogRecord) -> None:
+    def handle(self, record: logging.LogRecord) -> bool:  # no handler lock: the deque is safe
         try:
-            self.queue.put_nowait(record)
-        except queue.Full:
+            extra = {k: v for k, v in vars(record).items() if k not in _STD}
+            self.writer.put((record.created, record.levelno, record.name,
+                             _full_message(record), extra))
+        except Exception:
+            self.handleError(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+
+class _Writer(threading.Thread):
+    """The writer thread (a daemon): drains the deque, masks and writes each batch at once."""
+
+    def __init__(self, stream: TextIO, fmt: LogFormat, redactor: Redactor) -> None:
+        super().__init__(name="vlmhub-log-writer", daemon=True)
+        self.stream, self.json, self.redactor = stream, fmt == "json", redactor
+        self.items: deque[Line | AccessFields] = deque()
+        self.dropped = 0
+        self._lock = threading.Lock()  # only the drop count's
+        self._closing = threading.Event()
+        self._stamp: tuple[int, str] = (-1, "")
+
+    def put(self, item: Line | AccessFields) -> None:
+        """From any thread; never blocks. A full deque drops ``item`` (counted)."""
+        if len(self.items) >= QUEUE_LINES:
             with self._lock:
                 self.dropped += 1
+            return
+        self.items.append(item)
 
     def take_dropped(self) -> int:
         with self._lock:
             n, self.dropped = self.dropped, 0
         return n
 
+    def run(self) -> None:
+        items = self.items
+        while True:
+            stopping = self._closing.is_set()
+            batch = [items.popleft() for _ in range(len(items))]
+            if n := self.take_dropped():
+                batch.insert(0, (time.time(), logging.WARNING, "vlmhub.router",
+                                 f"{n} log line(s) dropped: stderr was not taking lines fast "
+                                 "enough", {"dropped": n}))
+            if batch:
+                self._write("".join(self._render(i) for i in batch))
+            elif stopping:
+                return
+            else:
+                self._closing.wait(POLL_S)
 
-class _Writer(logging.StreamHandler):  # type: ignore[type-arg]
-    """The writer thread's handler: before each line, says how many were dropped."""
-
-    def __init__(self, source: DroppingQueueHandler) -> None:
-        super().__init__(sys.stderr)
-        self.source = source
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if n := self.source.take_dropped():
-            note = logging.makeLogRecord({
-                "name": "vlmhub.router", "levelno": logging.WARNING, "levelname": "WARNING",
-                "msg": f"{n} log line(s) dropped: stderr was not taking lines fast enough",
-                "dropped": n,
-            })
-            super().emit(note)
-        super().emit(record)
-
-
-class _Listener(logging.handlers.QueueListener):
-    """The writer thread (a daemon). :meth:`close` gives it ``EXIT_WAIT_S`` to write what is
-    queued: a stderr nobody reads must not hang the process at exit either."""
-
-    def __init__(self, q: queue.Queue[logging.LogRecord | None], writer: logging.Handler) -> None:
-        super().__init__(q, writer)
-        self.q = q
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr closed: nothing to write to
+            pass
 
     def close(self) -> None:
-        """Blocks up to about 2 x ``EXIT_WAIT_S``."""
-        with contextlib.suppress(queue.Full):
-            self.q.put(None, timeout=EXIT_WAIT_S)  # QueueListener's sentinel
-        thread: threading.Thread | None = getattr(self, "_thread", None)
-        if thread is not None:
-            thread.join(EXIT_WAIT_S)
-        self._thread = None
+        """Write what is queued and end the thread. Blocks up to ``EXIT_WAIT_S`` (a stderr
+        nobody reads must not hang the process at exit)."""
+        self._closing.set()
+        if self.is_alive():
+            self.join(EXIT_WAIT_S)
+
+    def _time(self, created: float) -> str:
+        sec = int(created)
+        if self._stamp[0] != sec:
+            self._stamp = (sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)))
+        return self._stamp[1]
+
+    def _render(self, item: Line | AccessFields) -> str:
+        if len(item) == 5:
+            created, level, name, message, extra = item
+        else:
+            fields: AccessFields = item
+            created, level, name = fields[0], logging.INFO, "vlmhub.access"
+            message, extra = access_message(fields), access_extra(fields)
+        mask = self.redactor.mask
+        ms = int((created - int(created)) * 1000)
+        level_name = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+        if not self.json:
+            return mask(f"{self._time(created)},{ms:03d} {level_name} {name}: {message}") + "\n"
+        out: dict[str, Any] = {"time": f"{self._time(created).replace(' ', 'T')}.{ms:03d}",
+                               "level": level_name.lower(), "logger": name,
+                               "message": mask(message)}
+        for k, v in extra.items():
+            out[k] = mask(v) if isinstance(v, str) else v
+        return json.dumps(out, default=lambda v: mask(str(v))) + "\n"
 
 
-EXIT_WAIT_S = 5.0
-_listener: _Listener | None = None
+_writer: _Writer | None = None
+_redactor = Redactor(())
 
 
-def _stop_listener() -> None:
-    """Write the lines still queued, then end the writer thread (see :meth:`_Listener.close`)."""
-    global _listener
-    if _listener is not None:
-        _listener.close()
-        _listener = None
+def _stop_writer() -> None:
+    """Write the lines still queued, then end the writer thread (see :meth:`_Writer.close`)."""
+    global _writer
+    writer, _writer = _writer, None
+    if writer is not None:
+        writer.close()
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Mask ``secrets`` too from now on (a reload's new keys); the old ones stay masked."""
+    _redactor.add(secrets)
 
 
 def configure(level: str = "info", fmt: LogFormat = "text", secrets: Iterable[str] = ()) -> None:
     """Send vlmhub's loggers to stderr at ``level`` in ``fmt``, masking ``secrets`` and the
-    secret environment variables' values. Records go through a bounded queue to one writer
+    secret environment variables' values. Lines go through a bounded deque to one writer
     thread (module docstring); calling this again replaces the previous set-up."""
-    global _listener
-    _stop_listener()
-    q: queue.Queue[logging.LogRecord | None] = queue.Queue(QUEUE_LINES)
-    front = DroppingQueueHandler(q)
+    global _writer, _redactor
+    _stop_writer()
     from_env = [v.strip() for n in SECRET_ENV for v in os.environ.get(n, "").split(",")]
-    front.addFilter(Redactor([*secrets, *from_env]))  # masked before it leaves the caller
-    writer = _Writer(front)
-    writer.setFormatter(
-        JsonFormatter() if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    _listener = _Listener(q, writer)
-    _listener.start()
+    _redactor = Redactor([*secrets, *from_env])
+    writer = _Writer(sys.stderr, fmt, _redactor)
+    writer.start()
+    _writer = writer
+    front = _Front(writer)
     root = logging.getLogger("vlmhub")
     root.handlers = [front]
     root.setLevel(level.upper())
     root.propagate = False
+    server = logging.getLogger("uvicorn")  # its tracebacks are masked the same way
+    server.handlers = [front]
+    server.propagate = False
 
 
-atexit.register(_stop_listener)
+def set_level(level: str) -> None:
+    """Change the level of vlmhub's loggers (a reload's ``router.log_level``)."""
+    logging.getLogger("vlmhub").setLevel(level.upper())
+
+
+atexit.register(_stop_writer)
