@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -385,3 +386,35 @@ async def test_engine_gets_a_minimal_environment_not_the_routers(
         assert env["PATH"] == os.environ["PATH"] and env["HOME"] == os.environ["HOME"]
     finally:
         await rt.stop(handle, timeout_s=5)
+
+
+_PROC_LISTINGS: list[int] | None = None
+"""While a list: the threads that listed /proc (audit events), for the test below."""
+
+
+def _audit_proc_listings(event: str, args: tuple[object, ...]) -> None:
+    if _PROC_LISTINGS is not None and event in ("os.listdir", "os.scandir") and args:
+        path = args[0]
+        if isinstance(path, str | os.PathLike) and os.fspath(path).rstrip("/") == "/proc":
+            _PROC_LISTINGS.append(threading.get_ident())
+
+
+sys.addaudithook(_audit_proc_listings)  # audit hooks stay for the process; inert but here
+
+
+async def test_a_stop_scans_proc_off_the_event_loop(process_runtime: ProcessRuntime) -> None:
+    """Issue 21 item 10: finding a process group's members means reading every process of
+    /proc (tens of ms with thousands of processes); a stop does it in a worker thread, never
+    on the event loop that serves the router's requests. Python's audit events name the thread
+    of every listing of /proc during the stop (no timing involved)."""
+    global _PROC_LISTINGS
+    rt = process_runtime
+    handle = await rt.start(request(rt, "offloop"))
+    await wait_ready(rt, handle, timeout_s=20)
+    _PROC_LISTINGS = listings = []
+    try:
+        await rt.stop(handle, timeout_s=10)
+    finally:
+        _PROC_LISTINGS = None
+    assert (await rt.status(handle)).state == "missing"
+    assert threading.get_ident() not in listings, "the stop listed /proc on the event loop"

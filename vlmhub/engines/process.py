@@ -17,7 +17,9 @@ Face and the BLAS libraries read), the ``pass_env`` names (HF_TOKEN) and the req
 ``env``. Secret values are never written to the state file or printed (argv is redacted).
 
 Nothing here blocks for long: spawning, signalling and reading small local files happen in the
-event-loop thread; waits are ``asyncio.sleep`` polls.
+event-loop thread; waits are ``asyncio.sleep`` polls. The one slow read, a process group's
+states (a scan of every process in /proc, tens of milliseconds with thousands of processes),
+runs in a worker thread during a stop, so a stop never stalls the router's data path.
 """
 
 from __future__ import annotations
@@ -45,8 +47,7 @@ from vlmhub.engines.procfs import (
     FROZEN_STATES,
     STUCK_STATES,
     alive,
-    group_alive,
-    group_states,
+    group_live_states,
     proc_start,
     proc_stat,
     same_process,
@@ -120,23 +121,33 @@ def _running_detail(pid: int) -> str:
     return f"pid {pid}"
 
 
+async def _group(pgid: int) -> frozenset[str] | None:
+    """:func:`group_live_states` of ``pgid``, read in a worker thread: with thousands of
+    processes on the machine the /proc scan takes tens of milliseconds, and the event loop
+    (the router's data path) must not stall for it."""
+    return await asyncio.to_thread(group_live_states, pgid)
+
+
 async def _terminate(pgid: int, child: subprocess.Popen[bytes] | None, grace_s: float) -> None:
     """SIGTERM the group, then SIGKILL it after ``grace_s``, or as soon as one of its
     processes is frozen (T) or stuck in D for :data:`STUCK_AFTER_S`. Polls with
-    ``asyncio.sleep``."""
+    ``asyncio.sleep``; the group's /proc states are read off the event loop (:func:`_group`),
+    once per poll."""
 
     def leader_running() -> bool:
         return child.poll() is None if child is not None else alive(pgid)
 
-    def running() -> bool:
-        return leader_running() or group_alive(pgid)
+    async def running() -> frozenset[str] | None:
+        """The group's live states; None once the leader and the whole group are gone."""
+        states = await _group(pgid)
+        return states if states is not None or not leader_running() else frozenset()
 
-    if grace_s > 0 and not FROZEN_STATES.intersection(group_states(pgid)):
+    states = await running()
+    if grace_s > 0 and states is not None and not FROZEN_STATES & states:
         signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         stuck_since: float | None = None
-        while time.monotonic() < deadline and running():
-            states = set(group_states(pgid))
+        while time.monotonic() < deadline and (states := await running()) is not None:
             if states & FROZEN_STATES:
                 break
             if states & STUCK_STATES:
@@ -146,10 +157,10 @@ async def _terminate(pgid: int, child: subprocess.Popen[bytes] | None, grace_s: 
             else:
                 stuck_since = None
             await asyncio.sleep(0.05)
-    if running():
+    if states is not None and await running() is not None:
         signal_group(pgid, signal.SIGKILL)
         end = time.monotonic() + 5.0
-        while time.monotonic() < end and running():
+        while time.monotonic() < end and await running() is not None:
             await asyncio.sleep(0.05)
 
 
@@ -404,7 +415,7 @@ class ProcessRuntime(Runtime):
         # A dead leader whose group still exists left workers behind (a pid in use as a
         # process-group id is never reused), and they are ours too.
         ours = child is not None or (data is not None and (
-            self._record_live(data) or (not alive(pid) and group_alive(pid))))
+            self._record_live(data) or (not alive(pid) and await _group(pid) is not None)))
         if ours:
             if data is not None:  # tell the engine's parent (maybe another router) it was us
                 self._update_record(handle, stopping={"by": this_owner(), "at": time.time()})

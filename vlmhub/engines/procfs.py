@@ -1,6 +1,10 @@
 """Small, non-blocking facts about local processes, read from Linux /proc (with a ``kill(0)``
 fallback elsewhere): is a pid alive, when did it start, is its process group alive, is any of
-its processes frozen. Every call reads a few small files; none waits."""
+its processes frozen. None waits. Most read a few small files; the process-group ones
+(:func:`group_states`, :func:`group_alive`, :func:`group_live_states`) read every process's
+stat file when the group exists (Linux cannot list a group's members otherwise): with thousands
+of processes on the machine that takes tens of milliseconds, so async code calls them in a
+worker thread (:mod:`vlmhub.engines.process`), never on the event loop."""
 
 from __future__ import annotations
 
@@ -65,6 +69,21 @@ def group_states(pgid: int) -> list[str]:
         if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
             states.append(fields[0])
     return states
+
+
+def group_live_states(pgid: int) -> frozenset[str] | None:
+    """The /proc states of the live processes of group ``pgid``; None when none is alive (no
+    scan when ``killpg(pgid, 0)`` says the group is gone). Without /proc: an empty set while
+    the group exists. One scan: see the module docs for where to call it."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    if not Path("/proc").is_dir():
+        return frozenset()
+    return frozenset(group_states(pgid)) or None
 
 
 def group_alive(pgid: int) -> bool:
