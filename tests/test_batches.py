@@ -344,3 +344,40 @@ def test_batches_list_pages_with_limit_and_after(tmp_path: Path,
             assert file_lines(client, done.output_file_id)[0]["custom_id"] == "p"
     finally:
         router.stop()
+
+
+def test_a_resumed_batch_answers_lines_of_a_model_gone_since_with_404_once(
+    tmp_path: Path, stubs: dict[str, StubEngine]
+) -> None:
+    """Stopped cleanly mid-batch (its runner cancelled, lines in flight dropped), the batch
+    resumes in a router whose config lost one of its models: those lines are answered 404 in
+    the error file, the others in the output file, each custom_id once."""
+    lines = [chat_line(f"r{i}", ("alpha", "bravo")[i % 2]) for i in range(12)]
+    router, _ = in_process(tmp_path, stubs, delay=0.3, batch={"concurrency": 1})
+    try:
+        client = sdk(router)
+        batch = client.batches.create(input_file_id=upload(client, lines),
+                                      endpoint="/v1/chat/completions", completion_window="24h")
+        wait_batch(client, batch.id, lambda b: b.request_counts is not None
+                   and b.request_counts.completed >= 2)
+    finally:
+        router.stop()
+    sup = TestSupervisor({"alpha": stubs["alpha"]})
+    again = RunningRouter(sup, make_config())
+    attach_batches(again.app, tmp_path / "state")
+    again.start()
+    try:
+        client = sdk(again)
+        done = wait_batch(client, batch.id, finished)
+        assert done.status == "completed"
+        out = file_lines(client, done.output_file_id)
+        errors = file_lines(client, done.error_file_id)
+        assert Counter(x["custom_id"] for x in out + errors) == Counter(x["custom_id"]
+                                                                        for x in lines)
+        gone = {x["custom_id"] for x in errors}
+        assert gone and all(int(c[1:]) % 2 == 1 for c in gone)  # bravo's, not yet run
+        assert all(x["response"]["status_code"] == 404 for x in errors)
+        assert all(x["response"]["body"]["choices"][0]["message"]["content"].startswith(
+            ("alpha:", "bravo:")[int(x["custom_id"][1:]) % 2]) for x in out)
+    finally:
+        again.stop()

@@ -104,6 +104,9 @@ class BatchRunner:
         return self.state().supervisor.resolve(name) is not None
 
     async def _lines(self, rec: Record) -> tuple[list[Line], list[dict[str, Any]]]:
+        """The batch's lines and their problems. Model names are checked at validation only:
+        a resumed batch keeps a line whose model has gone (it is answered 404)."""
+        known = self._known if rec["status"] == "validating" else (lambda _: True)
         path = self.store.content_path(rec["input_file_id"])
         try:
             data = await asyncio.to_thread(path.read_bytes)
@@ -111,7 +114,7 @@ class BatchRunner:
             return [], [{"code": "missing_input_file", "message": f"the input file "
                          f"{rec['input_file_id']} is gone", "param": None, "line": None}]
         most = self.state().config.router.batch.max_lines
-        return await asyncio.to_thread(parse_lines, data, rec["endpoint"], self._known, most)
+        return await asyncio.to_thread(parse_lines, data, rec["endpoint"], known, most)
 
     async def _run_batch(self, rec: Record) -> None:
         lines, problems = await self._lines(rec)
