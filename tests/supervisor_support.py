@@ -69,12 +69,14 @@ def build(tmp_path: Path, models: dict[str, dict[str, Any]], *, total_gib: float
           delay: float = 0.3, router: dict[str, Any] | None = None,
           stub_env: dict[str, str] | None = None, ledger: bool = True,
           docker_prefix: str | None = None, budgets: BudgetStore | None = None,
+          runtime_type: type[ProcessRuntime] = ProcessRuntime,
           ) -> tuple[Supervisor, Recorder, Path]:
     """A supervisor whose stand-in engines share a simulated GPU ledger of ``total_gib``:
     an engine that would over-commit it fails at start-up with vLLM's free-memory error.
 
-    Process runtime by default; with ``docker_prefix`` the engines are containers of the
-    stand-in image (the ledger lives in the mounted HF cache, one entry per model)."""
+    Process runtime by default (``runtime_type``: a subclass of it, to inject a fault); with
+    ``docker_prefix`` the engines are containers of the stand-in image (the ledger lives in
+    the mounted HF cache, one entry per model)."""
     base = random.randint(21000, 60000)
     env = {"VLMHUB_STUB_STARTUP_DELAY": str(delay), **(stub_env or {})}
     runtime: dict[str, Any] = {"port_range": [base, base + 60]}
@@ -109,7 +111,7 @@ def build(tmp_path: Path, models: dict[str, dict[str, Any]], *, total_gib: float
     resolved = resolve(loaded, Registry().specs(), gpu, measured=budgets)
     rt: Runtime
     if docker_prefix is None:
-        rt = ProcessRuntime(loaded.config.runtime, state_dir=tmp_path / "state")
+        rt = runtime_type(loaded.config.runtime, state_dir=tmp_path / "state")
     else:
         rt = DockerRuntime(loaded.config.runtime)
     rec = Recorder()

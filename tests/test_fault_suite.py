@@ -35,6 +35,7 @@ from fault_support import (
 )
 from supervisor_support import build, model, routed, routed_app
 
+from vlmhub.engines.ports import free_port
 from vlmhub.router.app import in_flight
 from vlmhub.scheduling.scheduler import restart_delay
 
@@ -342,6 +343,35 @@ async def test_fault_hung_external_endpoint_times_out_with_a_clear_error(
             assert "ext" in r.json()["error"]["message"]
             info = (await models_view(c))["ext"]
             assert info["state"] == "failed" and info["in_flight"] == 0
+    finally:
+        silent.close()
+
+
+async def test_fault_admin_load_of_a_down_external_endpoint_answers_503_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """Issue 21, item 11: POST /api/models/NAME/load of an external endpoint that is down (no
+    listener) or hung (accepts, never answers) answers 503 with the reason, within
+    ``queue_timeout_s``; it used to wait forever."""
+    silent = SilentServer()
+    gone = free_port()  # nothing listens there
+    try:
+        sup, _, _ = build(tmp_path, {"gone": {"url": f"http://127.0.0.1:{gone}"},
+                                     "hung": {"url": f"http://127.0.0.1:{silent.port}"}},
+                          router={"queue_timeout_s": 2, "health_interval_s": 0.2})
+        async with routed(sup) as url, httpx.AsyncClient(base_url=url, timeout=20) as c:
+            await until(lambda: {r.state for r in sup.snapshot()} == {"failed"}, 20,
+                        "the health checks found both down")
+            down = await c.post("/api/models/gone/load")
+            assert down.status_code == 503, down.text
+            message = down.json()["error"]["message"]
+            assert f"127.0.0.1:{gone} does not answer GET /v1/models" in message
+            hung = await c.post("/api/models/hung/load")
+            assert hung.status_code == 503, hung.text
+            assert f"127.0.0.1:{silent.port} did not answer within 2 s" in (
+                hung.json()["error"]["message"])
+            view = await models_view(c)
+            assert view["gone"]["state"] == view["hung"]["state"] == "failed"
     finally:
         silent.close()
 

@@ -10,15 +10,22 @@ leases on ready replicas and queueing the rest.
 The one rule every operation keeps: **a stop only touches the engine it was given.** An
 operation captures the :class:`EngineHandle` it acts on, and clears ``replica.handle`` only if
 that same handle is still there when the runtime returns.
+
+Failures are never silent: a start that raises anything fails its model with the reason (the
+plan goes on with the other models); a stop that raises keeps the engine tracked (its handle
+kept, the replica ``stopping``, so its memory still counts and nothing starts on top of it)
+and the control loop retries it after a backoff (:meth:`EngineOps.stop_failed`). Both are
+logged with the traceback (:func:`log_exception`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import httpx
 
@@ -32,6 +39,7 @@ from vlmhub.engines.ports import pick_port
 from vlmhub.errors import EngineStartError, EngineStartTimeout, RuntimeUnavailable, VlmhubError
 from vlmhub.logs import ENGINE
 from vlmhub.scheduling import scheduler
+from vlmhub.sizing.budgets import BudgetStore, observe_start
 from vlmhub.sizing.vram import Gpu
 
 StartHook = Callable[[Replica, "LogParser | None", "VlmhubError | None"], None]
@@ -40,6 +48,15 @@ StartHook = Callable[[Replica, "LogParser | None", "VlmhubError | None"], None]
 
 HUNG_STOP_GRACE_S = 3.0
 """SIGTERM grace for an engine that stopped answering (the runtime kills a frozen one at once)."""
+
+STOP_RETRY_MAX_S = 30.0
+"""The longest wait between two tries to stop an engine whose stop failed."""
+
+
+def log_exception(logger: logging.Logger, what: str, exc: BaseException, **extra: Any) -> None:
+    """Log ``what`` at error level with ``exc``'s traceback (masked with the message by
+    :mod:`vlmhub.logs`, like every record)."""
+    logger.error("%s: %s", what, str(exc) or type(exc).__name__, exc_info=exc, extra=extra)
 
 
 class EngineOps:
@@ -56,31 +73,63 @@ class EngineOps:
         *,
         fail_waiters: Callable[[Replica, AcquireError], None],
         on_start: StartHook | None = None,
+        budgets: BudgetStore | None = None,
     ) -> None:
         self.config, self.gpu, self.runtime, self.http = config, gpu, runtime, http
         self.rc: RouterConfig = config.router
         self.observer = observer
         self._fail_waiters = fail_waiters
         self.on_start = on_start
+        self.budgets = budgets
+        """Where engine starts record what they measured (vlmhub.sizing.budgets); None: nowhere."""
         self._ports: set[int] = set()
         """Ports picked by starts still running: starts on other nodes must not pick them."""
+        self._stop_tries: dict[str, int] = {}
+        """Model -> failed tries to stop its engine in a row (the retry's backoff)."""
 
     # -- stop -----------------------------------------------------------------------------------
-    async def stop_engine(self, r: Replica, handle: EngineHandle, *, grace_s: float) -> None:
-        """Stop ``handle`` (and nothing else); forget it on ``r`` only if it is still r's."""
-        with contextlib.suppress(Exception):
+    async def stop_engine(self, r: Replica, handle: EngineHandle, *, grace_s: float) -> bool:
+        """Stop ``handle`` (and nothing else); forget it on ``r`` only if it is still r's.
+
+        False when the runtime's stop raised: the failure is logged, ``r`` keeps the handle and
+        becomes ``stopping`` (its memory still counts; the loop retries, :meth:`stop_failed`)."""
+        try:
             await self.runtime.stop(handle, timeout_s=grace_s)
+        except Exception as exc:
+            tries = self._stop_tries[r.name] = self._stop_tries.get(r.name, 0) + 1
+            log_exception(ENGINE, f"{r.name}: stopping its engine ({handle.ident}) failed "
+                          f"(try {tries}; retried in {self.stop_retry_s(r):.1f} s)", exc,
+                          model=r.name, event="stop_failed")
+            if r.handle is handle or r.handle is None:
+                r.handle = handle
+                r.state, r.phase = "stopping", "stopping (stop failed)"
+                r.last_error = f"stopping its engine failed: {str(exc) or type(exc).__name__}"
+            return False
+        self._stop_tries.pop(r.name, None)
         if r.handle is handle:
             r.handle = None
+        return True
+
+    def stop_retry_s(self, r: Replica) -> float:
+        """The backoff before the next try to stop ``r``'s engine after a failed stop."""
+        tries = self._stop_tries.get(r.name, 0)
+        base = max(self.rc.restart_backoff_s, 0.1)
+        return min(base * 2.0 ** max(tries - 1, 0), STOP_RETRY_MAX_S)
 
     async def stop_failed(self, r: Replica) -> None:
-        """A health check failed ``r``'s engine (state ``stopping``): kill it, then ``failed``.
+        """``r`` is ``stopping`` (a health check failed its engine, or a stop failed): stop its
+        engine, then ``failed``. Blocks for the stop; after a failed stop, for the backoff
+        first (:meth:`stop_retry_s`: the node's one operation waits; if this try fails too, the
+        loop runs this again).
 
         The engine did not answer, so it gets a short grace (:data:`HUNG_STOP_GRACE_S`).
         """
+        if r.handle is not None and self._stop_tries.get(r.name):
+            await asyncio.sleep(self.stop_retry_s(r))
         handle = r.handle
-        if handle is not None:
-            await self.stop_engine(r, handle, grace_s=HUNG_STOP_GRACE_S)
+        if handle is not None and not await self.stop_engine(r, handle,
+                                                             grace_s=HUNG_STOP_GRACE_S):
+            return
         if r.state == "stopping":
             r.state, r.phase = "failed", "failed"
 
@@ -100,8 +149,10 @@ class EngineOps:
         wait until it answers; on failure ``r`` becomes failed and every waiter gets the parsed
         reason."""
         assert r.model.spec is not None
-        if r.handle is not None:  # a failed or sleeping engine: clear it away first
-            await self.stop_engine(r, r.handle, grace_s=HUNG_STOP_GRACE_S)
+        if r.handle is not None and not await self.stop_engine(  # a failed or sleeping engine
+            r, r.handle, grace_s=HUNG_STOP_GRACE_S
+        ):
+            return  # it still runs: ``stopping`` until a retried stop succeeds
         r.state, r.phase, r.last_error = "starting", "starting", None
         began = time.monotonic()
         handle: EngineHandle | None = None
@@ -129,44 +180,80 @@ class EngineOps:
                 self.runtime, handle, timeout_s=r.model.spec.startup_timeout_s,
                 on_phase=on_phase, parser=parser,
             )
-        except (VlmhubError, OSError) as exc:
-            err = exc if isinstance(exc, VlmhubError) else None
-            if self.on_start is not None:
-                self.on_start(r, parser, err)
-            timeout = isinstance(exc, EngineStartTimeout)
-            ENGINE.warning("%s: start failed: %s%s", r.name, str(exc).splitlines()[0],
-                           f" ({r.budget_note})" if r.budget_note else "",
-                           extra={"model": r.name, "event": "fail"})
-            await self.start_failed(r, handle, str(exc), timeout=timeout,
-                                    crash=not isinstance(exc, RuntimeUnavailable))
-            if isinstance(exc, EngineStartError) and exc.code == "sleep_unsupported":
-                r.sleep_ok = False  # this engine cannot sleep: fall back to stop/start
+        except Exception as exc:  # any: the model fails with the reason, the plan goes on
+            await self._start_error(r, handle, parser, exc)
             self.observer.observe_load(r.name, time.monotonic() - began, False)
             return
         r.last_load_s = time.monotonic() - began
         r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
         r.healthy_at = r.loaded_at = time.monotonic()
         r.restarts += 1 if r.failures else 0
-        if self.on_start is not None:
-            self.on_start(r, parser, None)
+        self.recorded(r, parser, None)
         ENGINE.info("%s: ready in %.1f s on port %d%s", r.name, r.last_load_s, handle.port,
                     f"; {r.budget_note}" if r.budget_note else "",
                     extra={"model": r.name, "event": "ready", "load_s": round(r.last_load_s, 3),
                            "port": handle.port, "budget_gib": round(r.footprint, 3)})
         self.observer.observe_load(r.name, r.last_load_s, True)
 
+    async def _start_error(self, r: Replica, handle: EngineHandle | None, parser: LogParser,
+                           exc: Exception) -> None:
+        """A start raised ``exc``: record it (budgets), log it, fail ``r`` with the reason. A
+        :class:`VlmhubError` or ``OSError`` is an engine's expected failure (one line); anything
+        else is logged with its traceback."""
+        expected = isinstance(exc, VlmhubError | OSError)
+        err = exc if isinstance(exc, VlmhubError) else None
+        note = self.recorded(r, parser, err)
+        message = str(exc) if expected else f"internal error starting {r.name}: {exc!r}"
+        if note:
+            message += f"; {note}"
+        if expected:
+            ENGINE.warning("%s: start failed: %s%s", r.name, message.splitlines()[0],
+                           f" ({r.budget_note})" if r.budget_note else "",
+                           extra={"model": r.name, "event": "fail"})
+        else:
+            log_exception(ENGINE, f"{r.name}: start failed", exc, model=r.name, event="fail")
+        await self.start_failed(r, handle, message, timeout=isinstance(exc, EngineStartTimeout),
+                                crash=not isinstance(exc, RuntimeUnavailable))
+        if isinstance(exc, EngineStartError) and exc.code == "sleep_unsupported":
+            r.sleep_ok = False  # this engine cannot sleep: fall back to stop/start
+
+    def recorded(self, r: Replica, parser: LogParser | None, err: VlmhubError | None
+                 ) -> str | None:
+        """After every start attempt (inside the operation): record the memory the engine
+        reported, or raise the estimate of one that failed for memory, then call ``on_start``.
+        The next start of ``r`` plans with the new budget. Blocks briefly on the budgets file.
+        Never raises: a failure here is logged, and returned as a note for the reason."""
+        try:
+            if self.budgets is not None and not r.model.external:
+                obs = observe_start(
+                    self.budgets, r.model, self.gpu, parser.facts if parser else {},
+                    err is None, err, vllm_version=self.config.runtime.vllm_version,
+                )
+                if obs.kind != "none":
+                    r.model = obs.model
+                    r.budget_note = obs.message
+            if self.on_start is not None:
+                self.on_start(r, parser, err)
+        except Exception as exc:
+            log_exception(ENGINE, f"{r.name}: recording its start failed", exc,
+                          model=r.name, event="budget")
+            return f"recording the start failed: {exc}"
+        return None
+
     async def start_failed(
         self, r: Replica, handle: EngineHandle | None, message: str, *, timeout: bool = False,
         crash: bool = True,
     ) -> None:
         """A start failed: ``r`` becomes failed, its waiters get the reason, the engine that
-        this start launched (``handle``, if any) is stopped. ``crash=False`` (the runtime was
-        unreachable: no engine ran) does not count toward the crash-loop guard."""
+        this start launched (``handle``, if any) is stopped (if that stop fails, ``r`` stays
+        ``stopping`` until a retry succeeds). ``crash=False`` (the runtime was unreachable: no
+        engine ran) does not count toward the crash-loop guard."""
         r.state, r.phase, r.last_error = "failed", "failed", message
         if crash:
             r.failures.append(time.monotonic())
-        if handle is not None:
-            await self.stop_engine(r, handle, grace_s=HUNG_STOP_GRACE_S)
+        if handle is not None and not await self.stop_engine(r, handle,
+                                                             grace_s=HUNG_STOP_GRACE_S):
+            r.last_error = f"{message}; then {r.last_error}"
         err: AcquireError = (
             LoadTimeout(message) if timeout else LoadFailed(message, retry_after=self.retry_s(r))
         )
@@ -182,8 +269,8 @@ class EngineOps:
 
     # -- evict ----------------------------------------------------------------------------------
     async def evict(self, v: Replica, ev: scheduler.Evict, reason: str = "") -> bool:
-        """Drain ``v`` (new requests queue), then sleep or stop it. False if it stayed busy.
-        ``reason`` (why it goes) is logged."""
+        """Drain ``v`` (new requests queue), then sleep or stop it. False if it stayed busy, or
+        its stop failed (then ``v`` is ``stopping``). ``reason`` (why it goes) is logged."""
         v.draining = True
         try:
             if v.in_flight:
@@ -197,8 +284,8 @@ class EngineOps:
                 self.observer.observe_eviction(v.name, "sleep")
                 return True
             v.state = "stopping"
-            if v.handle is not None:
-                await self.stop_engine(v, v.handle, grace_s=20.0)
+            if v.handle is not None and not await self.stop_engine(v, v.handle, grace_s=20.0):
+                return False  # still running: ``stopping``, the loop retries the stop
             v.state, v.phase = "stopped", ""
             ENGINE.info("%s: stopped (%s)", v.name, reason or "evicted",
                         extra={"model": v.name, "event": "evict", "reason": reason})

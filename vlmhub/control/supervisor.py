@@ -44,17 +44,17 @@ from vlmhub.control.contract import (
     ReplicaInfo,
     UnknownModel,
 )
-from vlmhub.control.engine_ops import EngineOps, StartHook
-from vlmhub.control.liveness import Liveness
+from vlmhub.control.engine_ops import EngineOps, StartHook, log_exception
+from vlmhub.control.liveness import Liveness, watched
 from vlmhub.control.reload import ModelDiff, apply_models
 from vlmhub.control.replica import Queued, Replica, new_replica
-from vlmhub.engine_log import LogParser
 from vlmhub.engines.adopt import reconcile_engines
 from vlmhub.engines.base import EngineHandle, Runtime, probe
 from vlmhub.engines.launch import engine_hash
 from vlmhub.errors import VlmhubError
+from vlmhub.logs import ROUTER
 from vlmhub.scheduling import placement, policy, scheduler
-from vlmhub.sizing.budgets import BudgetStore, observe_start
+from vlmhub.sizing.budgets import BudgetStore
 from vlmhub.sizing.vram import Gpu
 
 DECISIONS = logging.getLogger("vlmhub.scheduling.policy")
@@ -96,10 +96,9 @@ class Supervisor:
         self.http = httpx.AsyncClient(timeout=10.0, trust_env=False)  # engines: never a proxy
         self.budgets = budgets
         """Where engine starts record what they measured (vlmhub.sizing.budgets); None: nowhere."""
-        self._on_start = on_start
         self.ops = EngineOps(
             config, gpu, runtime, self.http, self.observer,
-            fail_waiters=self._fail_waiters, on_start=self._started,
+            fail_waiters=self._fail_waiters, on_start=on_start, budgets=budgets,
         )
         self._closing = False
         self.params = policy.params_from(config, models)
@@ -199,10 +198,13 @@ class Supervisor:
         return [self._info(r) for r in self.replicas.values()]
 
     async def load(self, name: str) -> ReplicaInfo:
-        """Admin: start a model now and wait until it is ready or failed. Resets a crash loop."""
+        """Admin: start a model now and wait until it is ready or failed. Resets a crash loop.
+        An external endpoint is checked now, for ``queue_timeout_s`` at most."""
         r = self._get(name)
         r.failures.clear()
-        if r.state != "ready":
+        if r.model.external:
+            await self.liveness.check_external_now(r, self.rc.queue_timeout_s)
+        elif r.state != "ready":
             fut = self._want(r)
             self.kick()
             with contextlib.suppress(AcquireError):
@@ -231,10 +233,10 @@ class Supervisor:
         for r in self.replicas.values():
             if r.model.entry.preload and r.state != "ready":
                 self._want(r)
-        self._tasks = [asyncio.create_task(self._loop()),
-                       asyncio.create_task(self.liveness.health_loop())]
+        self._tasks = [watched(self._loop(), "the control loop"),
+                       watched(self.liveness.health_loop(), "the health loop")]
         if multi:
-            self._tasks.append(asyncio.create_task(self.liveness.node_loop()))
+            self._tasks.append(watched(self.liveness.node_loop(), "the node watch"))
         self.kick()
 
     async def shutdown(self, stop_engines: bool = True, timeout_s: float = 30.0) -> None:
@@ -276,6 +278,7 @@ class Supervisor:
             try:
                 self._reconcile(time.monotonic())
             except Exception as exc:  # a bug here must not kill the loop silently
+                log_exception(ROUTER, "the control loop's pass failed", exc)
                 for r in self.replicas.values():
                     r.last_error = f"internal error: {exc!r}"
 
@@ -360,7 +363,7 @@ class Supervisor:
 
     def _launch(self, node: str, op: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``op`` as ``node``'s one engine operation (the caller checked it is free)."""
-        task = self._ops[node] = asyncio.create_task(op)
+        task = self._ops[node] = watched(op, f"an engine operation{f' on {node}' if node else ''}")
         return task
 
     def _may_restart(self, r: Replica, now: float) -> bool:
@@ -380,22 +383,6 @@ class Supervisor:
         delay = scheduler.restart_delay(len(r.failures), self.rc.restart_backoff_s)
         return not r.failures or now - r.failures[-1] >= delay
 
-    # -- health (control.liveness) --------------------------------------------------------
-    def _started(self, r: Replica, parser: LogParser | None, err: VlmhubError | None) -> None:
-        """After every start attempt (inside the operation): record the memory the engine
-        reported, or raise the estimate of one that failed for memory. The next start of ``r``
-        plans with the new budget. Blocks briefly on the budgets file."""
-        if self.budgets is not None and not r.model.external:
-            obs = observe_start(
-                self.budgets, r.model, self.gpu, parser.facts if parser else {}, err is None,
-                err, vllm_version=self.config.runtime.vllm_version,
-            )
-            if obs.kind != "none":
-                r.model = obs.model
-                r.budget_note = obs.message
-        if self._on_start is not None:
-            self._on_start(r, parser, err)
-
     # -- operations: each runs as its node's one operation (engine_ops.py) ------------------
     async def _run(self, op: Coroutine[Any, Any, Any]) -> None:
         try:
@@ -405,7 +392,9 @@ class Supervisor:
 
     async def _execute(self, r: Replica, p: scheduler.Plan) -> None:
         for ev in p.evict:
-            if not await self._evict(self.replicas[ev.name], ev, f"room for {r.name}"):
+            if not await self._evict(v := self.replicas[ev.name], ev, f"room for {r.name}"):
+                if v.state == "stopping":  # its stop failed: retried, then r's turn again
+                    return
                 self._fail_waiters(
                     r,
                     Refused(
@@ -526,7 +515,7 @@ class Supervisor:
         return self.replicas[real]
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+        task = watched(coro, "a health check")
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
