@@ -16,27 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.table import Table
+from starlette.applications import Starlette
 
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, err_console, user_errors
 from vlmhub.config.locate import ConfigError
 from vlmhub.config.schema import Config, api_keys, load_config, resolve
 from vlmhub.control.contract import ReplicaInfo
-from vlmhub.control.reload import ModelDiff
 from vlmhub.engines.launch import make_runtime
 from vlmhub.engines.owner import StateDirLock, lock_state_dir
 from vlmhub.engines.process import ProcessRuntime
 from vlmhub.errors import VlmhubError
-from vlmhub.logs import ROUTER
+from vlmhub.logs import ROUTER, set_level
 from vlmhub.logs import configure as configure_logs
 from vlmhub.paths import default_state_dir
-from vlmhub.router.app import create_app
+from vlmhub.router.app import apply_settings, create_app
 from vlmhub.router.history import History, Tee, attach_history
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.server import RouterServer
@@ -86,15 +87,23 @@ def print_summary(url: str, config: Config, gpu: Gpu, models: list[ReplicaInfo])
 
 
 class Reloader:
-    """Re-read models.yaml and apply it to the running supervisor: on SIGHUP, on
+    """Re-read models.yaml and apply it to the running supervisor and router: on SIGHUP, on
     ``POST /api/reload`` and, with ``--watch``, when the file changes. Runs on the event loop;
     the reload itself is synchronous (the engine stops it needs run as operations), and it
-    reports through the ``vlmhub.router`` logger, which never blocks (vlmhub.logs)."""
+    reports through the ``vlmhub.router`` logger, which never blocks (vlmhub.logs).
 
-    def __init__(self, ctx: Context, supervisor: Supervisor, budgets: BudgetStore) -> None:
-        self.ctx, self.supervisor, self.budgets = ctx, supervisor, budgets
+    Router settings apply from the next request on (keys, admin key, body limits, loading
+    comments, CORS, loopback trust, log masking and level; vlmhub.router.settings); those that
+    need a restart (host, port, log format) are named in the log and in the answer."""
+
+    def __init__(self, ctx: Context, supervisor: Supervisor, budgets: BudgetStore, app: Starlette,
+                 state_dir: Path, *, log_level_fixed: bool = False) -> None:
+        self.ctx, self.supervisor, self.budgets, self.app = ctx, supervisor, budgets, app
+        self.state_dir, self.log_level_fixed = state_dir, log_level_fixed
         self.path = ctx.loaded.path
         self.mtime = self._mtime()
+        self.config = with_admin_key(ctx.loaded.config, state_dir)
+        """The config in force (``admin_key: auto`` as its token)."""
 
     def _mtime(self) -> float:
         try:
@@ -102,27 +111,36 @@ class Reloader:
         except OSError:
             return 0.0
 
-    def __call__(self) -> ModelDiff:
-        """Reload now. Raises ConfigError (located) for a bad file: nothing changes then."""
+    def __call__(self) -> dict[str, Any]:
+        """Reload now; the answer of ``POST /api/reload`` (the model diff, its summary and
+        ``restart_needed``). Raises ConfigError (located) for a bad file: nothing changes
+        then."""
         self.mtime = self._mtime()
         try:
             loaded = load_config(self.path)
             models = resolve(
                 loaded, self.ctx.registry.specs(), self.ctx.gpu, measured=self.budgets
             )
-        except (ConfigError, VlmhubError) as exc:
+            config = with_admin_key(loaded.config, self.state_dir)
+        except (ConfigError, VlmhubError, OSError) as exc:
             ROUTER.error("Not reloaded (the running config stays):\n%s", exc,
                          extra={"event": "reload", "ok": False})
             raise
-        old = self.supervisor.config.router
+        restart = apply_settings(self.app, config)  # from the next request on
+        if not self.log_level_fixed:
+            set_level(config.router.log_level)
         diff = self.supervisor.reload(models, loaded.config)
-        ROUTER.info("Reloaded %s: %s", self.path, diff.summary(),
+        self.config = config
+        ROUTER.info("Reloaded %s: %s; router settings applied", self.path, diff.summary(),
                     extra={"event": "reload", "ok": True, "added": list(diff.added),
-                           "removed": list(diff.removed), "changed": list(diff.changed)})
-        if (old.host, old.port) != (loaded.config.router.host, loaded.config.router.port):
-            ROUTER.warning("router.host and router.port take effect at the next start of "
-                           "`vlmhub route`.")
-        return diff
+                           "removed": list(diff.removed), "changed": list(diff.changed),
+                           "restart_needed": restart})
+        if restart:
+            ROUTER.warning("router.%s changed: it takes effect at the next start of `vlmhub "
+                           "route` (the running router keeps the old value)",
+                           ", router.".join(restart), extra={"restart_needed": restart})
+        return {**dataclasses.asdict(diff), "summary": diff.summary(),
+                "restart_needed": restart}
 
     def safely(self) -> None:
         """Reload, printing (not raising) a bad file's located error."""
@@ -139,7 +157,7 @@ class Reloader:
 
 async def run_route(ctx: Context, host: str | None, port: int | None,
                     kind: RuntimeKind | None, state_dir: Path | None = None,
-                    watch: bool = False) -> int:
+                    watch: bool = False, log_level_fixed: bool = False) -> int:
     """Take the state dir, build the supervisor and the router, serve until stopped, then
     shut down. Blocks (asynchronously) for the router's whole life."""
     config = ctx.loaded.config
@@ -149,13 +167,13 @@ async def run_route(ctx: Context, host: str | None, port: int | None,
     state = (state_dir or default_state_dir()).expanduser().resolve()
     lock = lock_state_dir(state, port=port, url=f"http://{host}:{port}")  # or StateDirBusy
     try:
-        return await _serve(ctx, host, port, kind, state, lock, watch)
+        return await _serve(ctx, host, port, kind, state, lock, watch, log_level_fixed)
     finally:
         lock.release()
 
 
 async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, state: Path,
-                 lock: StateDirLock, watch: bool) -> int:
+                 lock: StateDirLock, watch: bool, log_level_fixed: bool) -> int:
     from vlmhub.control.supervisor import Supervisor
 
     config = with_admin_key(ctx.loaded.config, state)  # `admin_key: auto` -> the token
@@ -183,7 +201,8 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
                                 budgets=budgets)
         app = create_app(supervisor, config, metrics=metrics)
         attach_history(app, supervisor, history)
-        reloader = Reloader(ctx, supervisor, budgets)
+        reloader = Reloader(ctx, supervisor, budgets, app, state,
+                            log_level_fixed=log_level_fixed)
         app.state.reloader = reloader
         sup = supervisor
 
@@ -198,8 +217,10 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
                                   f"{h.name}` stops it.", highlight=False)
 
         def stopping(in_flight: int) -> None:
+            assert server is not None
+            wait_s = server.drain_timeout_s = sup.config.router.shutdown_timeout_s  # reloadable
             waiting = f"waiting for {in_flight} request(s) in flight" if in_flight else "stopping"
-            err_console.print(f"Shutting down: {waiting} (up to {rc.shutdown_timeout_s:.0f} s); "
+            err_console.print(f"Shutting down: {waiting} (up to {wait_s:.0f} s); "
                               "Ctrl-C again to stop now.", highlight=False)
 
         server = RouterServer(app, host, port, drain_timeout_s=rc.shutdown_timeout_s,
@@ -223,6 +244,7 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
         if server is not None:
             server.sock.close()
         if supervisor is not None:
+            rc = supervisor.config.router  # as the last reload left it
             if started:
                 what = "Stopping engines" if rc.stop_engines_on_exit else "Leaving engines running"
                 err_console.print(f"{what}...", highlight=False)
@@ -268,7 +290,8 @@ def route(
         admin = admin_key_for(rc.admin_key, state, create=True)  # `auto`: the state dir's token
         configure_logs(level, "json" if fmt == "json" else "text", [*rc.api_keys, admin or ""])
         try:
-            code = server_run(run_route(ctx, host, port, runtime, state_dir, watch))
+            code = server_run(run_route(ctx, host, port, runtime, state_dir, watch,
+                                        log_level_fixed=log_level is not None))
         except KeyboardInterrupt:
             err_console.print("interrupted")
             code = 130

@@ -6,9 +6,11 @@
   ``x-vlmhub-replica`` (``model@port``) once a replica was chosen.
 - **Access log**: one ``vlmhub.access`` line per request when that logger is enabled: id,
   model (and the name asked for), status, queue wait, replica, time to first byte, duration,
-  bytes sent. No header or body is logged.
-- **CORS** (``router.cors_origins``, default none): an allowed origin gets preflight answers and
-  ``Access-Control-Allow-Origin`` on ``/v1/*``; the admin API keeps its browser guard.
+  bytes sent. No header or body is logged. The request's task only builds a tuple; the line is
+  formatted and masked on the log writer thread (:func:`vlmhub.logs.access`).
+- **CORS** (``router.cors_origins``, default none, read per request: a reload applies): an
+  allowed origin gets preflight answers and ``Access-Control-Allow-Origin`` on ``/v1/*``; the
+  admin API keeps its browser guard.
 The endpoint fills :class:`RequestInfo` (``scope["state"]["vlmhub"]``). Per request this costs
 one small object and a wrapped ``send``; nothing blocks.
 """
@@ -21,7 +23,8 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vlmhub.logs import ACCESS
+from vlmhub.logs import ACCESS, access
+from vlmhub.router.state import RouterState
 
 EXPOSED = b"x-request-id, x-vlmhub-queue-ms, x-vlmhub-replica"
 
@@ -56,15 +59,15 @@ def _client_id(scope: Scope) -> str | None:
 class AccessMiddleware:
     """See the module docs. Wraps the whole app; acts on ``/v1`` paths only."""
 
-    def __init__(self, app: ASGIApp, cors_origins: list[str] | None = None) -> None:
+    def __init__(self, app: ASGIApp, state: RouterState) -> None:
         self.app = app
-        self.origins = frozenset(cors_origins or ())
+        self.state = state  # its settings (CORS origins) are read per request: reloads apply
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await self.app(scope, receive, send)
             return
-        origin = self._allowed_origin(scope)
+        origin = self._allowed_origin(scope, self.state.settings.cors_origins)
         if origin is not None and scope["method"] == "OPTIONS":
             await self._preflight(scope, send, origin)
             return
@@ -98,13 +101,14 @@ class AccessMiddleware:
             if ACCESS.isEnabledFor(20):
                 self._log(scope, info, status, first, sent)
 
-    def _allowed_origin(self, scope: Scope) -> str | None:
-        if not self.origins:
+    @staticmethod
+    def _allowed_origin(scope: Scope, origins: frozenset[str]) -> str | None:
+        if not origins:
             return None
         for k, v in scope["headers"]:
             if k == b"origin":
                 origin = v.decode("latin-1")
-                return origin if origin in self.origins or "*" in self.origins else None
+                return origin if origin in origins or "*" in origins else None
         return None
 
     @staticmethod
@@ -122,17 +126,10 @@ class AccessMiddleware:
 
     @staticmethod
     def _log(scope: Scope, info: RequestInfo, status: int, first: float, sent: int) -> None:
+        """Hand the line's fields to the log writer as a tuple: it is formatted and masked on
+        the writer thread, off the event loop (vlmhub.logs.access)."""
         now = time.monotonic()
-        ttfb = (first - info.started) * 1000 if first else None
-        ACCESS.info(
-            "%s %s %s model=%s%s status=%s queue_ms=%s replica=%s ttfb_ms=%s ms=%.0f bytes=%d",
-            info.request_id, scope["method"], scope["path"], info.model or "-",
-            f" (asked {info.asked})" if info.asked and info.asked != info.model else "",
-            status or 499, f"{info.queue_ms:.0f}" if info.queue_ms is not None else "-",
-            info.replica or "-", f"{ttfb:.0f}" if ttfb is not None else "-",
-            (now - info.started) * 1000, sent,
-            extra={"request_id": info.request_id, "model": info.model, "asked": info.asked,
-                   "status": status or 499, "queue_ms": info.queue_ms, "replica": info.replica,
-                   "ttfb_ms": ttfb, "duration_ms": (now - info.started) * 1000, "bytes": sent,
-                   "path": scope["path"]},
-        )
+        access((time.time(), info.request_id, scope["method"], scope["path"], info.model,
+                info.asked, status or 499, info.queue_ms, info.replica,
+                (first - info.started) * 1000 if first else None, (now - info.started) * 1000,
+                sent))

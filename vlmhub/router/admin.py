@@ -1,7 +1,10 @@
 """The admin API under ``/api``: list the models, load or unload one now.
 
 Auth: with ``router.admin_key`` set, ``Authorization: Bearer <admin_key>`` is required (401
-otherwise, from anywhere). Without it only loopback clients may call (403 for the others).
+otherwise, from anywhere). Without it only loopback clients may call (403 for the others), and
+not even they when the request carries a forwarding header (``Forwarded``, ``X-Forwarded-For``,
+``X-Real-IP``) or ``router.trust_loopback`` is false: behind a reverse proxy or an ``ssh -L`` on
+this host every remote user is a loopback peer.
 Listing is a synchronous snapshot; load and unload wait (asynchronously) for the supervisor.
 A load that ends with the model ``failed`` answers 503 with the engine's reason (and
 ``Retry-After``), never 200.
@@ -30,20 +33,37 @@ def replica_json(info: ReplicaInfo) -> dict[str, Any]:
     return out
 
 
+FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip"})
+"""Headers a reverse proxy adds: a request carrying one came from elsewhere, whatever its peer."""
+
+
+def local_client(request: Request, trust_loopback: bool) -> bool:
+    """The caller is on this machine and may be trusted as such: ``router.trust_loopback``, a
+    loopback peer, and no forwarding header (a reverse proxy on this host is a loopback peer
+    for every remote user behind it)."""
+    if not trust_loopback or not is_loopback(request.client.host if request.client else None):
+        return False
+    return not any(k in FORWARDING for k, _ in request.scope["headers"])
+
+
 def check_admin(request: Request, st: RouterState) -> Response | None:
-    """None when the caller may use the admin API (admin key, or loopback without one);
-    else the 401/403 response to send. Shared by /api/models and the dashboard's /api/ui."""
-    if st.admin_key is not None:
-        if key_matches(bearer(request), [st.admin_key]):
+    """None when the caller may use the admin API (admin key, or a local client without one,
+    see :func:`local_client`); else the 401/403 response to send. Shared by /api/models and
+    the dashboard's /api/ui. Reads the settings current for this request (a reload applies)."""
+    settings = st.settings
+    if settings.admin_key is not None:
+        if key_matches(bearer(request), (settings.admin_key,)):
             return None
         return error_response(401, "The admin API needs `Authorization: Bearer <admin_key>` "
                               "(router.admin_key in models.yaml).", "invalid_request_error",
                               "invalid_admin_key", {"WWW-Authenticate": "Bearer"})
-    if is_loopback(request.client.host if request.client else None):
+    if local_client(request, settings.trust_loopback):
         return None
     return error_response(403, "The admin API answers only local clients when no "
-                          "router.admin_key is set. Set router.admin_key in models.yaml to use "
-                          "it from another machine.", "permission_error", "admin_forbidden")
+                          "router.admin_key is set (never a request forwarded by a proxy, nor "
+                          "any when router.trust_loopback is false). Set router.admin_key in "
+                          "models.yaml to use it from another machine or through a proxy.",
+                          "permission_error", "admin_forbidden")
 
 
 def _state(request: Request) -> RouterState:
@@ -100,8 +120,11 @@ async def unload_model(request: Request) -> Response:
 
 
 async def reload_config(request: Request) -> Response:
-    """POST /api/reload: re-read models.yaml and apply it (control.reload). An invalid file is
-    refused (400, with its located error) and the running config stays."""
+    """POST /api/reload: re-read models.yaml and apply it: the models (control.reload) and the
+    router's settings, from the next request on. The answer lists the models added, removed,
+    changed and unchanged, and ``restart_needed``: the router settings that changed but take
+    effect only at the next start. An invalid file is refused (400, with its located error)
+    and the running config stays."""
     st = _state(request)
     if (denied := check_admin(request, st)) is not None:
         return denied
@@ -110,11 +133,11 @@ async def reload_config(request: Request) -> Response:
         return error_response(501, "this router was not started from a models.yaml it can "
                               "re-read", "invalid_request_error", "reload_unavailable")
     try:
-        diff = reloader()
+        answer = reloader()  # the model diff, its summary and the settings needing a restart
     except (VlmhubError, ConfigError) as exc:
         return error_response(400, f"models.yaml was not reloaded; the running config stays. "
                               f"{exc}", "invalid_request_error", "invalid_config")
-    return JSONResponse({**dataclasses.asdict(diff), "summary": diff.summary()})
+    return JSONResponse(answer)
 
 
 def admin_routes() -> list[Route]:

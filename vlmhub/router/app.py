@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -28,7 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from vlmhub.config.schema import Config, api_keys
+from vlmhub.config.schema import Config
 from vlmhub.control.contract import AcquireError, Lease, ReplicaInfo, SupervisorLike
 from vlmhub.router.access import AccessMiddleware, request_info
 from vlmhub.router.admin import admin_routes, replica_json
@@ -44,6 +45,7 @@ from vlmhub.router.loading import LoadingResponse
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.openapi import openapi_routes
 from vlmhub.router.proxy import create_session, forward
+from vlmhub.router.settings import RouterSettings
 from vlmhub.router.state import Reject, RouterState, bearer, key_matches, router_state
 from vlmhub.router.ui import ui_routes
 from vlmhub.router.watch import ClientWatch
@@ -63,10 +65,9 @@ PROXIED: dict[str, str] = {  # client path -> engine path
 }
 
 
-def require_api_key(request: Request) -> None:
+def require_api_key(request: Request, settings: RouterSettings) -> None:
     """Raise :class:`Reject` (401, OpenAI shape) unless the request carries a valid key."""
-    st = router_state(request)
-    if st.api_keys and not key_matches(bearer(request), st.api_keys):
+    if settings.api_keys and not key_matches(bearer(request), settings.api_keys):
         raise Reject(error_response(
             401, "Incorrect or missing API key. Send it as `Authorization: Bearer <key>` "
             "(the OpenAI SDKs do this with api_key=...).", "invalid_request_error",
@@ -80,6 +81,7 @@ def unknown_model(model: str, supervisor: SupervisorLike) -> Reject:
 async def proxy_endpoint(request: Request) -> Response:
     """POST a model route: auth, body, model, lease, forward. Blocks while the model loads."""
     st = router_state(request)
+    settings = st.settings  # read once: a reload swaps the object, never changes it
     started = time.monotonic()
     model: str | None = None
     watch: ClientWatch | None = None
@@ -87,11 +89,11 @@ async def proxy_endpoint(request: Request) -> Response:
     status = 500
     st.in_flight += 1
     try:
-        require_api_key(request)
+        require_api_key(request, settings)
         if request.app.state.draining:
             raise Reject(error_response(503, "vlmhub is shutting down; retry shortly.",
                                         "service_unavailable", "shutting_down"))
-        body = await read_body(request, st.max_body, st.body_timeout_s)
+        body = await read_body(request, settings.max_body, settings.body_timeout_s)
         payload = parse_payload(body)
         wanted = payload.get("model")
         if not isinstance(wanted, str) or not wanted:
@@ -133,14 +135,15 @@ async def proxy_endpoint(request: Request) -> Response:
                     st.http(), st.supervisor, lease, method="POST",
                     path=PROXIED[request.url.path], query=request.url.query, headers=headers,
                     body=body, payload=payload, stream=stream, on_headers=headers_sent,
-                    on_finish=finished, watch=watch, committed=committed)
+                    on_finish=finished, watch=watch, committed=committed,
+                    reacquire=lambda: _acquire(st.supervisor, model, priority))
             except BaseException as exc:
                 st.supervisor.release(lease)  # never handed off: give it back here
                 if isinstance(exc, RecursionError):  # re-encoding a deep body (model rewrite)
                     raise too_deep() from None
                 raise
 
-        if stream and st.loading_comments_s > 0 and st.supervisor.would_wait(model):
+        if stream and settings.loading_comments_s > 0 and st.supervisor.would_wait(model):
             # it has to wait for its model: stream loading comments meanwhile
             acquiring = asyncio.ensure_future(_acquire(st.supervisor, model, priority))
             handed_off = True
@@ -153,7 +156,7 @@ async def proxy_endpoint(request: Request) -> Response:
                 st.metrics.observe_request(label, code, time.monotonic() - started)
 
             return LoadingResponse(st.supervisor, model, acquiring, watch,
-                                   every_s=st.loading_comments_s,
+                                   every_s=settings.loading_comments_s,
                                    make_proxy=committed_proxy, on_end=ended)
         watch.arm()  # a hang-up while queued cancels the acquire (it gives its slot back)
         try:
@@ -226,7 +229,7 @@ async def list_models(request: Request) -> Response:
     """GET /v1/models: every configured model with its live state (a snapshot)."""
     st = router_state(request)
     try:
-        require_api_key(request)
+        require_api_key(request, st.settings)
     except Reject as reject:
         return reject.response
     data = [model_card(i, st.created) for i in st.supervisor.snapshot()]
@@ -238,7 +241,7 @@ async def get_model(request: Request) -> Response:
     st = router_state(request)
     wanted = request.path_params["model"]
     try:
-        require_api_key(request)
+        require_api_key(request, st.settings)
         name = st.supervisor.resolve(wanted)
         info = next((i for i in st.supervisor.snapshot() if i.name == name), None)
         if info is None:
@@ -274,24 +277,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, f"internal error in vlmhub: {type(exc).__name__}: {exc}",
-                          "internal_error", 500)
+    """500 naming the request id, never the exception (its text may hold a secret or a path):
+    the router's log has the traceback (masked) under the same id."""
+    info = request_info(request.scope)
+    rid = info.request_id if info is not None else uuid.uuid4().hex
+    log.error("internal error on %s %s (request %s)", request.method, request.url.path, rid,
+              exc_info=exc, extra={"request_id": rid})
+    return error_response(500, f"internal error in vlmhub (request id {rid}); the router's log "
+                          "has the details under that id.", "internal_error", 500,
+                          {"x-request-id": rid})
 
 
 def create_app(
     supervisor: SupervisorLike, config: Config, *, metrics: RouterMetrics | None = None
 ) -> Starlette:
-    """The router app over ``supervisor``. Keys come from the config and ``VLMHUB_API_KEYS``."""
-    admin = config.router.admin_key
-    state = RouterState(
-        supervisor=supervisor, config=config, metrics=metrics or RouterMetrics(),
-        api_keys=[k.encode() for k in api_keys(config)],
-        admin_key=admin.encode() if admin else None,
-        max_body=int(config.router.max_body_mb * 1024 * 1024),
-        body_timeout_s=config.router.body_timeout_s,
-        loading_comments_s=config.router.loading_comments_s,
-    )
+    """The router app over ``supervisor``. Keys come from the config and ``VLMHUB_API_KEYS``;
+    :func:`apply_settings` changes the router's settings of a running app (a reload)."""
+    state = RouterState(supervisor=supervisor, config=config, metrics=metrics or RouterMetrics(),
+                        settings=RouterSettings.from_config(config))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -314,13 +317,17 @@ def create_app(
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         HTTPException: _http_error, Exception: _internal_error}
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                    middleware=[
-                        Middleware(AccessMiddleware, cors_origins=config.router.cors_origins),
-                        Middleware(BrowserGuard, cors_origins=config.router.cors_origins),
-                    ])
+                    middleware=[Middleware(AccessMiddleware, state=state),
+                                Middleware(BrowserGuard, state=state)])
     app.state.router = state
     app.state.draining = False
     return app
+
+
+def apply_settings(app: Starlette, config: Config) -> list[str]:
+    """Apply ``config``'s router settings to the running ``app`` from its next request on
+    (:meth:`RouterState.apply`); the names of the changed ones that need a restart."""
+    return cast(RouterState, app.state.router).apply(config)
 
 
 def in_flight(app: Starlette) -> int:
@@ -341,4 +348,4 @@ async def drain(app: Starlette, timeout_s: float) -> bool:
     return True
 
 
-__all__ = ["create_app", "drain", "in_flight", "replica_json"]
+__all__ = ["apply_settings", "create_app", "drain", "in_flight", "replica_json"]

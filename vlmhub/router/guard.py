@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from vlmhub.router.state import is_loopback
+from vlmhub.router.state import RouterState, is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -59,13 +59,14 @@ def refusal(scope: Scope, cors_origins: frozenset[str] = frozenset()) -> str | N
 class BrowserGuard:
     """ASGI middleware applying :func:`refusal` to every HTTP request (403, OpenAI shape)."""
 
-    def __init__(self, app: ASGIApp, cors_origins: list[str] | None = None) -> None:
+    def __init__(self, app: ASGIApp, state: RouterState | None = None) -> None:
         self.app = app
-        self.cors_origins = frozenset(cors_origins or ())
+        self.state = state  # router.cors_origins is read per request: a reload applies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            why = refusal(scope, self.cors_origins)
+            origins = self.state.settings.cors_origins if self.state else frozenset[str]()
+            why = refusal(scope, origins)
             if why is not None:
                 body = json.dumps(
                     {

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -30,7 +30,7 @@ from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
 from vlmhub.config.vision import advise_context_error
-from vlmhub.control.contract import Lease, SupervisorLike
+from vlmhub.control.contract import AcquireError, Lease, SupervisorLike
 from vlmhub.router.errors import error_body, sse_error_event
 from vlmhub.router.watch import CLIENT_LEFT, ClientWatch
 
@@ -47,6 +47,16 @@ UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, Timeout
 
 HeadersCallback = Callable[[int], None]
 FinishCallback = Callable[[], None]
+Exchange = tuple[str, CIMultiDict[str], bytes]
+"""(URL, headers, body) of the upstream request over one lease."""
+Reacquire = Callable[[], Awaitable[Lease]]
+"""Wait for a new lease on the request's model (raises AcquireError like the first acquire)."""
+UNDELIVERED: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,)
+"""A connection that failed before any byte of the request was sent (refused, reset while
+connecting): the engine never saw the request, so sending it again is safe."""
+RESTART_NOTICE_S = 15.0
+"""How long an undelivered request waits for the supervisor to confirm that the engine failed
+(it revokes the lease) before it gives up with a 502."""
 REVOKED = "engine failed"
 """The :class:`ClientWatch` reason when the lease was revoked mid-exchange."""
 
@@ -128,6 +138,7 @@ async def forward(
     on_finish: FinishCallback | None = None,
     watch: ClientWatch | None = None,
     committed: bool = False,
+    reacquire: Reacquire | None = None,
 ) -> ProxyResponse:
     """The response that forwards this request to ``lease.base_url`` when it is sent.
 
@@ -138,15 +149,24 @@ async def forward(
     if the caller has one already (the response then owns and closes it; without one it makes
     its own). ``committed``: a ``200 text/event-stream`` status line has already been sent
     (:mod:`vlmhub.router.loading`); the engine's stream continues it, and any failure or
-    non-stream answer becomes a final SSE error event. The caller must send the response (it
-    owns the lease from now on). Does no I/O itself.
+    non-stream answer becomes a final SSE error event. ``reacquire`` waits for a new lease on
+    the same model (as the request's first acquire did): with it, a request the engine never
+    received (its connection refused) waits for the engine's restart and is sent once more
+    instead of failing. The caller must send the response (it owns the lease from now on).
+    Does no I/O itself.
     """
-    url = lease.base_url.rstrip("/") + path + (f"?{query}" if query else "")
+    client_headers = list(headers)
+    target = path + (f"?{query}" if query else "")
+
+    def exchange_for(lease: Lease) -> Exchange:
+        url = lease.base_url.rstrip("/") + target
+        return (url, upstream_headers(client_headers, lease.api_key),
+                rewrite_model(body, payload, lease.api_name))
+
     return ProxyResponse(
-        session, supervisor, lease, method=method, url=url,
-        headers=upstream_headers(headers, lease.api_key),
-        body=rewrite_model(body, payload, lease.api_name), stream=stream,
+        session, supervisor, lease, method=method, exchange_for=exchange_for, stream=stream,
         on_headers=on_headers, on_finish=on_finish, watch=watch, committed=committed,
+        reacquire=reacquire,
     )
 
 
@@ -160,19 +180,20 @@ class ProxyResponse(Response):
         lease: Lease,
         *,
         method: str,
-        url: str,
-        headers: CIMultiDict[str],
-        body: bytes,
+        exchange_for: Callable[[Lease], Exchange],
         stream: bool,
         on_headers: HeadersCallback | None = None,
         on_finish: FinishCallback | None = None,
         watch: ClientWatch | None = None,
         committed: bool = False,
+        reacquire: Reacquire | None = None,
     ) -> None:
         self.status_code = 0  # known once the engine answers
         self.background = None
         self.session, self.supervisor, self.lease = session, supervisor, lease
-        self.method, self.url, self.upstream_headers, self.body = method, url, headers, body
+        self.method, self.exchange_for, self.reacquire = method, exchange_for, reacquire
+        self.url, self.upstream_headers, self.body = exchange_for(lease)
+        self._held = True  # self.lease is ours to release (False between two leases)
         self.stream_requested = stream
         self.on_headers, self.on_finish = on_headers, on_finish
         self.watch = watch
@@ -192,13 +213,7 @@ class ProxyResponse(Response):
         watch = self.watch if self.watch is not None else ClientWatch(receive)
         self.watch = watch
         revoked = self.lease.revoked
-
-        def engine_failed(fut: asyncio.Future[str]) -> None:
-            if not fut.cancelled():
-                watch.interrupt(REVOKED)
-
-        if revoked is not None:
-            revoked.add_done_callback(engine_failed)
+        self._follow(self.lease)
         watch.arm()  # no await from here to the try: a cancellation lands inside it
         try:
             if watch.gone:
@@ -215,14 +230,26 @@ class ProxyResponse(Response):
                 raise
             if reason == CLIENT_LEFT:
                 self.client_gone = True  # _exchange's finally closed the upstream connection
-            elif revoked is not None:
-                await self._revoked(send, revoked.result())
+            elif self.lease.revoked is not None and self.lease.revoked.done():
+                await self._revoked(send, self.lease.revoked.result())
         finally:
             watch.disarm()
-            if revoked is not None:
-                revoked.remove_done_callback(engine_failed)
+            self._unfollow(self.lease)
             watch.close()
             self._finish()
+
+    def _engine_failed(self, fut: asyncio.Future[str]) -> None:
+        if not fut.cancelled() and self.watch is not None:
+            self.watch.interrupt(REVOKED)
+
+    def _follow(self, lease: Lease) -> None:
+        """A revocation of ``lease`` (its engine failed) interrupts the exchange."""
+        if lease.revoked is not None:
+            lease.revoked.add_done_callback(self._engine_failed)
+
+    def _unfollow(self, lease: Lease) -> None:
+        if lease.revoked is not None:
+            lease.revoked.remove_done_callback(self._engine_failed)
 
     async def _revoked(self, send: Send, reason: str) -> None:
         """The supervisor failed the engine under this exchange: tell the client now."""
@@ -242,7 +269,8 @@ class ProxyResponse(Response):
             return
         self._finished = True
         try:
-            self.supervisor.release(self.lease)
+            if self._held:
+                self.supervisor.release(self.lease)
         finally:
             if self.on_finish is not None:
                 self.on_finish()
@@ -282,11 +310,22 @@ class ProxyResponse(Response):
         await self._start(send, status, headers)
         await self._send_body(send, body, more=False)
 
+    async def _request(self) -> aiohttp.ClientResponse:
+        return await self.session.request(
+            self.method, URL(self.url, encoded=True), headers=self.upstream_headers,
+            data=self.body or None, allow_redirects=False)
+
     async def _exchange(self, send: Send) -> None:
         try:
-            resp = await self.session.request(
-                self.method, URL(self.url, encoded=True), headers=self.upstream_headers,
-                data=self.body or None, allow_redirects=False)
+            try:
+                resp = await self._request()
+            except UNDELIVERED as exc:
+                if not await self._wait_for_restart(send, f"engine could not be reached: "
+                                                          f"{_describe(exc)}"):
+                    raise
+                resp = await self._request()  # once: a second failure is the client's 502
+        except AcquireError:
+            return  # answered by _wait_for_restart
         except UPSTREAM_ERRORS as exc:
             timeout = isinstance(exc, TimeoutError)
             what = "did not accept the connection in time" if timeout else "could not be reached"
@@ -310,6 +349,39 @@ class ProxyResponse(Response):
                 resp.release()  # back to the pool
             else:
                 resp.close()  # drop the connection: vLLM sees the client leave and aborts
+
+    async def _wait_for_restart(self, send: Send, reason: str) -> bool:
+        """The request never reached the engine: report the failure, wait (up to
+        :data:`RESTART_NOTICE_S`) until the supervisor has failed the engine, then swap the lease
+        for one on the restarted engine (the queue's own timeout applies, like a cold model)
+        and aim the request at it. False when it cannot be retried (no ``reacquire``, an
+        external endpoint, or the supervisor still calls the engine healthy): the caller
+        answers 502. An AcquireError (no new lease) is answered here and raised. The client's
+        hang-up cancels the wait (the request's watch stays armed)."""
+        old = self.lease
+        if self.reacquire is None or old.external:
+            return False
+        log.warning("model %s: %s; the request was not delivered: it waits for the restart",
+                    old.model, reason)
+        self._unfollow(old)  # the revocation this report causes must not end the request
+        self.supervisor.report_failure(old, reason)
+        if old.revoked is not None:
+            done, _ = await asyncio.wait({old.revoked}, timeout=RESTART_NOTICE_S)
+            if not done:  # the engine answers its health check: not a restart to wait for
+                self._follow(old)
+                return False
+        self._held = False
+        self.supervisor.release(old)
+        try:
+            self.lease = await self.reacquire()
+        except AcquireError as exc:
+            self.upstream_failure = str(exc)
+            await self._send_error(send, exc.status, str(exc))
+            raise
+        self._held = True
+        self._follow(self.lease)
+        self.url, self.upstream_headers, self.body = self.exchange_for(self.lease)
+        return True
 
     async def _relay_buffered(self, resp: aiohttp.ClientResponse, send: Send) -> bool:
         try:

@@ -11,6 +11,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -19,25 +20,25 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response
 
-from vlmhub.config.schema import Config
+from vlmhub.config.schema import Config, api_keys
 from vlmhub.control.contract import SupervisorLike
+from vlmhub.logs import add_secrets
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.proxy import create_session
+from vlmhub.router.settings import RouterSettings, needs_restart
 
 
 @dataclass
 class RouterState:
-    """Everything the handlers share. Mutated only from the event loop's thread."""
+    """Everything the handlers share. Mutated only from the event loop's thread.
+
+    ``settings`` is read once per request and replaced whole by :meth:`apply` (a reload), never
+    changed in place: a request sees the old settings or the new ones, never a mix."""
 
     supervisor: SupervisorLike
     config: Config
     metrics: RouterMetrics
-    api_keys: list[bytes]
-    admin_key: bytes | None
-    max_body: int
-    body_timeout_s: float = 30.0
-    loading_comments_s: float = 5.0
-    """Seconds between SSE loading comments for a streamed request that waits (0: none)."""
+    settings: RouterSettings
     created: int = field(default_factory=lambda: int(time.time()))
     session: aiohttp.ClientSession | None = None
     in_flight: int = 0
@@ -47,6 +48,38 @@ class RouterState:
         if self.session is None or self.session.closed:
             self.session = create_session()
         return self.session
+
+    def apply(self, config: Config) -> list[str]:
+        """Take ``config``'s router settings from the next request on (a reload; ``admin_key:
+        auto`` already the token). Returns the settings that need a restart to change
+        (:data:`~vlmhub.router.settings.RESTART_ONLY`) and differ. The new keys are masked in
+        the logs from now on; the old ones stay masked."""
+        restart = needs_restart(self.config.router, config.router)
+        add_secrets([*api_keys(config), config.router.admin_key or ""])
+        self.settings = RouterSettings.from_config(config)
+        self.config = config
+        return restart
+
+    # the settings under their old names (the dashboard's handlers read these)
+    @property
+    def api_keys(self) -> tuple[bytes, ...]:
+        return self.settings.api_keys
+
+    @property
+    def admin_key(self) -> bytes | None:
+        return self.settings.admin_key
+
+    @property
+    def max_body(self) -> int:
+        return self.settings.max_body
+
+    @property
+    def body_timeout_s(self) -> float:
+        return self.settings.body_timeout_s
+
+    @property
+    def loading_comments_s(self) -> float:
+        return self.settings.loading_comments_s
 
 
 class Reject(Exception):
@@ -69,7 +102,7 @@ def bearer(request: Request) -> bytes | None:
     return token.strip().encode()
 
 
-def key_matches(given: bytes | None, keys: list[bytes]) -> bool:
+def key_matches(given: bytes | None, keys: Sequence[bytes]) -> bool:
     """Constant-time comparison against every key (no early exit on a match)."""
     if given is None:
         return False
