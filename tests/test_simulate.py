@@ -328,3 +328,20 @@ def test_the_grace_keeps_closed_loop_clients_from_being_swapped_out_between_requ
                     parse_trace(text)).loads
     assert loads(0.25, 0.02) < loads(0.0, 0.02) <= fifo
     assert loads(0.25, 0.02) == loads(0.0, 0.0)  # the grace restores the no-gap behaviour
+
+
+def test_the_command_simulates_several_gpus(tmp_path: Path) -> None:
+    # a and b (5 GiB each) do not fit together on one 7.5 GiB GPU; with --gpus 2 the live
+    # placement puts b on the other GPU: both start at once (a 0-10, b 1-11), nothing evicted;
+    # waits: a 10, b 10, the second a 8
+    (tmp_path / "models.yaml").write_text(CONFIG)
+    (tmp_path / "t.jsonl").write_text(THREE)
+    argv = ["simulate", str(tmp_path / "t.jsonl"), "--config", str(tmp_path / "models.yaml"),
+            "--policy", "fifo", "--json"]
+    one, two = (json.loads(CliRunner().invoke(app, [*argv, *extra]).output)
+                for extra in ([], ["--gpus", "2"]))
+    assert (one["gpus"], one["loads"], one["evictions"]) == (1, 2, 1)
+    assert (two["gpus"], two["loads"], two["evictions"]) == (2, 2, 0)
+    assert two["waits"]["interactive"]["max_s"] == 10.0 and two["makespan_s"] == 16.0
+    out = CliRunner().invoke(app, [*argv[:-1], "--gpus", "2"])
+    assert out.exit_code == 0 and "2 GPUs x 7.50 GiB usable" in " ".join(out.output.split())

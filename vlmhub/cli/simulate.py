@@ -1,5 +1,6 @@
-"""``vlmhub simulate TRACE``: replay a trace against models.yaml with the real swap policy in
-simulated time (vlmhub.scheduling.simulate). Reads two files, computes, prints; starts nothing."""
+"""``vlmhub simulate TRACE``: replay a trace against models.yaml with the supervisor's real
+control-loop step, on one GPU or several (``--gpus``), in simulated time
+(vlmhub.scheduling.simulate). Reads two files, computes, prints; starts nothing."""
 
 from __future__ import annotations
 
@@ -81,6 +82,9 @@ def simulate_cmd(
     rtt_s: Annotated[float, typer.Option(
         "--rtt-s", min=0, help="A closed-loop client's round trip between an answer and its "
         "next request.")] = 0.02,
+    gpus: Annotated[int, typer.Option(
+        "--gpus", min=1, help="Identical GPUs of the usable GiB each (a Ray cluster's nodes): "
+        "the supervisor places each model on one, one engine operation per GPU.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per policy.")] = False,
 ) -> None:
     """Replay TRACE against the config's models with the real swap policy, in simulated time:
@@ -97,7 +101,7 @@ def simulate_cmd(
         models = ctx.models()
         check_models(parsed, [m.name for m in models])
         sim = from_config(models, ctx.loaded.config, ctx.gpu.usable_gib, start_s=start_s,
-                          wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s, rtt_s=rtt_s)
+                          wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s, rtt_s=rtt_s, gpus=gpus)
         results = [simulate(sim, parsed, p)
                    for p in wanted or [ctx.loaded.config.router.policy]]
     if as_json:
@@ -107,7 +111,8 @@ def simulate_cmd(
             print(json.dumps(r.as_dict()))
         return
     console.print(f"trace {trace} ({results[0].requests} requests), config "
-                  f"{ctx.loaded.path}, {ctx.gpu.usable_gib:.2f} GiB usable", highlight=False)
+                  f"{ctx.loaded.path}, {f'{gpus} GPUs x ' if gpus > 1 else ''}"
+                  f"{ctx.gpu.usable_gib:.2f} GiB usable", highlight=False)
     console.print(_table(results))
     console.print("Waits in seconds (arrival to lease); worst: the largest wait / max_wait_s.",
                   highlight=False)

@@ -53,7 +53,7 @@ from vlmhub.engines.base import EngineHandle, Runtime, probe
 from vlmhub.engines.launch import engine_hash
 from vlmhub.errors import VlmhubError
 from vlmhub.logs import ROUTER
-from vlmhub.scheduling import placement, policy, scheduler
+from vlmhub.scheduling import policy, scheduler, step
 from vlmhub.sizing.budgets import BudgetStore
 from vlmhub.sizing.vram import Gpu
 
@@ -282,79 +282,68 @@ class Supervisor:
                 for r in self.replicas.values():
                     r.last_error = f"internal error: {exc!r}"
 
-    def _views(self) -> list[scheduler.ReplicaView]:
-        return [r.view() for r in self.replicas.values()]
-
     def _reconcile(self, now: float) -> None:
-        """One pass of the loop. Synchronous: no other coroutine runs while it decides.
-
-        At most one operation per GPU node: a node whose operation runs is left alone."""
-        for r in self.replicas.values():
+        """One pass of the loop: lease the ready queues, then carry out what the pure
+        :func:`vlmhub.scheduling.step.decide` says (the same step ``vlmhub simulate`` runs).
+        Synchronous: no other coroutine runs while it decides. At most one operation per GPU
+        node: a node whose operation runs is left alone."""
+        for r in list(self.replicas.values()):
             if r.state == "ready" and not r.draining:
                 while r.waiters:
                     q = r.waiters.popleft()
                     if not q.fut.done():
                         q.fut.set_result(self._lease(r, q.priority))
                 self._resolve_wanted(r)
-        self._recheck_at = None
-        if self.nodes and all(self._busy(n) for n in self.nodes):
-            return
-        for r in self.replicas.values():  # engines a health check failed: stop them first
-            if r.state == "stopping" and not self._busy(r.node):  # nobody else stops it
-                self._launch(r.node, self._run(self.ops.stop_failed(r)))
-        for r in list(self.replicas.values()):  # models a reload removed or changed
-            if r.retire is None or self._busy(r.node):
-                continue
-            if r.handle is not None and not r.model.external:
-                self._launch(r.node, self._run(self._retire(r)))
-                continue
-            self._retired(r)
-        if self.nodes and all(self._busy(n) for n in self.nodes):
-            return
-        demand = [
-            policy.Demand(
-                r.name,
-                tuple(policy.Waiter(q.arrived, q.priority) for q in r.waiters),  # type: ignore[arg-type]
-                bool(r.wanted),
-            )
-            for r in self.replicas.values()
-            if (r.waiters or r.wanted)
-            and r.state != "ready"
-            and not any(self._busy(n) and t == r.name for n, t in self._targets.items())
-            and (r.state != "failed" or self._may_restart(r, now))
-        ]
-        held: frozenset[str] = frozenset()
-        if demand:
-            views = self._views()
-            busy = frozenset(n for n in {*self.nodes, *self._ops} if self._busy(n))
-            where = {r.name: r.node for r in self.replicas.values()}
-            d = placement.decide(self.nodes, views, where, demand, now, self.params, busy)
-            self._recheck_at = d.recheck_at
-            if DECISIONS.isEnabledFor(logging.DEBUG):
-                for node, nd in d.decisions:
-                    DECISIONS.debug("decision", extra={"decision": {
-                        **policy.describe(views, demand, now, nd),
-                        **({"node": node} if node else {})}})
-            for r in self.replicas.values():
-                r.waiting_reason = None
-            for name, why in d.deferred:
-                self.replicas[name].waiting_reason = why
-            for name, why in d.refuse:
-                self._fail_waiters(self.replicas[name], Refused(why, retry_after=30))
-            for node, plan in d.plans:
-                target = self.replicas[plan.target]
-                target.waiting_reason, target.node = None, node
-                self._launch(node, self._run(self._execute(target, plan)))
-                self._targets[node] = target.name
-            held = d.busy_nodes  # an engine is changing there: wait for it
-        ttl = {r.name: r.model.entry.ttl for r in self.replicas.values()}
-        for name in scheduler.expired(self._views(), ttl, now):
-            r = self.replicas[name]
-            if self._busy(r.node) or r.node in held:
-                continue
-            self._launch(r.node, self._run(self._evict(
-                r, scheduler.Evict(name, "stop"), "idle past its ttl"
-            )))
+            if r.retire and (r.handle is None or r.model.external) and not self._busy(r.node):
+                self._retired(r)  # a reload removed or changed it; it runs no engine to stop
+        busy = {n: self._targets.get(n) for n in {*self.nodes, *self._ops} if self._busy(n)}
+        entries = [self._entry(r, now) for r in self.replicas.values()]
+        out = step.decide(entries, self.nodes, now, step.Rules(self.params, self.rc.crash_loop_max,
+                          self.rc.crash_loop_window_s, self.rc.restart_backoff_s), busy)
+        self._recheck_at = out.recheck_at
+        if DECISIONS.isEnabledFor(logging.DEBUG):
+            for node, nd in out.decisions:
+                DECISIONS.debug("decision", extra={"decision": {
+                    **policy.describe([e.view for e in entries], out.demand, now, nd),
+                    **({"node": node} if node else {})}})
+        for r in self.replicas.values():
+            r.waiting_reason = None if out.placed else r.waiting_reason
+        for a in out.actions:
+            self._act(a)
+
+    def _entry(self, r: Replica, now: float) -> step.Entry:
+        """What the step knows of ``r``; a failed replica forgets failures out of the window."""
+        if r.state == "failed":
+            r.failures = [t for t in r.failures if now - t < self.rc.crash_loop_window_s]
+        return step.Entry(
+            r.view(), r.node,
+            tuple(policy.Waiter(q.arrived, q.priority) for q in r.waiters),  # type: ignore[arg-type]
+            bool(r.wanted), tuple(r.failures), r.model.entry.ttl,
+            r.retire is not None and r.handle is not None and not r.model.external,
+        )
+
+    def _act(self, a: step.Action) -> None:
+        """Carry out one action of the step; an operation runs as its node's one operation."""
+        r = self.replicas[a.plan.target if isinstance(a, step.Run) else a.name]
+        if isinstance(a, step.StopFailed):  # a health check failed it: nobody else stops it
+            self._launch(a.node, self._run(self.ops.stop_failed(r)))
+        elif isinstance(a, step.Retire):
+            self._launch(a.node, self._run(self._retire(r)))
+        elif isinstance(a, step.CrashLoop):
+            self._fail_waiters(r, LoadFailed(
+                f"{r.name} is in a crash loop ({a.failures} failures in "
+                f"{self.rc.crash_loop_window_s:.0f} s); last error: {r.last_error}. "
+                f"Fix the cause, then POST /api/models/{r.name}/load", retry_after=a.retry_after))
+        elif isinstance(a, step.Defer):
+            r.waiting_reason = a.reason
+        elif isinstance(a, step.Refuse):
+            self._fail_waiters(r, Refused(a.reason, retry_after=30))
+        elif isinstance(a, step.Run):
+            r.node, self._targets[a.node] = a.node, r.name
+            self._launch(a.node, self._run(self._execute(r, a.plan)))
+        else:
+            self._launch(a.node, self._run(self._evict(
+                r, scheduler.Evict(r.name, "stop"), "idle past its ttl")))
 
     def _busy(self, node: str) -> bool:
         """Whether an engine operation runs on ``node`` now."""
@@ -365,23 +354,6 @@ class Supervisor:
         """Run ``op`` as ``node``'s one engine operation (the caller checked it is free)."""
         task = self._ops[node] = watched(op, f"an engine operation{f' on {node}' if node else ''}")
         return task
-
-    def _may_restart(self, r: Replica, now: float) -> bool:
-        window = self.rc.crash_loop_window_s
-        r.failures = [t for t in r.failures if now - t < window]
-        if len(r.failures) >= self.rc.crash_loop_max:
-            self._fail_waiters(
-                r,
-                LoadFailed(
-                    f"{r.name} is in a crash loop ({len(r.failures)} failures in {window:.0f} s); "
-                    f"last error: {r.last_error}. "
-                    f"Fix the cause, then POST /api/models/{r.name}/load",
-                    retry_after=max(window - (now - r.failures[0]), 1.0),
-                ),
-            )
-            return False
-        delay = scheduler.restart_delay(len(r.failures), self.rc.restart_backoff_s)
-        return not r.failures or now - r.failures[-1] >= delay
 
     # -- operations: each runs as its node's one operation (engine_ops.py) ------------------
     async def _run(self, op: Coroutine[Any, Any, Any]) -> None:

@@ -1,23 +1,26 @@
-"""``vlmhub simulate``: the supervisor's queueing rules and the REAL swap policy, in simulated
-time. No engines, no sleeping, no clock: a discrete-event loop over a trace (.simtrace).
+"""``vlmhub simulate``: the supervisor's queueing rules and its REAL control-loop step, in
+simulated time. No engines, no sleeping, no clock: a discrete-event loop over a trace (.simtrace).
 
-What is the same as :class:`vlmhub.supervisor.Supervisor` (its ``_reconcile`` pass):
+What is the same as :class:`vlmhub.control.supervisor.Supervisor` (its ``_reconcile`` pass):
 - a request for a ready, non-draining model with nobody queued is leased at once; otherwise it
   joins the model's queue (``max_queue``: refused when full; ``queue_timeout_s``: 504);
 - a ready model leases ALL its waiters at once (no engine concurrency limit: the router hands
   out leases and vLLM batches whatever arrives; a request's ``duration`` is its service time);
-- one engine operation at a time, chosen by :func:`vlmhub.policy.decide` (which asks
-  :func:`vlmhub.scheduler.plan`) over the same :class:`~vlmhub.scheduler.ReplicaView` the
-  supervisor builds (reload cost: the last measured start, else the spec's ``reload_cost_s``);
+- every decision is :func:`vlmhub.scheduling.step.decide`, the supervisor's own pass, over the
+  same :class:`~vlmhub.scheduling.scheduler.ReplicaView` the supervisor builds (reload cost: the
+  last measured start, else the spec's ``reload_cost_s``): one engine operation at a time per
+  GPU node (``gpus`` identical GPUs, placed by :mod:`.placement`), the swap policy, ``ttl``
+  expiry, refusals, restart backoff and the crash-loop guard; ``preload`` models are wanted
+  at t=0;
 - an operation evicts each victim in turn (drain: wait for its in-flight requests, at most
-  ``drain_timeout_s``, then sleep or stop), then wakes or starts the target; ``ttl`` expiry
-  stops idle models when nothing else is to be done; ``preload`` models are wanted at t=0;
+  ``drain_timeout_s``, then sleep or stop), then wakes or starts the target;
 - a pass runs after every batch of simultaneous events and at least every ``tick_s`` (0.5 s).
 A closed-loop client's next request arrives ``rtt_s`` (0.02 s) after its answer: the HTTP round
-trip during which, live, the model has nothing in flight. What is not modelled: engine
-failures (crash loops, health checks), start-up jitter, and the router's own latency. Costs: a
-cold start takes the model's ``start_s`` (by default the spec's ``reload_cost_s``), a wake
-``wake_s``, a level-1 sleep ``sleep_s``, a stop ``stop_s``.
+trip during which, live, the model has nothing in flight. A model's first ``fails`` starts fail
+(after ``start_s``): its waiters are not served (counted as ``refused``). What is not modelled:
+health checks (an engine failing after it was ready), start-up jitter, and the router's own
+latency. Costs: a cold start takes the model's ``start_s`` (by default the spec's
+``reload_cost_s``), a wake ``wake_s``, a level-1 sleep ``sleep_s``, a stop ``stop_s``.
 
 Pure and single-threaded: :func:`simulate` runs to completion and returns a :class:`SimResult`.
 """
@@ -32,8 +35,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from vlmhub.config.schema import Config, ResolvedModel, sleep_ok
-from vlmhub.scheduling import policy, scheduler
-from vlmhub.scheduling.policy import PRIORITIES, Params, Priority, params_from
+from vlmhub.scheduling import policy, scheduler, step
+from vlmhub.scheduling.policy import PRIORITIES, Params, Priority, Waiter, params_from
 from vlmhub.scheduling.scheduler import State
 from vlmhub.scheduling.simtrace import Clients, Draw, Stream, Trace, draw
 
@@ -68,6 +71,8 @@ class SimModel:
     priority: Priority = "interactive"
     max_queue: int = 32
     preload: bool = False
+    fails: int = 0
+    """Its first ``fails`` starts fail (a crash during start-up, after ``start_s``)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,23 @@ class SimConfig:
     between a client's requests, and the policy sees it (policy ``busy_grace_s``)."""
     queue_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
+    gpus: int = 1
+    """Identical GPUs of ``usable_gib`` each (nodes ``gpu0``, ``gpu1``...; one GPU: ``""``)."""
+    restart_backoff_s: float = 2.0
+    crash_loop_max: int = 3
+    crash_loop_window_s: float = 300.0
+
+    @property
+    def nodes(self) -> dict[str, float]:
+        """GPU node -> usable GiB, as the supervisor's ``nodes``."""
+        if self.gpus == 1:
+            return {"": self.usable_gib}
+        return {f"gpu{i}": self.usable_gib for i in range(self.gpus)}
+
+    @property
+    def rules(self) -> step.Rules:
+        return step.Rules(self.params, self.crash_loop_max, self.crash_loop_window_s,
+                          self.restart_backoff_s)
 
 
 @dataclass(frozen=True)
@@ -122,10 +144,13 @@ class SimResult:
     worst_wait_ratio: float
     """The largest wait / max_wait_s of any request served or timed out (above 1: a bound was
     overrun)."""
+    gpus: int = 1
 
     @property
     def loading_fraction(self) -> float:
-        return self.loading_s / self.makespan_s if self.makespan_s > 0 else 0.0
+        """The share of the GPUs' time (makespan x gpus) spent loading."""
+        gpu_s = self.makespan_s * self.gpus
+        return self.loading_s / gpu_s if gpu_s > 0 else 0.0
 
     @property
     def throughput(self) -> float:
@@ -138,7 +163,8 @@ class SimResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "policy": self.policy, "trace": self.trace, "requests": self.requests,
+            "policy": self.policy, "trace": self.trace, "gpus": self.gpus,
+            "requests": self.requests,
             "served": self.served, "loads": self.loads, "wakes": self.wakes,
             "evictions": self.evictions, "sleeps": self.sleeps, "expired": self.expired,
             "loading_s": round(self.loading_s, 3), "makespan_s": round(self.makespan_s, 3),
@@ -178,7 +204,16 @@ class _Rep:
     draining: bool = False
     priority: str = "interactive"
     wanted: bool = False
-    deferred: bool = False
+    node: str = ""
+    failures: list[float] = field(default_factory=list)
+    starts: int = 0
+
+    def entry(self) -> step.Entry:
+        """What the control-loop step knows of this replica (as the supervisor's ``_entry``)."""
+        return step.Entry(
+            self.view(), self.node, tuple(Waiter(q.arrived, q.priority) for q in self.waiters),
+            self.wanted, tuple(self.failures), self.m.ttl,
+        )
 
     def view(self) -> scheduler.ReplicaView:
         m = self.m
@@ -200,6 +235,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[max(math.ceil(q * len(s)) - 1, 0)]
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One GPU node's running engine operation."""
+
+    op: Op
+    target: str | None
+    """The model it brings in (None: a ttl stop)."""
+    token: int = 0
+    """Its latest timer: an older one that fires is stale."""
+    idle_wait: _Rep | None = None
+    """The victim whose drain it waits for."""
+
+
 class Simulation:
     """One run: a trace against a config under one policy. Call :meth:`run` once."""
 
@@ -212,9 +260,8 @@ class Simulation:
             r.wanted = r.m.preload and not r.m.external
         self._heap: list[tuple[float, int, str, Any]] = []
         self._seq = self._pending = 0
-        self._op: Op | None = None
+        self._ops: dict[str, _Slot] = {}
         self._op_token = 0
-        self._idle_wait: _Rep | None = None
         self._next_tick = 0.0
         self.reqs: list[_Req] = []
         self._group_next = [0] * len(trace.clients)
@@ -270,7 +317,7 @@ class Simulation:
         return self._result()
 
     def _busy(self) -> bool:
-        return self._op is not None or any(r.waiters or r.wanted for r in self.reps.values())
+        return bool(self._ops) or any(r.waiters or r.wanted for r in self.reps.values())
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "arrive":
@@ -283,11 +330,16 @@ class Simulation:
             self._stream(payload)
         elif kind == "qtimeout":
             self._queue_timeout(payload)
-        elif kind == "op" and payload == self._op_token:
-            self._advance(True)
-        elif kind == "drain" and payload == self._op_token and self._idle_wait is not None:
-            self._idle_wait = None
-            self._advance(False)
+        elif kind in ("op", "drain"):
+            node, token = payload
+            s = self._ops.get(node)
+            if s is None or s.token != token:
+                return
+            if kind == "op":
+                self._advance(node, True)
+            elif s.idle_wait is not None:
+                s.idle_wait = None
+                self._advance(node, False)
 
     # -- workload --------------------------------------------------------------------------------
     def _klass(self, model: str, priority: Priority | None) -> Priority:
@@ -356,10 +408,10 @@ class Simulation:
         r.in_flight -= 1
         r.last_used = self.last_done = self.now
         self._finished(q, "served")
-        if r.in_flight == 0 and self._idle_wait is r:
-            self._idle_wait = None
-            self._op_token += 1  # the drain timeout is moot
-            self._advance(True)
+        for node, s in list(self._ops.items()):
+            if r.in_flight == 0 and s.idle_wait is r:
+                s.idle_wait = None
+                self._advance(node, True)  # the drain timeout is moot (a new token)
 
     def _fail_waiters(self, r: _Rep, outcome: str) -> None:
         while r.waiters:
@@ -367,71 +419,66 @@ class Simulation:
         r.wanted = False
 
     def _reconcile(self) -> None:
-        """Supervisor._reconcile, minus health and crash loops."""
+        """Supervisor._reconcile: lease the ready queues, then carry out the shared step."""
         now = self.now
         for r in self.reps.values():
             if r.state == "ready" and not r.draining:
                 while r.waiters:
                     self._lease(r, r.waiters.popleft())
                 r.wanted = False
-        if self._op is not None:
-            return
-        demand = [
-            policy.Demand(r.m.name, tuple(policy.Waiter(q.arrived, q.priority) for q in r.waiters),
-                          r.wanted)
-            for r in self.reps.values()
-            if (r.waiters or r.wanted) and r.state != "ready"
-        ]
-        if demand:
-            d = policy.decide(self._views(), demand, self.c.usable_gib, now, self.c.params)
-            if d.recheck_at is not None and d.recheck_at > now:
-                self._at(d.recheck_at, "recheck")
-            deferred = {name for name, _ in d.deferred}
-            for r in self.reps.values():
-                r.deferred = r.m.name in deferred
-            for name, _ in d.refuse:
-                self._fail_waiters(self.reps[name], "refused")
-            if d.plan is not None:
-                self.reps[d.plan.target].deferred = False
-                evicting = ", ".join(f"{e.name} ({e.mode})" for e in d.plan.evict)
-                self._log(f"{d.plan.action} {d.plan.target}"
-                          + (f", evicting {evicting}" if evicting else ""))
-                self._begin(self._execute(self.reps[d.plan.target], d.plan))
-                return
-            if any(not r.deferred for r in self.reps.values() if r.waiters and r.state != "ready"):
-                return
-        ttl = {r.m.name: r.m.ttl for r in self.reps.values()}
-        for name in scheduler.expired(self._views(), ttl, now):
-            self.expired += 1
-            self._log(f"ttl: stop {name}")
-            self._begin(self._evict(self.reps[name], scheduler.Evict(name, "stop"), count=False))
-            return
+        busy = {node: s.target for node, s in self._ops.items()}
+        out = step.decide([r.entry() for r in self.reps.values()], self.c.nodes, now,
+                          self.c.rules, busy)
+        if out.recheck_at is not None and out.recheck_at > now:
+            self._at(out.recheck_at, "recheck")
+        for a in out.actions:
+            self._act(a)
 
-    # -- the one engine operation (engine_ops.py, in simulated time) -----------------------------
+    def _act(self, a: step.Action) -> None:
+        """Carry out one action of the step (as Supervisor._act, in simulated time)."""
+        on = f" on {a.node}" if isinstance(a, (step.Run, step.Expire)) and a.node else ""
+        if isinstance(a, (step.Refuse, step.CrashLoop)):
+            self._fail_waiters(self.reps[a.name], "refused")
+        elif isinstance(a, step.Run):
+            p, r = a.plan, self.reps[a.plan.target]
+            evicting = ", ".join(f"{e.name} ({e.mode})" for e in p.evict)
+            self._log(f"{p.action} {p.target}{on}" + (f", evicting {evicting}" if evicting else ""))
+            r.node = a.node
+            self._begin(a.node, self._execute(r, p), p.target)
+        elif isinstance(a, step.Expire):
+            self.expired += 1
+            self._log(f"ttl: stop {a.name}{on}")
+            ev = scheduler.Evict(a.name, "stop")
+            self._begin(a.node, self._evict(self.reps[a.name], ev, count=False), None)
+        elif not isinstance(a, step.Defer):  # engines fail only while starting here
+            raise AssertionError(f"not simulated: {a}")
+
+    # -- the engine operations (engine_ops.py, in simulated time), one per GPU node ------------
     def _log(self, what: str) -> None:
         self.timeline.append((self.now, what))
 
-    def _begin(self, op: Op) -> None:
-        self._op = op
-        self._advance(None)
+    def _begin(self, node: str, op: Op, target: str | None) -> None:
+        self._ops[node] = _Slot(op, target)
+        self._advance(node, None)
 
-    def _advance(self, value: bool | None) -> None:
-        """Run the operation to its next wait: ``value`` answers the wait it was in (True:
-        the victim is idle or the delay passed; False: the drain timed out)."""
-        assert self._op is not None
+    def _advance(self, node: str, value: bool | None) -> None:
+        """Run ``node``'s operation to its next wait: ``value`` answers the wait it was in
+        (True: the victim is idle or the delay passed; False: the drain timed out)."""
+        s = self._ops[node]
         try:
-            step = self._op.send(value)  # type: ignore[arg-type]  # None only to start it
+            nxt = s.op.send(value)  # type: ignore[arg-type]  # None only to start it
         except StopIteration:
-            self._op = None
+            del self._ops[node]
             return
         self._op_token += 1
-        if step[0] == "delay":
-            self._at(self.now + step[1], "op", self._op_token)
-        elif step[1].in_flight == 0:
-            self._advance(True)
+        s.token = self._op_token
+        if nxt[0] == "delay":
+            self._at(self.now + nxt[1], "op", (node, s.token))
+        elif nxt[1].in_flight == 0:
+            self._advance(node, True)
         else:
-            self._idle_wait = step[1]
-            self._at(self.now + self.c.drain_timeout_s, "drain", self._op_token)
+            s.idle_wait = nxt[1]
+            self._at(self.now + self.c.drain_timeout_s, "drain", (node, s.token))
 
     def _execute(self, r: _Rep, p: scheduler.Plan) -> Generator[Step, bool, None]:
         for ev in p.evict:
@@ -447,6 +494,14 @@ class Simulation:
             self.wakes += 1
         else:
             yield ("delay", r.m.start_s)
+            r.starts += 1
+            if r.starts <= r.m.fails:  # engine_ops.start_failed: failed, waiters get the error
+                self.loading_s += self.now - began
+                r.state = "failed"
+                r.failures.append(self.now)
+                self._log(f"{r.m.name} failed")
+                self._fail_waiters(r, "refused")
+                return
             r.last_load_s = r.m.start_s
             self.loads += 1
         self.loading_s += self.now - began
@@ -497,7 +552,7 @@ class Simulation:
             wakes=self.wakes, evictions=self.evictions, sleeps=self.sleeps,
             expired=self.expired, loading_s=self.loading_s,
             makespan_s=max(self.last_done - first, 0.0), refused=refused, waits=waits,
-            worst_wait_ratio=worst,
+            worst_wait_ratio=worst, gpus=self.c.gpus,
         )
 
 
@@ -511,6 +566,7 @@ def from_config(
     sleep_s: float = 1.0,
     stop_s: float = 2.0,
     rtt_s: float = 0.02,
+    gpus: int = 1,
 ) -> SimConfig:
     """The simulation of a resolved models.yaml: footprints from the budgets, a cold start's
     cost from the spec's ``reload_cost_s`` (or ``start_s`` for every model), sleep where the
@@ -538,7 +594,9 @@ def from_config(
     return SimConfig(
         models=tuple(out), usable_gib=usable_gib, params=params_from(config, models),
         wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s, rtt_s=rtt_s,
-        queue_timeout_s=rc.queue_timeout_s, drain_timeout_s=rc.drain_timeout_s,
+        queue_timeout_s=rc.queue_timeout_s, drain_timeout_s=rc.drain_timeout_s, gpus=gpus,
+        restart_backoff_s=rc.restart_backoff_s, crash_loop_max=rc.crash_loop_max,
+        crash_loop_window_s=rc.crash_loop_window_s,
     )
 
 
