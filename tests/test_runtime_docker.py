@@ -116,7 +116,7 @@ async def test_loopback_publish_labels_mounts_and_secrets(
     assert labels["vlmhub.model"] == "beta"
     assert labels["vlmhub.spec-hash"] == s.spec_hash() == handle.spec_hash
     assert labels["vlmhub.port"] == str(req.port)
-    assert labels["vlmhub.control.health-path"] == "/health"
+    assert labels["vlmhub.health-path"] == "/health"
     assert attrs["Name"] == f"/{rt.rc.name_prefix}-beta"
 
     assert f"HF_TOKEN={secret}" in attrs["Config"]["Env"], "HF_TOKEN reaches the engine"
