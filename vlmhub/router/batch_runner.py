@@ -244,9 +244,9 @@ class BatchRunner:
         for field, part, chosen in (("output_file_id", "output", ok),
                                     ("error_file_id", "error", bad)):
             if chosen:
-                f = await asyncio.to_thread(
-                    self.store.add_file, jsonl(chosen), f"{rec['id']}_{part}.jsonl",
-                    "batch_output", rec.get("owner"), f"file-{stem}-{part}")
+                f = await self.store.add_file(jsonl(chosen), f"{rec['id']}_{part}.jsonl",
+                                              "batch_output", rec.get("owner"),
+                                              f"file-{stem}-{part}")
                 ids[field] = f["id"]
         self.store.set_status(rec, final, **ids)
         log.info("batch %s %s: %d ok, %d failed", rec["id"], final, len(ok), len(bad))

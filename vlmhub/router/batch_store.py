@@ -14,12 +14,13 @@ A journal's torn last line (a crash mid-append) is cut off when the batch is loa
 Everything is held in memory as well (:class:`BatchStore` loads it once at start); the router's
 handlers and the batch runner read and change it on the event loop's thread only. Writing a
 record or a file object blocks for one small write and fsync (rare: on a status change);
-:meth:`Journal.append` and the file bodies' reads and writes block on the disk and are run in
-a worker thread by their callers (``asyncio.to_thread``).
+:meth:`Journal.append` blocks on the disk and is run in a worker thread by its caller;
+:meth:`BatchStore.add_file` and :meth:`BatchStore.delete_file` run their disk work in one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -135,10 +136,11 @@ class BatchStore:
     def content_path(self, file_id: str) -> Path:
         return self.files_dir / f"{file_id}.jsonl"
 
-    def add_file(self, data: bytes, filename: str, purpose: str, owner: str | None,
-                 file_id: str | None = None) -> Record:
+    async def add_file(self, data: bytes, filename: str, purpose: str, owner: str | None,
+                       file_id: str | None = None) -> Record:
         """Store a file's bytes and its object (``file_id`` given: replace that file, which
-        makes finalizing a batch twice harmless). Blocks on the disk (call in a thread)."""
+        makes finalizing a batch twice harmless). The writes run in a worker thread; the
+        in-memory index changes on the loop's thread once they are done."""
         now = self.clock()
         rec: Record = {
             "id": file_id or f"file-{uuid.uuid4().hex[:24]}", "object": "file",
@@ -146,14 +148,20 @@ class BatchStore:
             "purpose": purpose, "status": "processed", "status_details": None,
             "expires_at": None, "owner": owner, "created": now,
         }
-        _write_atomic(self.content_path(rec["id"]), data)
-        _write_atomic(self.files_dir / f"{rec['id']}.json", json.dumps(rec).encode())
+        await asyncio.to_thread(self._write_file, rec, data)
         self.files[rec["id"]] = rec
         return rec
 
-    def delete_file(self, file_id: str) -> None:
-        """Forget a file and remove its bytes (blocks briefly on the disk)."""
+    def _write_file(self, rec: Record, data: bytes) -> None:
+        _write_atomic(self.content_path(rec["id"]), data)
+        _write_atomic(self.files_dir / f"{rec['id']}.json", json.dumps(rec).encode())
+
+    async def delete_file(self, file_id: str) -> None:
+        """Forget a file now and remove its bytes (in a worker thread)."""
         self.files.pop(file_id, None)
+        await asyncio.to_thread(self._unlink_file, file_id)
+
+    def _unlink_file(self, file_id: str) -> None:
         for path in (self.content_path(file_id), self.files_dir / f"{file_id}.json"):
             path.unlink(missing_ok=True)
 

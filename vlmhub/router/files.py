@@ -10,7 +10,6 @@ created it (404 for the others). :func:`api` and :func:`guarded` are shared with
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -135,8 +134,7 @@ async def create_file(request: Request, api: BatchApi, owner: str | None) -> Res
         raise too_large
     if not data.strip():
         raise bad_request("the file is empty", "empty_file", "file")
-    rec = await asyncio.to_thread(api.store.add_file, data, (filename or "upload.jsonl")[:255],
-                                  purpose, owner)
+    rec = await api.store.add_file(data, (filename or "upload.jsonl")[:255], purpose, owner)
     return JSONResponse(public(rec))
 
 
@@ -164,7 +162,7 @@ async def delete_file(request: Request, api: BatchApi, owner: str | None) -> Res
     if running is not None:
         raise bad_request(f"File {rec['id']} is the input of batch {running}, which has not "
                           "finished: cancel the batch first.", "file_in_use", status=409)
-    await asyncio.to_thread(api.store.delete_file, rec["id"])
+    await api.store.delete_file(rec["id"])
     return JSONResponse({"id": rec["id"], "object": "file", "deleted": True})
 
 
