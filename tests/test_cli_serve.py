@@ -257,3 +257,69 @@ def test_unreachable_docker_is_explained(tmp_path: Path) -> None:
     ps = vlmhub(tmp_path, config, "ps")
     assert ps.returncode == 0 and "no engines running" in ps.stdout
     assert "Docker engines not listed" in ps.stderr and bogus in ps.stderr
+
+
+# --- issue 21 item 14: each engine has its own API key ------------------------------------
+
+
+def test_served_engine_has_its_own_key_that_direct_calls_need(tmp_path: Path,
+                                                              stop_all: list[Path]) -> None:
+    """A local user reaching 127.0.0.1:PORT without the engine's key gets vLLM's 401; the key
+    is random, 0600 in the state dir, out of argv, the state record and the printed text,
+    and a later process (a restarted router) reads it for the engines it adopts."""
+    import asyncio
+
+    import httpx
+
+    from vlmhub.config.schema import load_config
+    from vlmhub.engines.process import ProcessRuntime
+
+    config = write_config(tmp_path)
+    stop_all.append(config)
+    served = vlmhub(tmp_path, config, "serve", "demo-a", "--detach")
+    assert served.returncode == 0, served.stderr
+    port = port_of(served.stdout)
+    key_file = tmp_path / "state" / "engine-keys" / "demo-a.key"
+    key = key_file.read_text().strip()
+    assert len(key) >= 32 and key_file.stat().st_mode & 0o777 == 0o600
+    assert key not in served.stdout + served.stderr and str(key_file) in served.stdout
+
+    direct = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                        json={"model": "demo-a", "messages": [{"role": "user", "content": "x"}]})
+    assert direct.status_code == 401 and direct.json() == {"error": "Unauthorized"}
+    assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200  # open, as in vLLM
+    keyed = httpx.get(f"http://127.0.0.1:{port}/v1/models",
+                      headers={"Authorization": f"Bearer {key}"})
+    assert keyed.status_code == 200
+
+    (record,) = (tmp_path / "state" / "process").glob("demo-a.json")
+    data = json.loads(record.read_text())
+    assert key not in record.read_text()
+    cmdline = Path(f"/proc/{data['pid']}/cmdline").read_bytes().decode(errors="replace")
+    assert key not in cmdline and "--api-key" not in cmdline  # `ps` shows no key
+
+    rt = ProcessRuntime(load_config(config).config.runtime, state_dir=tmp_path / "state")
+    (adopted,) = [h for h in asyncio.run(rt.adopt()) if h.name == "demo-a"]
+    assert adopted.api_key == key and key not in repr(adopted)
+    health = vlmhub(tmp_path, config, "health")  # reads /v1/models with the key
+    assert health.returncode == 0 and "demo-a" in health.stdout, health.stdout
+
+
+async def test_the_router_sends_each_engine_its_key(tmp_path: Path) -> None:
+    """Through the router (real supervisor, uvicorn, stand-in engine) the openai client needs
+    only the router's key; the engine behind it refuses a direct call without its own."""
+    import httpx
+    import openai
+    from supervisor_support import build, model, routed
+
+    sup, _, _ = build(tmp_path, {"m": model(1.0)})
+    async with routed(sup) as url:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
+        answer = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content
+        handle = sup.replicas["m"].handle
+        assert handle is not None and handle.api_key
+        async with httpx.AsyncClient() as http:
+            direct = await http.get(handle.base_url + "/v1/models")
+            assert direct.status_code == 401 and direct.json() == {"error": "Unauthorized"}

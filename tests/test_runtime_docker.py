@@ -64,7 +64,8 @@ async def test_serve_ready_logs_follow_and_stop(
     await wait_ready(rt, handle, timeout_s=30, on_phase=lambda p, _l: phases.append(p))
     assert phases[0] == "starting" and phases[-1] == "ready"
     async with httpx.AsyncClient() as client:
-        r = await client.get(f"http://127.0.0.1:{req.port}/v1/models")
+        r = await client.get(f"http://127.0.0.1:{req.port}/v1/models",
+                             headers={"Authorization": f"Bearer {handle.api_key}"})
     assert [m["id"] for m in r.json()["data"]] == ["alpha"]
     lines = await rt.logs(handle, tail=None)
     assert any("Application startup complete" in ln for ln in lines)

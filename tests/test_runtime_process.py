@@ -61,7 +61,8 @@ async def test_start_reports_phases_in_order_and_port_refuses_until_ready(
     assert "loading_weights" in distinct and "profiling" in distinct
     assert [PHASES.index(p) for p in distinct] == sorted(PHASES.index(p) for p in distinct)
     async with httpx.AsyncClient() as client:
-        models = (await client.get(f"{handle.base_url}/v1/models")).json()
+        models = (await client.get(f"{handle.base_url}/v1/models",  # the engine's own key
+                                   headers={"Authorization": f"Bearer {handle.api_key}"})).json()
     assert [m["id"] for m in models["data"]] == ["alpha"]
     assert models["data"][0]["max_model_len"] == 2048
     assert (await rt.status(handle)).state == "running"

@@ -361,6 +361,20 @@ def test_api_key_guards_v1_only(stub: StartStub) -> None:
     assert engine.client("s3cret").models.list().data[0].id == "demo-model"
 
 
+def test_api_key_from_the_vllm_api_key_environment_like_vllm(stub: StartStub) -> None:
+    """vLLM reads ``VLLM_API_KEY`` when ``--api-key`` is not given (vlmhub passes each engine
+    its key that way, out of ``ps``); the flag wins; the scheme is case-insensitive."""
+    engine = stub("demo-model", env={"VLLM_API_KEY": "from-env"})
+    assert httpx.get(f"{engine.url}/v1/models").status_code == 401
+    ok = httpx.get(f"{engine.url}/v1/models", headers={"Authorization": "bearer from-env"})
+    assert ok.status_code == 200
+    assert httpx.get(f"{engine.url}/health").status_code == 200
+    flagged = stub("demo-model", "--api-key", "flag", env={"VLLM_API_KEY": "from-env"})
+    assert engine.client("from-env").models.list().data[0].id == "demo-model"
+    with pytest.raises(openai.AuthenticationError):
+        flagged.client("from-env").models.list()
+
+
 # ---------------------------------------------------------------------------- failures
 def test_crash_after_breaks_the_stream_mid_way(stub: StartStub) -> None:
     engine = stub("demo-model", "--stub-crash-after", "2")

@@ -139,7 +139,8 @@ def _print_notes(engines: Engines) -> None:
 
 async def _models_info(handle: EngineHandle, client: httpx.AsyncClient) -> list[dict[str, Any]]:
     try:
-        r = await client.get(handle.base_url + "/v1/models", timeout=3.0)
+        auth = {"Authorization": f"Bearer {handle.api_key}"} if handle.api_key else {}
+        r = await client.get(handle.base_url + "/v1/models", timeout=3.0, headers=auth)
         data = r.json().get("data", []) if r.status_code == 200 else []
     except (httpx.HTTPError, ValueError, AttributeError):
         return []

@@ -32,7 +32,6 @@ from vlmhub.config.schema import Config, api_keys, load_config, resolve
 from vlmhub.control.contract import ReplicaInfo
 from vlmhub.engines.launch import make_runtime
 from vlmhub.engines.owner import StateDirLock, lock_state_dir
-from vlmhub.engines.process import ProcessRuntime
 from vlmhub.errors import VlmhubError
 from vlmhub.logs import ROUTER, set_level
 from vlmhub.logs import configure as configure_logs
@@ -194,7 +193,7 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
     started = False
     try:
         runtime = make_runtime(config, kind)
-        if isinstance(runtime, ProcessRuntime):
+        if hasattr(runtime, "state_dir"):  # engine records and keys (vlmhub.engines.keys)
             runtime.state_dir = state
         history = History()  # the last hour, for the web page's chart
         supervisor = Supervisor(models, config, gpu, runtime, observer=Tee(metrics, history),

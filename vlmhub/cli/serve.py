@@ -36,7 +36,8 @@ from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, err_con
 from vlmhub.config.schema import ResolvedModel, RuntimeConfig
 from vlmhub.engine_log import LogParser
 from vlmhub.engines.base import EngineHandle, LaunchRequest, Runtime, wait_ready
-from vlmhub.engines.launch import launch_request, make_runtime
+from vlmhub.engines.keys import key_path
+from vlmhub.engines.launch import launch_request, make_runtime, runtime_state_dir
 from vlmhub.engines.ports import pick_port
 from vlmhub.errors import EngineStartError, VlmhubError
 from vlmhub.sizing.budgets import observe_start
@@ -146,8 +147,11 @@ def _ocr_prompt(model: ResolvedModel) -> str | None:
     return "Extract the text content from this image."
 
 
-def examples(model: ResolvedModel, base_url: str) -> tuple[str, str]:
-    """A curl command and a Python ``openai`` snippet for the engine, ready to paste."""
+def examples(model: ResolvedModel, base_url: str, key_file: Path | None = None
+             ) -> tuple[str, str]:
+    """A curl command and a Python ``openai`` snippet for the engine, ready to paste. With
+    ``key_file`` (the engine's own key, :mod:`vlmhub.engines.keys`) they read the key from
+    it: the key itself is never printed."""
     name = model.api_name
     prompt = _ocr_prompt(model)
     if prompt is None:
@@ -165,12 +169,14 @@ def examples(model: ResolvedModel, base_url: str) -> tuple[str, str]:
                        "max_tokens": 256})
     body = body.replace("'", "'\\''").replace(
         "@IMAGE@", "data:image/png;base64,'\"$(base64 -w0 page.png)\"'")
-    curl = (f"curl -s {base_url}/chat/completions -H 'Content-Type: application/json' "
+    auth = f"-H \"Authorization: Bearer $(cat '{key_file}')\" " if key_file else ""
+    curl = (f"curl -s {base_url}/chat/completions {auth}-H 'Content-Type: application/json' "
             f"-d '{body}'")
+    key = f'open("{key_file}").read().strip()' if key_file else '"EMPTY"'
     imports = "import base64\n" if prompt is not None else ""
     python = (
         f"{imports}from openai import OpenAI\n\n"
-        f'client = OpenAI(base_url="{base_url}", api_key="EMPTY")\n'
+        f'client = OpenAI(base_url="{base_url}", api_key={key})\n'
         f"{py_pre}"
         "response = client.chat.completions.create(\n"
         f'    model="{name}",\n'
@@ -182,12 +188,14 @@ def examples(model: ResolvedModel, base_url: str) -> tuple[str, str]:
     return curl, python
 
 
-def print_ready(model: ResolvedModel, handle: EngineHandle, seconds: float, detach: bool) -> None:
+def print_ready(model: ResolvedModel, handle: EngineHandle, seconds: float, detach: bool,
+                state_dir: Path) -> None:
     base_url = handle.base_url + "/v1"
     console.print(f"[bold green]{handle.name} is ready[/] after {seconds:.1f} s "
                   f"({handle.runtime}, model id {model.api_name!r})", highlight=False)
     console.print(f"Endpoint: {base_url}", markup=False, highlight=False, soft_wrap=True)
-    curl, python = examples(model, base_url)
+    key_file = key_path(state_dir, handle.name) if handle.api_key else None
+    curl, python = examples(model, base_url, key_file)
     hint = " (page.png is your image)" if _ocr_prompt(model) is not None else ""
     console.print(f"\n[bold]curl[/]{hint}:", highlight=False)
     console.print(curl, markup=False, highlight=False, soft_wrap=True)
@@ -230,7 +238,8 @@ async def _already_running(rt: Runtime, model: ResolvedModel, req_hash: str,
                 f"different configuration. Fix: `vlmhub stop {model.name}`, then serve again."
             )
         console.print(f"{model.name} is already running; not starting it again.")
-        print_ready(model, handle, time.time() - handle.started_at, True)
+        print_ready(model, handle, time.time() - handle.started_at, True,
+                    runtime_state_dir(rt))
         return True
     return False
 
@@ -293,7 +302,7 @@ async def _start_and_watch(rt: Runtime, model: ResolvedModel, req: LaunchRequest
         err_console.print(f"interrupted: stopping {model.name}", highlight=False)
         await rt.stop(handle)
         return 130
-    print_ready(model, handle, time.monotonic() - t0, detach)
+    print_ready(model, handle, time.monotonic() - t0, detach, runtime_state_dir(rt))
     _record(ctx, model, parser, None)
     if detach:
         return 0

@@ -45,6 +45,9 @@ class LaunchRequest:
     """The GPU node to start it on (a Ray node's name; ``""``: the only GPU, or any node)."""
     vram_gib: float = 0.0
     """The GPU memory it is planned to hold (the Ray runtime reserves it as ``vram_gib``)."""
+    api_key: str | None = field(default=None, repr=False)
+    """The engine's own key (:mod:`vlmhub.engines.keys`): the runtime passes it in the
+    engine's environment only (``VLLM_API_KEY``), never in argv, records or labels."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class EngineHandle:
     :mod:`vlmhub.engines.owner`); empty when unknown. Not part of the engine's identity."""
     node: str = ""
     """The GPU node it runs on (a Ray node's name); ``""`` with one GPU."""
+    api_key: str | None = field(default=None, repr=False, compare=False)
+    """The key its API wants (``Authorization: Bearer``); None for an engine started without
+    one. Read from the state dir, so an adopted engine has it too."""
 
     @property
     def base_url(self) -> str:

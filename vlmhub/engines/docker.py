@@ -30,11 +30,13 @@ import docker.utils
 import requests.exceptions
 
 from vlmhub.config.schema import RuntimeConfig
+from vlmhub.engines import keys
 from vlmhub.engines.adopt import Reconciled, reconcile_engines
 from vlmhub.engines.base import EngineHandle, EngineStatus, LaunchRequest, Runtime
 from vlmhub.engines.owner import this_owner
 from vlmhub.engines.procfs import FROZEN_STATES
 from vlmhub.errors import EngineStartError, ImageUnavailable, PortInUse, RuntimeUnavailable
+from vlmhub.paths import default_state_dir
 
 PullProgress = Callable[[str, int | None, int | None], None]
 """Called as ``(layer id, bytes done, layer size)`` while an image is pulled; the sizes are
@@ -96,6 +98,8 @@ class DockerRuntime(Runtime):
     def __init__(self, rc: RuntimeConfig, client: Any | None = None) -> None:
         self.rc = rc
         self.client: Any = client if client is not None else self._connect(rc)
+        self.state_dir = default_state_dir()
+        """Where the engines' keys live (``vlmhub route --state-dir`` sets it)."""
 
     @staticmethod
     def _connect(rc: RuntimeConfig) -> Any:
@@ -140,6 +144,7 @@ class DockerRuntime(Runtime):
             host="127.0.0.1",
             health_path=labels.get(LABEL_HEALTH, "/health"),
             owner=labels.get(LABEL_OWNER, ""),
+            api_key=keys.read_key(self.state_dir, labels.get(LABEL_MODEL, container.name)),
         )
 
     # ------------------------------------------------------------------ images
@@ -239,6 +244,8 @@ class DockerRuntime(Runtime):
             value = os.environ.get(key)
             if value is not None:
                 env[key] = value
+        if req.api_key:
+            env[keys.ENV] = req.api_key  # the container's environment only: not argv, labels
         volumes: dict[str, dict[str, str]] = {}
         for host_dir, inner in ((self.rc.hf_cache, HF_MOUNT), (self.rc.vllm_cache, VLLM_MOUNT)):
             path = Path(host_dir).expanduser()

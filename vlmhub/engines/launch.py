@@ -3,8 +3,12 @@ runtime for a config. Pure apart from :func:`make_runtime` (which may connect to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vlmhub.config.schema import Config, ResolvedModel, RuntimeConfig
 from vlmhub.engines.base import LaunchRequest, Runtime
+from vlmhub.engines.keys import engine_key
+from vlmhub.paths import default_state_dir
 from vlmhub.sizing.flags import render_argv
 from vlmhub.sizing.vram import Gpu
 
@@ -24,7 +28,9 @@ def launch_request(
     *,
     sleep_mode: bool = False,
 ) -> LaunchRequest:
-    """The engine's argv, environment and port. Secret values never enter the request."""
+    """The engine's argv, environment, port and its own API key (made on first use in the
+    runtime's state dir, see :mod:`vlmhub.engines.keys`). Other secret values never enter the
+    request (``pass_env`` names them). Blocks briefly on the key file."""
     spec, budget = model.spec, model.budget
     if spec is None or budget is None:
         raise ValueError(f"{model.name} is an external endpoint; vlmhub does not launch it")
@@ -53,7 +59,15 @@ def launch_request(
         pass_env=list(rc.pass_env),
         health_path=spec.health_path,
         startup_timeout_s=spec.startup_timeout_s,
+        api_key=engine_key(runtime_state_dir(runtime), model.name),
     )
+
+
+def runtime_state_dir(runtime: Runtime) -> Path:
+    """Where ``runtime`` keeps its state (engine keys, process records): its ``state_dir``
+    (``vlmhub route --state-dir``), else the default state dir."""
+    state = getattr(runtime, "state_dir", None)
+    return Path(state) if state is not None else default_state_dir()
 
 
 def make_runtime(config: Config, kind: str | None = None) -> Runtime:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from vlmhub.config.schema import RuntimeConfig
+from vlmhub.engines import keys
 from vlmhub.engines.adopt import Reconciled, reconcile_engines
 from vlmhub.engines.base import EngineHandle, EngineStatus, LaunchRequest, Runtime
 from vlmhub.engines.owner import this_owner
@@ -99,7 +100,8 @@ def engine_env(req: LaunchRequest, environ: Mapping[str, str] | None = None) -> 
     source = os.environ if environ is None else environ
     env = {k: v for k, v in source.items() if k in BASE_ENV or k.startswith(BASE_ENV_PREFIXES)}
     env.update({k: source[k] for k in req.pass_env if k in source})
-    return {**env, "PYTHONUNBUFFERED": "1", **req.env}
+    key = {keys.ENV: req.api_key} if req.api_key else {}
+    return {**env, "PYTHONUNBUFFERED": "1", **req.env, **key}
 
 
 def _child(pid: int, started_at: float) -> subprocess.Popen[bytes] | None:
@@ -254,6 +256,7 @@ class ProcessRuntime(Runtime):
             host="127.0.0.1",
             health_path=str(data.get("health_path", "/health")),
             owner=str(data.get("owner", "")),
+            api_key=keys.read_key(self.state_dir, str(data["name"])),
         )
 
     # ------------------------------------------------------------------ lifecycle

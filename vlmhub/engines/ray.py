@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from vlmhub.config.schema import RuntimeConfig
+from vlmhub.engines import keys
 from vlmhub.engines.base import EngineHandle, EngineStatus, LaunchRequest, Runtime
 from vlmhub.engines.owner import this_owner
 from vlmhub.engines.ray_actor import NODE_HOST, EngineActor, meta_for
 from vlmhub.errors import EngineStartError, RuntimeUnavailable
+from vlmhub.paths import default_state_dir
 
 NAMESPACE = "vlmhub"
 RESOURCE = "vram_gib"
@@ -65,6 +67,8 @@ class RayRuntime(Runtime):
 
     def __init__(self, rc: RuntimeConfig) -> None:
         self.rc = rc
+        self.state_dir = default_state_dir()
+        """Where the engines' keys live (``vlmhub route --state-dir`` sets it)."""
         self._actors: dict[str, Any] = {}
         self._seen: dict[str, list[str]] = {}
         """Output lines read so far per engine: what logs() shows after its node is gone."""
@@ -183,6 +187,7 @@ class RayRuntime(Runtime):
             host=str(meta.get("host", "127.0.0.1")),
             health_path=str(meta.get("health_path", "/health")),
             owner=str(meta.get("owner", "")), node=str(meta.get("node", "")),
+            api_key=keys.read_key(self.state_dir, str(meta["name"])),
         )
 
     def _actor(self, ident: str) -> Any | None:

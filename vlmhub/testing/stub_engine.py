@@ -382,9 +382,10 @@ class Handler(BaseHTTPRequestHandler):
             stub.requests[path] = stub.requests.get(path, 0) + 1
         if stub.hang_after and stub.completions >= stub.hang_after:
             threading.Event().wait()  # hung after N completions: accepts, never answers
-        key = stub.args.api_key
-        if key and path.startswith("/v1") and self.headers.get("Authorization") != f"Bearer {key}":
-            return self.reply_json(401, {"error": "Unauthorized"})
+        key = stub.args.api_key or os.environ.get("VLLM_API_KEY")  # as vLLM: flag, else env
+        scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
+        if key and path.startswith("/v1") and (scheme.lower() != "bearer" or given != key):
+            return self.reply_json(401, {"error": "Unauthorized"})  # vLLM's body; /health open
         sleep_routes = stub.dev_mode and stub.args.enable_sleep_mode
         routes = {"GET": {"/health", "/ping", "/version", "/v1/models", "/metrics", "/stub/stats"}
                   | ({"/is_sleeping"} if sleep_routes else set()),
