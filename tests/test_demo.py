@@ -60,6 +60,7 @@ def test_main_job_serves_the_demo_and_swaps(tmp_path: Path) -> None:
     output = (tmp_path / "run.log").read_text()
     assert code == 0, output
     assert "running the demo (examples/demo.yaml" in output
+    assert "DEMO: these models are stand-in engines" in output  # issue 21 item 18: says so
     assert "vlmhub router stopped." in output
     logs = sorted(p.name for p in (tmp_path / "state" / "logs").glob("*.log"))
     assert logs == ["demo-ocr.log", "demo-phi.log", "demo-vl.log"]  # the engines ran here

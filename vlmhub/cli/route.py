@@ -55,6 +55,10 @@ if TYPE_CHECKING:
     from vlmhub.control.supervisor import Supervisor
 
 RuntimeKind = Literal["docker", "process", "ray"]
+DEMO_BANNER = ("[bold yellow]DEMO[/]: these models are stand-in engines (test doubles that "
+               "speak vLLM's API and answer made-up words), not real models. On a machine with "
+               "an NVIDIA GPU, `vlmhub route` serves the built-in plugins and `vlmhub init` "
+               "writes a models.yaml for the card.")
 
 
 def print_summary(url: str, config: Config, gpu: Gpu, models: list[ReplicaInfo]) -> None:
@@ -182,6 +186,9 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
                           "`load` and `unload` read it)", highlight=False)
     budgets = BudgetStore(state / "budgets.json")  # this router's state dir owns it
     models = resolve(ctx.loaded, ctx.registry.specs(), ctx.gpu, measured=budgets)
+    for m in models:  # a learned budget that no longer fits refuses its model, not the router
+        if m.refusal is not None:
+            err_console.print(f"[yellow]Warning:[/] {m.refusal}", highlight=False)
     gpu = ctx.gpu
     if not is_loopback(host) and host != "localhost" and not api_keys(config):
         err_console.print(f"[yellow]Warning:[/] listening on {host} without router.api_keys: "
@@ -208,6 +215,8 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
         def ready(bound: int) -> None:
             assert server is not None
             lock.record(port=bound, url=server.url)
+            if ctx.demo:
+                console.print(DEMO_BANNER, highlight=False, soft_wrap=True)
             print_summary(server.url, config, gpu, sup.snapshot())
             for h in sup.foreign:
                 err_console.print(f"[yellow]Note:[/] engine {h.name} ({h.runtime}, port "

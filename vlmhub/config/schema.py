@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,6 +36,8 @@ from vlmhub.spec import ModelSpec, Strict, version_tuple
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = PACKAGE_DIR / "examples" / "demo.yaml"
+BUILTIN_CONFIG = PACKAGE_DIR / "examples" / "models.yaml"
+"""The shipped models.yaml (the built-in plugins), used on a GPU when no models.yaml exists."""
 USER_CONFIG = Path("~/.config/vlmhub/models.yaml")
 
 
@@ -288,14 +290,16 @@ class ResolvedModel:
         return self.entry.served_model_name or self.name
 
 
-def find_config(explicit: Path | None) -> Path:
-    """``--config``, then ./models.yaml, then ~/.config/vlmhub/models.yaml, else the demo."""
+def find_config(explicit: Path | None, have_gpu: Callable[[], bool] | None = None) -> Path:
+    """``--config``, then ./models.yaml, then ~/.config/vlmhub/models.yaml; without one the
+    built-in plugins (:data:`BUILTIN_CONFIG`) where ``have_gpu()`` finds a GPU, else the
+    stand-in demo (:data:`DEMO_CONFIG`)."""
     if explicit is not None:
         return explicit
     for candidate in (Path("models.yaml"), USER_CONFIG.expanduser()):
         if candidate.is_file():
             return candidate
-    return DEMO_CONFIG
+    return BUILTIN_CONFIG if have_gpu is not None and have_gpu() else DEMO_CONFIG
 
 
 def load_config(path: Path) -> LoadedConfig:
