@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from starlette.requests import Request
 
 from vlmhub.router.errors import error_response
+from vlmhub.router.multipart import Form, is_multipart, read_form
 from vlmhub.router.state import Reject
 
 CLOSE = {"Connection": "close"}
@@ -147,3 +148,20 @@ def parse_payload(body: bytes) -> dict[str, Any]:
         raise Reject(error_response(400, "the request body must be a JSON object",
                                     "invalid_request_error", "malformed_json"))
     return payload
+
+
+def parse_request(
+    body: bytes, headers: Mapping[str, str]
+) -> tuple[dict[str, Any], Form | None]:
+    """The routing fields of a request body: a JSON object's fields, or a multipart form's
+    ``model`` and ``stream`` (strings) with the :class:`Form` that locates them. A body that
+    starts like a JSON object is one: the headers are not read then (the hot path)."""
+    if body[:1] != b"{":
+        content_type = headers.get("content-type")
+        if content_type is not None and is_multipart(content_type):
+            form = read_form(body, content_type)
+            fields: dict[str, Any] = dict(form.values)
+            if fields.get("stream", "").lower() == "true":
+                fields["stream"] = True
+            return fields, form
+    return parse_payload(body), None

@@ -8,7 +8,14 @@ SSE comment line at once and then every ``router.loading_comments_s`` seconds::
     : vlmhub loading dots-ocr: profiling (45 s)
 
 SSE parsers (the OpenAI SDKs, browsers' EventSource) ignore comment lines, so the client's
-stream is unchanged. When the lease comes, the engine's stream follows in the same response
+stream is unchanged. Chat windows (Open WebUI, ...) drop them too: with
+``router.loading_progress: reasoning`` (or the request's ``X-Vlmhub-Loading-Progress:
+reasoning``) a streamed chat completion gets each line as a ``chat.completion.chunk`` whose
+``delta.reasoning_content`` is ``Loading MODEL: PHASE (N s)`` (one id, the request's model,
+``role: assistant`` in the first), which they show as a collapsible "thinking" block, the way
+llama-swap's ``sendLoadingState`` does. ``off`` sends neither: the request just waits.
+
+When the lease comes, the engine's stream follows in the same response
 (:class:`~vlmhub.router.proxy.ProxyResponse` with ``committed=True``). The status line has gone
 out by then, so anything that fails afterwards (the start, the queue's timeout, an engine's
 4xx) ends the stream with an SSE error event carrying the reason and the HTTP status it would
@@ -23,14 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from vlmhub.control.contract import AcquireError, Lease, SupervisorLike
-from vlmhub.router.errors import sse_error_event
+from vlmhub.router.errors import error_response, sse_error_event
+from vlmhub.router.state import Reject
 from vlmhub.router.watch import ClientWatch
 
 SSE_HEADERS = [
@@ -42,8 +52,26 @@ ProxyFactory = Callable[[Lease], Awaitable[Response]]
 """Makes the response that forwards the request over a granted lease (it owns the lease)."""
 
 
-def loading_comment(supervisor: SupervisorLike, model: str, waited_s: float) -> bytes:
-    """``: vlmhub loading MODEL: PHASE (N s)`` (with why it waits, when the policy defers it)."""
+PROGRESS_HEADER = "x-vlmhub-loading-progress"
+PROGRESS_MODES = ("comments", "reasoning", "off")
+
+
+def progress_mode(headers: Mapping[str, str], configured: str) -> str:
+    """The request's ``X-Vlmhub-Loading-Progress`` (``comments``, ``reasoning`` or ``off``),
+    else ``configured`` (``router.loading_progress``). Anything else is a 400."""
+    value = headers.get(PROGRESS_HEADER)
+    if value is None:
+        return configured
+    value = value.strip().lower()
+    if value not in PROGRESS_MODES:
+        raise Reject(error_response(
+            400, f"{PROGRESS_HEADER} must be comments, reasoning or off, not {value[:40]!r}",
+            "invalid_request_error", "invalid_loading_progress"))
+    return value
+
+
+def loading_status(supervisor: SupervisorLike, model: str, waited_s: float) -> str:
+    """``MODEL: PHASE (N s)`` (with why it waits, when the policy defers it), one line."""
     info = next((i for i in supervisor.snapshot() if i.name == model), None)
     if info is None:
         what = "waiting"
@@ -51,10 +79,35 @@ def loading_comment(supervisor: SupervisorLike, model: str, waited_s: float) -> 
         what = "queued" if info.draining else "ready"
     elif info.waiting_reason:
         what = f"queued: {info.waiting_reason}"
-    else:
-        what = info.phase or info.state
-    text = f": vlmhub loading {model}: {what} ({waited_s:.0f} s)"
-    return text.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + b"\n\n"
+    else:  # "stopped": this request's start has not begun yet
+        what = info.phase or ("starting" if info.state == "stopped" else info.state)
+    text = f"{model}: {what} ({waited_s:.0f} s)"
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def loading_comment(supervisor: SupervisorLike, model: str, waited_s: float) -> bytes:
+    """``: vlmhub loading MODEL: PHASE (N s)``: an SSE comment line."""
+    text = ": vlmhub loading " + loading_status(supervisor, model, waited_s)
+    return text.encode("utf-8", "replace") + b"\n\n"
+
+
+class ReasoningChunks:
+    """``delta.reasoning_content`` chunks of one chat completion: one id, the request's
+    model, ``role: assistant`` in the first only."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.first = model, True
+        self.id = f"chatcmpl-vlmhub-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def event(self, text: str) -> bytes:
+        delta: dict[str, str] = {"role": "assistant"} if self.first else {}
+        self.first = False
+        delta["reasoning_content"] = text
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.model, "choices": [
+                     {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+        return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
 
 
 class LoadingResponse(Response):
@@ -70,8 +123,10 @@ class LoadingResponse(Response):
         every_s: float,
         make_proxy: ProxyFactory,
         on_end: Callable[[int], None],
+        reasoning: ReasoningChunks | None = None,
     ) -> None:
         self.status_code = 200
+        self.reasoning = reasoning  # None: SSE comments
         self.background = None
         self.supervisor, self.model, self.acquire = supervisor, model, acquire
         self.watch, self.every_s = watch, every_s
@@ -114,11 +169,16 @@ class LoadingResponse(Response):
                 self.on_end(status)
 
     async def _wait(self, send: Send) -> Lease:
-        """Comment now and every ``every_s`` until the lease is granted (or the acquire
-        fails: its AcquireError is raised)."""
+        """Comment (or a reasoning chunk) now and every ``every_s`` until the lease is granted
+        (or the acquire fails: its AcquireError is raised)."""
         while True:
-            comment = loading_comment(self.supervisor, self.model, time.monotonic() - self.began)
-            await send({"type": "http.response.body", "body": comment, "more_body": True})
+            waited = time.monotonic() - self.began
+            if self.reasoning is None:
+                line = loading_comment(self.supervisor, self.model, waited)
+            else:
+                status = loading_status(self.supervisor, self.model, waited)
+                line = self.reasoning.event(f"Loading {status}\n")
+            await send({"type": "http.response.body", "body": line, "more_body": True})
             done, _ = await asyncio.wait({self.acquire}, timeout=self.every_s)
             if done:
                 return self.acquire.result()

@@ -31,6 +31,7 @@ from yarl import URL
 
 from vlmhub.config.vision import advise_context_error
 from vlmhub.control.contract import AcquireError, Lease, SupervisorLike
+from vlmhub.router.endpoints import not_served
 from vlmhub.router.errors import error_body, sse_error_event
 from vlmhub.router.watch import CLIENT_LEFT, ClientWatch
 
@@ -395,6 +396,8 @@ class ProxyResponse(Response):
             return False
         if resp.status == 400:  # an image too large for the context: say how to fix it
             body = advise_context_error(body, self.lease.model)
+        elif resp.status == 404:  # a route this model's engine does not serve: say so
+            body = not_served(body, self.lease.model, self.url)
         headers = downstream_headers(resp.headers, streamed=False)
         headers.append((b"content-length", str(len(body)).encode()))
         await self._start(send, resp.status, headers)

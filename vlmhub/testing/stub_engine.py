@@ -42,10 +42,22 @@ from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
-try:  # dots.ocr layout answers; the stand-in's Docker image holds this file alone: none there
+# The stand-in's Docker image has no vlmhub package: it carries these modules beside this
+# file (/app), so each falls back to a plain import from this file's directory.
+try:  # dots.ocr layout answers (it needs vlmhub.ocr: without vlmhub, none)
     from vlmhub.testing import stub_layout
 except ImportError:
-    stub_layout = None  # type: ignore[assignment]
+    try:
+        import stub_layout  # type: ignore[import-not-found,no-redef]
+    except ImportError:
+        stub_layout = None  # type: ignore[assignment]
+try:  # the task-dependent routes (pooling, speech, ...)
+    from vlmhub.testing import stub_endpoints
+except ImportError:
+    try:
+        import stub_endpoints  # type: ignore[import-not-found,no-redef]
+    except ImportError:
+        stub_endpoints = None  # type: ignore[assignment]
 
 VERSION = "0.32.0"
 GIB = 1024**3
@@ -211,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None)
     p.add_argument("--enable-sleep-mode", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
+    if stub_endpoints is not None:  # --task, --runner, --convert
+        stub_endpoints.add_args(p)
     for flag, _env, kind in KNOBS:
         p.add_argument(flag, type=kind, default=None)
     known = {s for a in p._actions for s in a.option_strings}
@@ -392,6 +406,9 @@ class Handler(BaseHTTPRequestHandler):
                   "POST": {"/ping", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                            "/tokenize"} | ({"/sleep", "/wake_up"} if sleep_routes else set())
                   | ({"/collective_rpc", "/reset_prefix_cache"} if stub.dev_mode else set())}
+        if method == "POST" and stub_endpoints is not None and stub_endpoints.handled(
+                self, path, data):
+            return None
         if path not in routes[method]:
             known = any(path in paths for paths in routes.values())
             detail = "Method Not Allowed" if known else "Not Found"
