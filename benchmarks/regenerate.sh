@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 doc=docs/benchmarks.md
-"$py" benchmarks/router_overhead.py --paths direct,vlmhub,vlmhub-asyncio,aiohttp,httpx,litellm \
+"$py" benchmarks/router_overhead.py --paths direct,vlmhub,vlmhub-quiet,vlmhub-asyncio,aiohttp,httpx,litellm \
     --update-doc "$doc"
 "$py" benchmarks/cold_start.py --update-doc "$doc"
 if [[ -f benchmarks/simulate_table.py ]] && grep -q "<!-- begin simulate -->" "$doc"; then

@@ -62,10 +62,11 @@ STREAM_BODY = '{"model":"bench","messages":[{"role":"user","content":"hi"}],"str
 HEADERS = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
 CHAT_PATH = "/v1/chat/completions"
 CONCURRENCIES = (1, 16, 64)
-ALL_PATHS = ("direct", "vlmhub", "vlmhub-asyncio", "vlmhub-h11", "vlmhub-baseline", "aiohttp",
-             "httpx", "litellm")
-DEFAULT_PATHS = ("direct", "vlmhub", "aiohttp", "httpx", "litellm")
+ALL_PATHS = ("direct", "vlmhub", "vlmhub-quiet", "vlmhub-asyncio", "vlmhub-h11", "vlmhub-baseline",
+             "aiohttp", "httpx", "litellm")
+DEFAULT_PATHS = ("direct", "vlmhub", "vlmhub-quiet", "aiohttp", "httpx", "litellm")
 LABELS = {"direct": "direct", "vlmhub": "vlmhub route",
+          "vlmhub-quiet": "vlmhub route (--log-level warning: no access log)",
           "vlmhub-asyncio": "vlmhub route (asyncio loop)", "vlmhub-h11": "vlmhub route (h11)",
           "vlmhub-baseline": "vlmhub route (baseline tree)", "aiohttp": "starlette + aiohttp",
           "httpx": "starlette + httpx", "litellm": "LiteLLM proxy"}
@@ -78,6 +79,7 @@ VLMHUB_ASYNCIO = ("import sys; sys.modules['uvloop'] = None; sys.argv[0] = 'vlmh
                   "from vlmhub.cli import main; main()")
 STREAM_CHUNKS = 50  # what benchmarks/upstream.py sends, before [DONE]
 TARGET_ADDED_P50_MS = 0.4  # issue 9: c=1 p50 over direct
+TARGET_ACCESS_LOG_COST = 0.05  # issue 21: the access log costs at most 5 % of rps at c=16
 TARGET_FIRST_CHUNK_MS = 1.0  # issue 9: first chunk over direct
 
 WRK_LUA = f"""wrk.method = "POST"
@@ -425,6 +427,12 @@ def ratios(targets: dict[str, Target]) -> str:
                            f"{theirs:,.0f} rps ({mine / theirs:.0%}), "
                            + ("met." if mine >= theirs else
                               f"missed by {1 - mine / theirs:.0%}."))
+        if (quiet := targets.get("vlmhub-quiet")) is not None:
+            mine, bare = vlmhub.wrk[1].rps, quiet.wrk[1].rps
+            out.append(f"- c=16 access-log cost ≤ {TARGET_ACCESS_LOG_COST:.0%} (log level info "
+                       f"against warning, same run): {mine:,.0f} against {bare:,.0f} rps, "
+                       f"{1 - mine / bare:.0%}, "
+                       + ("met." if mine >= (1 - TARGET_ACCESS_LOG_COST) * bare else "missed."))
         if vlmhub.stream.ttfb_ms and direct.stream.ttfb_ms:
             first = statistics.median(vlmhub.stream.ttfb_ms)
             base = statistics.median(direct.stream.ttfb_ms)
@@ -528,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "runtime: {kind: process}\n"
                 "models:\n"
                 f"  bench: {{url: \"{upstream_url}\", served_model_name: bench}}\n")
-            launches = {"vlmhub": ["-m", "vlmhub"], "vlmhub-asyncio": ["-c", VLMHUB_ASYNCIO],
+            launches = {"vlmhub": ["-m", "vlmhub"], "vlmhub-quiet": ["-m", "vlmhub"],
+                        "vlmhub-asyncio": ["-c", VLMHUB_ASYNCIO],
                         "vlmhub-h11": ["-c", VLMHUB_H11], "vlmhub-baseline": ["-m", "vlmhub"]}
             for name, launch in launches.items():
                 if name in names:
@@ -536,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     base = name == "vlmhub-baseline" and args.baseline is not None
                     proc = procs.start(
                         name, [sys.executable, *launch, "route", "--config", str(config),
-                               "--port", str(port), "--state-dir", str(out / f"state-{name}")],
+                               "--port", str(port), "--state-dir", str(out / f"state-{name}"),
+                               *(["--log-level", "warning"] if name == "vlmhub-quiet" else [])],
                         cwd=args.baseline.resolve() if base and args.baseline else REPO,
                         env={"PYTHONPATH": str(args.baseline.resolve())}
                         if base and args.baseline else None)

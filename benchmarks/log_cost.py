@@ -1,0 +1,133 @@
+"""The access log's cost and the router against the thin aiohttp proxy, measured interleaved.
+
+router_overhead.py measures each path once, one after the other; on a machine whose load moves
+(other work on its two cores) a path measured in a busy minute looks slower than it is. This
+script starts the same paths (the upstream, ``vlmhub route`` at ``--log-level info`` as
+deployed, the same router at ``warning``, optionally an older tree's router at ``info``, and the
+thin starlette + aiohttp proxy) and runs ``wrk -t1 -cC -d5s`` on each in turn, ``--rounds``
+times, reversing the order every other round; it prints the median requests/s and CPU per
+request of each path and the ratios the issue-21 targets name.
+
+    .venv/bin/python benchmarks/log_cost.py [--baseline /tmp/base] [--concurrency 16,64]
+
+It reports, it never asserts. Needs ``wrk`` on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchlib import REPO, Processes, cpu_seconds, free_port, machine
+from router_overhead import CHAT_PATH, KEY, THIN_PROXY, WRK_LUA, wait_ready
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_wrk(url: str, concurrency: int, seconds: int, lua: Path) -> tuple[int, float]:
+    """(requests completed, requests/s) of one wrk run."""
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(lua),
+                          url + CHAT_PATH], capture_output=True, text=True, check=True).stdout
+    done = re.search(r"(\d+) requests in", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if done is None or rps is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    return int(done.group(1)), float(rps.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an older tree (with vlmhub/) to run at --log-level info too")
+    parser.add_argument("--concurrency", default="16,64")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
+    args = parser.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="vlmhub-logcost-"))
+    lua = out / "chat.lua"
+    lua.write_text(WRK_LUA)
+    info = machine(("vlmhub", "uvicorn", "aiohttp", "uvloop"))
+    print(", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    procs = Processes(out)
+    try:
+        up = free_port()
+        upstream = f"http://127.0.0.1:{up}"
+        proc = procs.start("upstream", [sys.executable, str(HERE / "upstream.py"), "--port",
+                                        str(up)])
+        config = out / "models.yaml"
+        config.write_text("gpu: {total_gib: 8, force_total: true}\n"
+                          f"router: {{api_keys: [{KEY}]}}\nruntime: {{kind: process}}\n"
+                          f"models:\n  bench: {{url: \"{upstream}\", served_model_name: bench}}\n")
+        paths: dict[str, tuple[list[str], Path, dict[str, str] | None]] = {
+            "vlmhub (info)": (["--log-level", "info"], REPO, None),
+            "vlmhub (warning)": (["--log-level", "warning"], REPO, None),
+        }
+        if args.baseline is not None:
+            base = args.baseline.resolve()
+            paths["baseline (info)"] = (["--log-level", "info"], base,
+                                        {"PYTHONPATH": str(base)})
+        urls: dict[str, str] = {}
+        pids: dict[str, int] = {}
+        started: dict[str, subprocess.Popen[bytes]] = {}
+        for i, (name, (extra, cwd, env)) in enumerate(paths.items()):
+            port = free_port()
+            p = procs.start(f"router{i}", [sys.executable, "-m", "vlmhub", "route", "--config",
+                                           str(config), "--port", str(port), "--state-dir",
+                                           str(out / f"state{i}"), *extra], cwd=cwd, env=env)
+            urls[name], pids[name], started[name] = f"http://127.0.0.1:{port}", p.pid, p
+        script = out / "thin_proxy.py"
+        script.write_text(THIN_PROXY)
+        port = free_port()
+        p = procs.start("aiohttp", [sys.executable, str(script), "aiohttp", upstream, str(port),
+                                    "uvloop"])
+        thin = "starlette + aiohttp"
+        urls[thin], pids[thin], started[thin] = f"http://127.0.0.1:{port}", p.pid, p
+        wait_ready(procs, "upstream", proc, upstream)
+        for name, url in urls.items():
+            wait_ready(procs, name, started[name], url)
+        table: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        for c in (int(x) for x in args.concurrency.split(",")):
+            for rnd in range(args.rounds):
+                order = list(urls) if rnd % 2 == 0 else list(reversed(urls))
+                for name in order:
+                    run_wrk(urls[name], c, 1, lua)  # warm-up
+                    before = cpu_seconds(pids[name]) or 0.0
+                    done, rps = run_wrk(urls[name], c, args.seconds, lua)
+                    cpu = ((cpu_seconds(pids[name]) or 0.0) - before) / max(done, 1) * 1e6
+                    table.setdefault((name, c), []).append((rps, cpu))
+                    print(f"c={c} round {rnd + 1} {name}: {rps:,.0f} rps, {cpu:.0f} µs CPU/request,"
+                          f" load {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"\nMedians of {args.rounds} interleaved {args.seconds} s runs "
+              f"(load {os.getloadavg()[0]:.1f} at the end):\n")
+        cs = sorted({c for _, c in table})
+        print("| path | " + " | ".join(f"c={c} rps | c={c} CPU/request" for c in cs) + " |")
+        print("|---" * (1 + 2 * len(cs)) + "|")
+        med: dict[tuple[str, int], tuple[float, float]] = {}
+        for name in urls:
+            cells = []
+            for c in cs:
+                runs = table[(name, c)]
+                med[(name, c)] = (statistics.median(r[0] for r in runs),
+                                  statistics.median(r[1] for r in runs))
+                cells += [f"{med[(name, c)][0]:,.0f}", f"{med[(name, c)][1]:.0f} µs"]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print()
+        for c in cs:
+            on, off = med[("vlmhub (info)", c)], med[("vlmhub (warning)", c)]
+            ref = med[(thin, c)]
+            print(f"- c={c}: access log costs {1 - on[0] / off[0]:+.0%} of requests/s "
+                  f"({on[1] - off[1]:+.0f} µs CPU/request); with it on the router serves "
+                  f"{on[0] / ref[0]:.2f}x the thin aiohttp proxy")
+    finally:
+        procs.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
