@@ -10,14 +10,24 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 from route_support import wait_healthy
+from supervisor_support import build, model
 
+from vlmhub.config.registry import Registry
+from vlmhub.config.schema import RuntimeConfig, load_config, resolve
+from vlmhub.control.contract import UnknownModel
+from vlmhub.control.reload import ModelDiff
+from vlmhub.control.supervisor import Supervisor
+from vlmhub.engines.base import EngineHandle, LaunchRequest
 from vlmhub.engines.ports import free_port
+from vlmhub.engines.process import ProcessRuntime
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
@@ -178,3 +188,116 @@ def test_watch_reloads_when_the_file_changes(tmp_path: Path) -> None:
         assert "demo-phi" not in models(url)
     finally:
         stop_router(proc, tmp_path)
+
+
+# -- a reload during a start (issue 21 item 8): supervisors over real stand-in engines ---------
+
+
+class GatedRuntime(ProcessRuntime):
+    """The process runtime whose ``start`` yields to the event loop until the test opens
+    ``gate``, as the Docker and Ray runtimes yield (their start runs in a worker thread): a
+    reload can land while the engine is being launched and the replica has no handle yet."""
+
+    def __init__(self, rc: RuntimeConfig, state_dir: Path) -> None:
+        super().__init__(rc, state_dir=state_dir)
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def start(self, req: LaunchRequest) -> EngineHandle:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().start(req)
+
+
+def gated(tmp_path: Path, models: dict[str, dict[str, Any]]) -> tuple[Supervisor, GatedRuntime]:
+    sup, rec, _ = build(tmp_path, models, delay=0.5)
+    rt = GatedRuntime(sup.config.runtime, tmp_path / "state")
+    return Supervisor([r.model for r in sup.replicas.values()], sup.config, sup.gpu, rt,
+                      observer=rec, tick_s=0.05), rt
+
+
+def reconfigure(tmp_path: Path, sup: Supervisor, models: dict[str, dict[str, Any]]) -> ModelDiff:
+    """Reload ``sup`` with ``models`` in place of build()'s (everything else the same)."""
+    cfg = yaml.safe_load((tmp_path / "models.yaml").read_text())
+    cfg["models"] = models
+    path = tmp_path / "models-reloaded.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_config(path)
+    return sup.reload(resolve(loaded, Registry().specs(), sup.gpu), loaded.config)
+
+
+async def settle(sup: Supervisor, done: Callable[[], bool]) -> None:
+    for _ in range(600):
+        if done():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not settled: {sup.snapshot()}")
+
+
+async def test_a_model_removed_before_its_engine_is_launched_is_stopped_once_started(
+    tmp_path: Path,
+) -> None:
+    sup, rt = gated(tmp_path, {"a": model(1.0), "b": model(1.0)})
+    await sup.start()
+    try:
+        waiting = asyncio.create_task(sup.acquire("a"))
+        await rt.entered.wait()  # a's start runs, its engine not launched yet (no handle)
+        assert reconfigure(tmp_path, sup, {"b": model(1.0)}).removed == ("a",)
+        rt.gate.set()
+        with pytest.raises(UnknownModel):
+            await waiting
+        await settle(sup, lambda: "a" not in sup.names() and "a" not in sup.replicas)
+        assert [h.name for h in await rt.adopt()] == [], "no engine left running untracked"
+    finally:
+        rt.gate.set()
+        await sup.shutdown()
+        for h in await rt.adopt():
+            await rt.stop(h, timeout_s=5)
+
+
+async def test_a_model_changed_during_its_start_gets_the_new_engine_and_counts_both(
+    tmp_path: Path,
+) -> None:
+    """The engine being launched when the reload comes has the old spec: once its start ends
+    it is drained and stopped and the new spec starts; until it is gone the model counts the
+    larger of the old and the new footprints."""
+    sup, rt = gated(tmp_path, {"a": model(4.75)})  # 5 GiB
+    await sup.start()
+    try:
+        first = asyncio.create_task(sup.acquire("a"))
+        await rt.entered.wait()
+        smaller = model(0.75, spec={"options": {"max_model_len": 2048, "enforce_eager": True}})
+        # 0.75 GiB of weights and 2048 tokens of 256 KiB: 1.25 GiB
+        assert reconfigure(tmp_path, sup, {"a": smaller}).changed == ("a",)
+        assert sup.snapshot()[0].budget_gib == 5.0, "the old engine's memory still counts"
+        rt.gate.set()
+        sup.release(await first)
+        got = None
+        for _ in range(100):  # requests go on; the engine serving them changes once
+            lease = await sup.acquire("a")
+            key = getattr(lease, "api_key", None)  # the engine's own key, when it has one
+            async with httpx.AsyncClient(
+                headers={"Authorization": f"Bearer {key}"} if key else {}
+            ) as c:
+                got = (await c.get(lease.base_url + "/v1/models")).json()["data"][0]
+            sup.release(lease)
+            if got["max_model_len"] == 2048:
+                break
+            await asyncio.sleep(0.1)
+        assert got is not None and got["max_model_len"] == 2048, "the new spec serves"
+        assert sup.snapshot()[0].budget_gib == 1.25, "the old engine is gone: the new footprint"
+        assert len(await rt.adopt()) == 1
+    finally:
+        rt.gate.set()
+        await sup.shutdown()
+
+
+async def test_preload_applies_to_a_model_a_reload_adds(tmp_path: Path) -> None:
+    sup, _, _ = build(tmp_path, {"a": model(1.0)})
+    await sup.start()
+    try:
+        assert reconfigure(tmp_path, sup, {"a": model(1.0), "p": model(1.0, preload=True),
+                                           "q": model(1.0)}).added == ("p", "q")
+        await settle(sup, lambda: {i.name: i.state for i in sup.snapshot()}["p"] == "ready")
+        assert {i.name: i.state for i in sup.snapshot()}["q"] == "stopped"
+    finally:
+        await sup.shutdown()

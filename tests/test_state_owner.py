@@ -3,6 +3,7 @@ real `vlmhub route` processes over the demo, real stand-in engines, real owner p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -16,7 +17,11 @@ import httpx
 import openai
 import pytest
 from route_support import wait_healthy
+from supervisor_support import build, model
 
+from vlmhub.control.supervisor import Supervisor
+from vlmhub.engines.base import EngineHandle
+from vlmhub.engines.launch import launch_request
 from vlmhub.engines.owner import StateDirBusy, lock_state_dir, this_owner
 from vlmhub.engines.ports import free_port
 from vlmhub.engines.process import ProcessRuntime
@@ -185,3 +190,62 @@ async def test_engines_record_the_vlmhub_process_that_started_them(
         assert pid == str(os.getpid()) and host
     finally:
         await rt.stop(handle, timeout_s=5)
+
+
+async def start_like_a_gone_router(sup: Supervisor, name: str) -> EngineHandle:
+    """Start ``name``'s engine as a router would and leave it to load, as if that router had
+    died right after: its owner stamp is this process, which adoption treats as its own."""
+    r = sup.replicas[name]
+    req = launch_request(r.model, sup.gpu, sup.runtime, sup.config.runtime, free_port(),
+                         sleep_mode=r.sleep_ok)
+    return await sup.runtime.start(req)
+
+
+async def test_a_router_restarted_during_a_load_adopts_the_loading_engine(
+    tmp_path: Path,
+) -> None:
+    """Issue 21 item 7: the engine is still loading when the new router starts. It is adopted
+    as ``starting`` (its memory counts from the first moment: b, which does not fit beside it,
+    waits), its phase is shown, and its first request is served by that engine, not a new one."""
+    sup, rec, _ = build(tmp_path, {"a": model(4.75), "b": model(4.75)}, delay=3.0)
+    handle = await start_like_a_gone_router(sup, "a")
+    await sup.start()
+    try:
+        info = {i.name: i for i in sup.snapshot()}
+        assert info["a"].state == "starting" and info["a"].port == handle.port
+        assert info["a"].phase
+        b_wants = asyncio.create_task(sup.acquire("b"))
+        lease = await sup.acquire("a")
+        assert lease.base_url == handle.base_url and rec.loads == []
+        assert not b_wants.done()  # a's engine holds the GPU: b waits, never beside it
+        assert json.loads(sup.runtime.state_path("a").read_text())["owner"] == this_owner()
+        sup.release(lease)
+        sup.release(await b_wants)  # then a is evicted and b starts, within the GPU's memory
+        assert rec.loads == [("b", True)]
+        assert [h.name for h in await sup.runtime.adopt()] == ["b"]
+    finally:
+        await sup.shutdown()
+
+
+async def test_an_adopted_engine_that_does_not_finish_loading_in_time_is_stopped(
+    tmp_path: Path,
+) -> None:
+    """Issue 21 item 7: an adopted engine still loading gets what is left of its
+    startup_timeout_s (counted from its own start); then it is failed and stopped, never left
+    running untracked (which a new start would then hit as "already running")."""
+    sup, _, _ = build(tmp_path, {"a": model(1.0, spec={"startup_timeout_s": 3})}, delay=120.0)
+    handle = await start_like_a_gone_router(sup, "a")
+    await sup.start()
+    try:
+        assert {i.name: i.state for i in sup.snapshot()} == {"a": "starting"}
+        for _ in range(600):  # failed, and its engine stopped (the replica forgets its port)
+            if sup.snapshot()[0].state != "starting" and sup.snapshot()[0].port is None:
+                break
+            await asyncio.sleep(0.05)
+        info = sup.snapshot()[0]
+        assert info.state == "failed" and info.port is None, info
+        assert "did not become ready within 3 s" in (info.last_error or "")
+        assert (await sup.runtime.status(handle)).state != "running"
+        assert await sup.runtime.adopt() == []
+    finally:
+        await sup.shutdown()

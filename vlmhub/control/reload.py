@@ -3,18 +3,24 @@ models.yaml. :func:`diff_models` compares (pure); :func:`apply_models` changes t
 to match (synchronous, no I/O), and the supervisor fails the removed models' waiters and runs
 the stops as operations (see :meth:`vlmhub.supervisor.Supervisor.reload`).
 
-- **added**: a new replica, stopped until its first request (or preload);
+- **added**: a new replica, stopped until its first request; with ``preload: true`` started
+  at once (the supervisor asks for it);
 - **removed**: drained (running requests finish, new ones get 404), stopped, then forgotten;
+  one whose engine is being started (or that a running operation is about to start) is kept
+  until that start ends, then stopped;
 - **changed** (anything that changes the launched engine: spec, flags, variant, budget, env,
   sleep, external URL): keeps serving from the old engine until it is idle, then stops; the
-  next request starts the new one;
+  next request (or ``preload``) starts the new one. An engine being started when the reload
+  comes was launched from the old config: it is treated the same way once its start ends.
+  Until the old engine is gone the replica counts the larger of the old and new footprints
+  (:attr:`Replica.footprint`);
 - **unchanged**: keeps serving without a blip; settings that do not touch the engine (ttl,
   aliases, priority, max_queue, pinned...) take effect at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from vlmhub.config.schema import ResolvedModel, sleep_ok
@@ -73,13 +79,20 @@ class Applied:
     ones that still have an engine or requests to drain."""
     removed: list[Replica]
     """Every removed replica (its queued requests must be failed)."""
+    preload: list[Replica]
+    """The added replicas with ``preload: true`` (the supervisor asks for them at once)."""
 
 
-def apply_models(replicas: Mapping[str, Replica], models: Sequence[ResolvedModel]) -> Applied:
+def apply_models(
+    replicas: Mapping[str, Replica], models: Sequence[ResolvedModel],
+    starting: Collection[str] = (),
+) -> Applied:
     """Mark and update the replicas for a new config. Runs on the event loop, synchronously:
-    a removed replica is marked ``retire="removed"`` (forgotten at once when it runs no engine
-    and serves nothing), a changed one with an engine ``retire="changed"``, an unchanged one
-    only takes the new settings; added models get new (stopped) replicas."""
+    a removed replica is marked ``retire="removed"`` (forgotten at once when it runs no engine,
+    starts none and serves nothing), a changed one whose engine runs or is starting
+    ``retire="changed"`` (with the old footprint in ``retiring_gib``), an unchanged one only
+    takes the new settings; added models get new (stopped) replicas. ``starting``: the models a
+    running operation is bringing in (planned, their engine maybe not launched yet)."""
     diff = diff_models({n: r.model for n, r in replicas.items()}, models)
     fresh = {m.name: m for m in models}
     removed = [replicas[n] for n in diff.removed]
@@ -87,13 +100,20 @@ def apply_models(replicas: Mapping[str, Replica], models: Sequence[ResolvedModel
         r.retire = "removed"
     for name in (*diff.changed, *diff.unchanged):
         r = replicas[name]
+        if r.retire == "removed":  # removed by an earlier reload, back before it was gone
+            r.retire = None
+        old_gib = r.footprint
         r.model = fresh[name]
         if name in diff.changed:
             r.sleep_ok = sleep_ok(fresh[name])
-            r.retire = "changed" if r.handle is not None else None
+            # "starting": its engine was (or is being) launched from the old config
+            if r.handle is not None or r.state == "starting":
+                r.retire, r.retiring_gib = "changed", old_gib
             if fresh[name].external:
                 r.state, r.retire = "ready", None
-    kept = [r.name for r in removed if r.handle is not None or r.in_flight]
+    kept = [r.name for r in removed
+            if r.handle is not None or r.in_flight or r.state == "starting" or r.name in starting]
     order = [m.name for m in models] + kept
     table = {n: replicas[n] if n in replicas else new_replica(fresh[n]) for n in order}
-    return Applied(diff, table, removed)
+    preload = [table[n] for n in diff.added if fresh[n].entry.preload]
+    return Applied(diff, table, removed, preload)

@@ -54,6 +54,9 @@ class Replica:
     waiting_reason: str | None = None
     retire: str | None = None
     """Set by a config reload: ``removed`` or ``changed``; its engine is drained and stopped."""
+    retiring_gib: float = 0.0
+    """With ``retire == "changed"``: the footprint of the engine started from the old config,
+    which holds its memory until it is stopped (:attr:`footprint` counts the larger)."""
     budget_note: str | None = None
     """What the last start taught the budgets file ("measured ...", "raised ...")."""
     healthy_at: float = 0.0
@@ -76,7 +79,11 @@ class Replica:
 
     @property
     def footprint(self) -> float:
-        return self.model.budget.footprint_gib if self.model.budget else 0.0
+        """The GPU memory (GiB) planned for this replica's engine. While a reload's change
+        waits for the old engine to go (``retire == "changed"``), the larger of the old and
+        the new footprint: the old engine holds its memory until it is stopped."""
+        gib = self.model.budget.footprint_gib if self.model.budget else 0.0
+        return max(gib, self.retiring_gib) if self.retire == "changed" else gib
 
     def view(self) -> ReplicaView:
         """What the scheduler and the swap policy know of this replica."""

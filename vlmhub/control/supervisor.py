@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from vlmhub.config.schema import Config, ResolvedModel
+from vlmhub.control.adoption import adopt_engines, finish_loading
 from vlmhub.control.contract import (
     AcquireError,
     Lease,
@@ -48,10 +49,7 @@ from vlmhub.control.engine_ops import EngineOps, StartHook, log_exception
 from vlmhub.control.liveness import Liveness, watched
 from vlmhub.control.reload import ModelDiff, apply_models
 from vlmhub.control.replica import Queued, Replica, new_replica
-from vlmhub.engines.adopt import reconcile_engines
-from vlmhub.engines.base import EngineHandle, Runtime, probe
-from vlmhub.engines.launch import engine_hash
-from vlmhub.errors import VlmhubError
+from vlmhub.engines.base import EngineHandle, Runtime
 from vlmhub.logs import ROUTER
 from vlmhub.scheduling import policy, scheduler, step
 from vlmhub.sizing.budgets import BudgetStore
@@ -386,7 +384,10 @@ class Supervisor:
         """Apply a new config (vlmhub.control.reload). Synchronous: added models appear and removed
         ones disappear from routing at once; the stops they need (removed, or changed and
         running) drain and run as operations. Unchanged models keep serving untouched."""
-        applied = apply_models(self.replicas, models)
+        starting = {t for n, t in self._targets.items() if self._busy(n)}
+        applied = apply_models(self.replicas, models, starting)
+        for r in applied.preload:
+            self._want(r)
         for r in applied.removed:
             self._fail_waiters(r, UnknownModel(f"model {r.name!r} was removed from the config"))
         self.replicas = applied.replicas
@@ -406,6 +407,8 @@ class Supervisor:
             self.replicas.pop(r.name, None)
         elif r.retire == "changed":
             r.retire = None
+            if r.model.entry.preload:
+                self._want(r)
             if r.state == "failed":
                 r.state, r.failures = "stopped", []
 
@@ -417,24 +420,13 @@ class Supervisor:
 
     # -- helpers --------------------------------------------------------------------------------
     async def _adopt(self) -> None:
-        """Take over engines a previous vlmhub left running with the same spec; engines of
-        changed specs are replaced, those of models not configured here are left alone."""
-        wanted = {
-            r.name: engine_hash(r.model, r.sleep_ok)
-            for r in self.replicas.values()
-            if r.model.spec is not None
-        }
-        try:
-            found = await reconcile_engines(self.runtime, wanted)
-        except VlmhubError:
-            return
-        self.foreign = found.unknown
-        for h in found.kept:
-            r = self.replicas[h.name]
-            if await probe(h, self.http):
-                r.handle, r.state, r.phase = h, "ready", "ready (adopted)"
-                r.node = h.node if h.node in self.nodes else r.node
-                r.last_used = r.healthy_at = time.monotonic()
+        """Take over engines a previous vlmhub left running (control.adoption); one still
+        loading is waited for as its node's operation (ready, or failed and stopped)."""
+        found = await adopt_engines(self.replicas, self.runtime, self.http, self.nodes)
+        self.foreign = found.foreign
+        for node, loading in found.loading.items():
+            self._launch(node, self._run(finish_loading(self.ops, loading)))
+            self._targets[node] = loading[0].name
 
     def _lease(self, r: Replica, priority: str = "interactive") -> Lease:
         r.in_flight += 1
