@@ -99,7 +99,7 @@ class RouterProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1, trust_env=False).status_code == 200:
                     return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"router exited ({self.proc.returncode}):\n{self.output()}")
