@@ -37,6 +37,7 @@ from vlmhub.logs import ROUTER, set_level
 from vlmhub.logs import configure as configure_logs
 from vlmhub.paths import default_state_dir
 from vlmhub.router.app import apply_settings, create_app
+from vlmhub.router.batches import attach_batches
 from vlmhub.router.history import History, Tee, attach_history
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.server import RouterServer
@@ -207,6 +208,7 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
                                 budgets=budgets)
         app = create_app(supervisor, config, metrics=metrics)
         attach_history(app, supervisor, history)
+        attach_batches(app, state)  # /v1/files, /v1/batches: <state>/batches
         reloader = Reloader(ctx, supervisor, budgets, app, state,
                             log_level_fixed=log_level_fixed)
         app.state.reloader = reloader
