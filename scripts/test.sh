@@ -24,6 +24,9 @@ if [ "$TIERS" = "all" ]; then
   if DOCKER_HOST_VALUE=$(bash scripts/start-dockerd.sh); then
     export DOCKER_HOST="$DOCKER_HOST_VALUE"
     bash scripts/build-stub-image.sh >&2 || setup_failed "the stand-in image did not build"
+    # the router image (tests/test_router_container.py), on the stand-in's local Debian base
+    VLMHUB_ROUTER_BASE="${VLMHUB_ROUTER_BASE:-vlmhub/debian-python:bookworm}" \
+      bash scripts/build-router-image.sh >&2 || setup_failed "the router image did not build"
   else
     setup_failed "no Docker engine could be started"
   fi
