@@ -22,6 +22,7 @@ from vlmhub.config.locate import ConfigError
 from vlmhub.config.schema import ResolvedModel, find_config
 from vlmhub.sizing.budgets import plan_budget
 from vlmhub.sizing.flags import redact, render_argv
+from vlmhub.sizing.sleepplan import AwakeSet
 from vlmhub.sizing.together import GroupPlan
 from vlmhub.sizing.vram import Budget, Gpu, budget_for, fitting_sets
 from vlmhub.spec import ModelSpec
@@ -72,8 +73,20 @@ def models(config: Path | None = ConfigOption,
             print_json(rows)
         else:
             console.print(table)
+            _param_rules(ctx)
         if reg.errors():
             raise typer.Exit(1)
+
+
+def _param_rules(ctx: Context) -> None:
+    """A line per configured model with request parameter rules (models.yaml ``params``)."""
+    try:
+        entries = ctx.loaded.config.models
+    except ConfigError:  # a broken models.yaml must not hide the plugin list
+        return
+    for name, entry in entries.items():
+        if entry.params:
+            console.print(Text(f"params of {name} (models.yaml): {entry.params.summary()}"))
 
 
 def _plugin_budget(ctx: Context, spec: ModelSpec) -> Budget:
@@ -141,6 +154,7 @@ def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption,
             )
         console.print(table)
         _groups(resolved)
+        _switches(resolved)
         _gpu_bar(gpu, budgets)
 
 
@@ -160,6 +174,7 @@ def _plan_json(ctx: Context, gpu: Gpu, resolved: list[ResolvedModel]) -> dict[st
             "budget_source": b.label, "weights_gib": round(b.weights_gib, 3),
             "kv_cache_gib": round(b.kv_cache_gib, 3), "kv_tokens": b.kv_tokens,
             "pinned": m.entry.pinned, "preload": m.entry.preload, "sleep": m.entry.sleep,
+            "params": m.entry.params.model_dump() if m.entry.params else None,
             "group": m.group.summary() if m.group is not None else None,
             "argv": ["vllm", "serve", *redact(argv)],
         })
@@ -169,7 +184,39 @@ def _plan_json(ctx: Context, gpu: Gpu, resolved: list[ResolvedModel]) -> dict[st
                     "reserve_gib": round(gpu.reserve_gib, 3),
                     "usable_gib": round(gpu.usable_gib, 3), "source": gpu.source},
             "models": models,
-            "fits_together": [sorted(s) for s in fitting_sets(budgets, gpu)]}
+            "fits_together": [sorted(s) for s in fitting_sets(budgets, gpu)],
+            "switches": [
+                {"set": list(s.names), "awake_gib": round(s.plan.total_gib, 3),
+                 "room_gib": round(s.room_gib, 3), "beside": s.beside, "others": list(s.others),
+                 "switch": "wake" if s.all_wake else "wake, stopping sleepers",
+                 "lowered": {m.name: m.lowered for m in s.plan.members}}
+                for s in _awake_sets(resolved)]}
+
+
+def _awake_sets(resolved: list[ResolvedModel]) -> list[AwakeSet]:
+    out: list[AwakeSet] = []
+    for m in resolved:
+        if m.awake is not None and all(m.awake is not s for s in out):
+            out.append(m.awake)
+    return out
+
+
+def _switches(resolved: list[ResolvedModel]) -> None:
+    """The sleep-aware switch plan: each awake set, what a switch to it does, its caps."""
+    sets = _awake_sets(resolved)
+    if not sets:
+        return
+    console.print("\n[bold]Switch plan[/] (sleep mode: each set wakes beside the others' "
+                  "residue; caps chosen against the defaults):")
+    table = Table(show_header=True)
+    for col in ("AWAKE SET", "GiB (ROOM)", "A SWITCH TO IT", "CAPS LOWERED"):
+        table.add_column(col, overflow="fold")
+    for s in sets:
+        caps = "; ".join(f"{m.name}: {', '.join(m.lowered)}" for m in s.plan.members
+                         if m.lowered) or "none"
+        table.add_row(" + ".join(s.names), f"{s.plan.total_gib:.2f} ({s.room_gib:.2f})",
+                      s.switch(), caps)
+    console.print(table)
 
 
 def _groups(resolved: list[ResolvedModel]) -> None:

@@ -4,6 +4,7 @@ control-loop step, on one GPU or several (``--gpus``), in simulated time
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -45,6 +46,8 @@ ROWS: tuple[tuple[str, Callable[[SimResult], str]], ...] = (
     ("cold loads", lambda r: str(r.loads)),
     ("wakes", lambda r: str(r.wakes)),
     ("evictions (slept)", lambda r: f"{r.evictions} ({r.sleeps})"),
+    ("sleeps at level 2", lambda r: str(r.sleeps2)),
+    ("host RAM peak", lambda r: f"{r.host_peak_gib:.2f} GiB"),
     ("GPU time loading", lambda r: f"{100 * r.loading_fraction:.1f}%"),
     ("throughput, req/s", lambda r: f"{r.throughput:.2f}"),
     ("makespan", lambda r: f"{r.makespan_s:.1f} s"),
@@ -76,8 +79,14 @@ def simulate_cmd(
     start_s: Annotated[float | None, typer.Option(
         "--start-s", min=0, help="Every cold start takes this long (default: each spec's "
         "reload_cost_s)")] = None,
-    wake_s: Annotated[float, typer.Option("--wake-s", min=0, help="A wake from sleep.")] = 2.0,
-    sleep_s: Annotated[float, typer.Option("--sleep-s", min=0, help="A level-1 sleep.")] = 1.0,
+    wake_s: Annotated[float, typer.Option(
+        "--wake-s", min=0, help="A wake from a level-1 sleep.")] = 2.0,
+    wake2_s: Annotated[float, typer.Option(
+        "--wake2-s", min=0, help="A wake from a level-2 sleep (weights loaded again).")] = 6.0,
+    sleep_s: Annotated[float, typer.Option("--sleep-s", min=0, help="A sleep.")] = 1.0,
+    host_gib: Annotated[float | None, typer.Option(
+        "--host-gib", min=0, help="Host RAM that level-1 sleepers may fill (their weights); "
+        "default: no limit.")] = None,
     stop_s: Annotated[float, typer.Option("--stop-s", min=0, help="An engine stop.")] = 2.0,
     rtt_s: Annotated[float, typer.Option(
         "--rtt-s", min=0, help="A closed-loop client's round trip between an answer and its "
@@ -101,7 +110,9 @@ def simulate_cmd(
         models = ctx.models()
         check_models(parsed, [m.name for m in models])
         sim = from_config(models, ctx.loaded.config, ctx.gpu.usable_gib, start_s=start_s,
-                          wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s, rtt_s=rtt_s, gpus=gpus)
+                          wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s, rtt_s=rtt_s, gpus=gpus,
+                          wake2_s=wake2_s,
+                          host_gib=math.inf if host_gib is None else host_gib)
         results = [simulate(sim, parsed, p)
                    for p in wanted or [ctx.loaded.config.router.policy]]
     if as_json:

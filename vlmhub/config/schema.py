@@ -26,10 +26,13 @@ from pydantic import (
     model_validator,
 )
 
+from vlmhub.config.apikeys import ApiKey, check_names, secrets_of
 from vlmhub.config.locate import ConfigError, FieldProblem, Loc, Locator, explain, load_yaml
+from vlmhub.config.params import ParamRules
 from vlmhub.config.vision import context_problem
 from vlmhub.sizing.budgets import BudgetStore, learned
 from vlmhub.sizing.flags import engine_version, flag_like_values
+from vlmhub.sizing.sleepplan import AwakeSet, plan_sleep
 from vlmhub.sizing.together import GroupPlan, MeasureFn, fit_together
 from vlmhub.sizing.vram import Budget, DoesNotFit, Gpu, Measured, budget_for, check_fits_alone
 from vlmhub.spec import ModelSpec, Strict, version_tuple
@@ -52,12 +55,6 @@ def _port_range_problem() -> FieldProblem:
         "must be [low, high] with 1 <= low <= high <= 65535",
         "write two ports, the lower first, e.g. [8100, 8199]",
     )
-
-
-def _key(value: str) -> str:
-    if not value.strip():
-        raise FieldProblem("an empty key", "remove the entry, or write the key")
-    return value
 
 
 class GpuConfig(Section):
@@ -86,7 +83,9 @@ class BatchConfig(Section):
 class RouterConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
-    api_keys: list[Annotated[str, AfterValidator(_key)]] = Field(default_factory=list)
+    api_keys: Annotated[list[ApiKey], AfterValidator(check_names)] = Field(default_factory=list)
+    """Client keys for /v1: plain strings, or named keys with models, rpm, tpm, expires
+    (vlmhub.config.apikeys)."""
     admin_key: str | None = None
     max_queue: int = Field(default=32, ge=0)
     queue_timeout_s: float = Field(default=600.0, gt=0)
@@ -110,6 +109,10 @@ class RouterConfig(Section):
     loading_comments_s: float = Field(default=5.0, ge=0)
     """A streamed request that must wait for its model gets an SSE comment line at once and then
     every this many seconds (``: vlmhub loading MODEL: PHASE (N s)``); 0 turns them off."""
+    loading_progress: Literal["comments", "reasoning", "off"] = "comments"
+    """How that wait shows: SSE comments, ``delta.reasoning_content`` chunks a chat window shows
+    as a "thinking" block (chat completions), or nothing; ``X-Vlmhub-Loading-Progress`` per
+    request (vlmhub.router.loading)."""
     trust_loopback: bool = True
     """Without ``admin_key``, clients on this machine (loopback) may use the admin API (/api/*).
     A request carrying ``Forwarded``, ``X-Forwarded-For`` or ``X-Real-IP`` is never trusted as
@@ -213,6 +216,8 @@ class ModelEntry(Section):
     fit_with: list[str] = Field(
         default_factory=list, description="Models that must be resident with this one."
     )
+    params: ParamRules | None = None
+    """Request parameter rules: drop, set, defaults (vlmhub.config.params)."""
 
     @field_validator("url")
     @classmethod
@@ -273,6 +278,9 @@ class ResolvedModel:
     """Why this model is refused although its plugin's estimate fits: what starts of it
     learned (the budgets file) no longer fits the GPU. Its ``budget`` is that learned one, so
     the scheduler refuses it; the others serve. Says how to reset it."""
+    awake: AwakeSet | None = None
+    """Where models sleep: its awake set, planned to wake beside the others' residue
+    (:mod:`vlmhub.sizing.sleepplan`)."""
 
     @property
     def external(self) -> bool:
@@ -432,7 +440,10 @@ def resolve(
         out.append(ResolvedModel(name, entry, spec, budget, source, refusal=refusal))
     problems += _check_names(out, loc)
     if check_fit and not problems:
+        raw = out
         out, problems = _fit_groups(out, config, groups, gpu, measure, loc)
+        if not problems:
+            out = _sleep_caps(raw, out, groups, gpu, measure)
     if problems:
         raise ConfigError(problems)
     return [m for m in out if only is None or m.name in only]
@@ -512,6 +523,37 @@ def _fit_groups(
     return [by_name[m.name] for m in models], problems
 
 
+def _sleep_caps(
+    raw: list[ResolvedModel], models: list[ResolvedModel], groups: list[frozenset[str]],
+    gpu: Gpu, measure: MeasureFn,
+) -> list[ResolvedModel]:
+    """Where models sleep, plan each awake set (a group, else a model alone) from its
+    settings (``raw``) to wake beside the other sleepers' residue
+    (:func:`vlmhub.sizing.sleepplan.plan_sleep`); ``models`` (as planned without sleep) get
+    its caps and their set. A model with ``budget_gib`` or a refusal keeps its own plan."""
+    sleepers = frozenset(m.name for m in raw if sleep_ok(m))
+    planned = [m for m in raw if m.spec is not None and not m.entry.budget_gib
+               and m.refusal is None]
+    if not sleepers or len(planned) < 2:
+        return models
+    names = {m.name for m in planned}
+    sets = [g for g in groups if g <= names] + [
+        frozenset({m.name}) for m in planned if not any(m.name in g for g in groups)]
+    specs = {m.name: m.spec for m in planned if m.spec is not None}
+    by_name = {m.name: m for m in models}
+    sp = plan_sleep([[specs[n] for n in sorted(g)] for g in sets], sleepers & names, gpu,
+                    measure)
+    for s in sp.sets:
+        if not s.plan.fits:
+            continue
+        for member in s.plan.members:
+            m = by_name[member.name]
+            by_name[m.name] = dataclasses.replace(
+                m, spec=member.spec, budget=member.budget, awake=s,
+                group=s.plan if m.group is not None else None)
+    return [by_name[m.name] for m in models]
+
+
 def _group_loc(config: Config, group: frozenset[str]) -> Loc:
     for i, listed in enumerate(config.together):
         if set(listed) <= group:
@@ -540,7 +582,7 @@ def _check_names(models: list[ResolvedModel], loc: Locator) -> list[str]:
 def api_keys(config: Config) -> list[str]:
     """Keys from the file plus ``VLMHUB_API_KEYS`` (comma-separated). Never logged."""
     extra = [k.strip() for k in os.environ.get("VLMHUB_API_KEYS", "").split(",") if k.strip()]
-    return [*config.router.api_keys, *extra]
+    return [*secrets_of(config.router.api_keys), *extra]
 
 
 def sleep_ok(m: ResolvedModel) -> bool:

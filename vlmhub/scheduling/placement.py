@@ -21,6 +21,7 @@ operation to run there: the one-start-at-a-time rule, pins, busy victims, the sw
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -70,6 +71,7 @@ def choose_node(
     where: Mapping[str, str],
     now: float,
     busy: frozenset[str] = frozenset(),
+    host_gib: float = math.inf,
 ) -> tuple[str | None, Plan]:
     """The node for ``target`` (see the module docs) and the plan there; ``(None, refuse)``
     when no live node can hold it, ``(None, wait)`` while it is still placed on a node that
@@ -78,13 +80,14 @@ def choose_node(
     if home is not None and (target.state in PLACED or target.draining):
         if home not in nodes:  # the node watch fails it at once; then it starts elsewhere
             return None, Plan("wait", target.name, reason=f"its node {home} is gone")
-        return home, plan(target.name, [*on_node(views, where, home), target], nodes[home], now)
+        return home, plan(target.name, [*on_node(views, where, home), target], nodes[home], now,
+                          host_gib)
     by_name = {v.name: v for v in views}
     best: tuple[tuple[float, ...], str, Plan] | None = None
     refusals: list[str] = []
     for node, usable in nodes.items():
         resident = [v for v in on_node(views, where, node) if v.name != target.name]
-        p = plan(target.name, [*resident, target], usable, now)
+        p = plan(target.name, [*resident, target], usable, now, host_gib)
         if p.action == "refuse":
             refusals.append(f"{node or 'GPU'}: {p.reason}")
             continue
@@ -112,18 +115,20 @@ def decide(
     now: float,
     params: Params | None = None,
     busy: frozenset[str] = frozenset(),
+    host_gib: float = math.inf,
 ) -> NodeDecision:
     """The operations to run now, at most one per free node. Pure.
 
     ``nodes``: live node -> usable GiB; ``where``: replica -> the node it is placed on (only
     meaningful while it holds memory); ``busy``: nodes whose engine slot is taken (their
-    demand waits). With one node named ``""`` this is :func:`vlmhub.policy.decide`.
+    demand waits); ``host_gib``: the host RAM level-1 sleepers may fill on each node. With one
+    node named ``""`` this is :func:`vlmhub.policy.decide`.
     """
     by_name = {v.name: v for v in views}
     if list(nodes) == [""]:  # one GPU: exactly the single-GPU policy
         if "" in busy:
             return NodeDecision(busy_nodes=frozenset({""}))
-        d = decide_one(views, demand, nodes[""], now, params)
+        d = decide_one(views, demand, nodes[""], now, params, host_gib)
         return NodeDecision(
             (("", d.plan),) if d.plan is not None else (),
             d.refuse, d.deferred,
@@ -138,7 +143,7 @@ def decide(
         t = by_name[dm.name]
         if t.state == "ready":
             continue
-        node, p = choose_node(t, nodes, list(seen.values()), placed, now, busy)
+        node, p = choose_node(t, nodes, list(seen.values()), placed, now, busy, host_gib)
         if node is None:
             if p.action == "refuse":
                 refuse.append((dm.name, p.reason))
@@ -158,7 +163,7 @@ def decide(
         local = on_node(views, placed, node)
         here = {v.name for v in local}
         local += [by_name[dm.name] for dm in node_demand if dm.name not in here]
-        nd = decide_one(local, node_demand, nodes[node], now, params)
+        nd = decide_one(local, node_demand, nodes[node], now, params, host_gib)
         decisions.append((node, nd))
         refuse.extend(nd.refuse)
         deferred.extend(nd.deferred)

@@ -11,13 +11,15 @@ Policies (``--policy`` in ``vlmhub simulate``; ``router.policy`` in models.yaml)
   1. A start that needs no eviction happens at once (it costs nobody anything).
   2. A swap (a start that evicts a model) happens when it is worth its price:
      the waiting work ``value = sum(weight(priority) x age)`` over the target's waiters reaches
-     ``value_factor x cost``, where ``cost`` is the target's reload cost plus the reload cost of
-     every victim that still has work (in flight or queued). Victims with no work cost nothing,
-     but such a swap waits while another resident model of the target's class is serving, so
-     one load takes many waiters along (rule 5 bounds the wait). A ready model used less than
-     ``busy_grace_s`` ago counts as serving (and as having work): a closed-loop client's next
-     request is one round trip behind its answer. ``Decision.recheck_at`` says when that
-     grace ends, so the loop decides again then rather than at its next tick.
+     ``value_factor x cost``, where ``cost`` is what bringing the target in costs (a wake at
+     its sleep level, else its reload) plus, for every victim that still has work (in flight
+     or queued), what bringing it back costs (a wake where it is put to sleep, else a reload).
+     Victims with no work cost nothing, but such a swap waits while another resident model of
+     the target's class is serving, so one load takes many waiters along (rule 5 bounds the
+     wait). A ready model used less than ``busy_grace_s`` ago counts as serving (and as having
+     work): a closed-loop client's next request is one round trip behind its answer.
+     ``Decision.recheck_at`` says when that grace ends, so the loop decides again then rather
+     than at its next tick.
   3. A model that was loaded at cost C and still has work keeps its place for
      ``hold_factor x C`` seconds after it became ready, whatever its priority.
   4. Interactive before batch: among candidates, interactive ones are served first, and a
@@ -112,7 +114,9 @@ def max_wait(
 
     Default: a multiple of what the swap can cost (the target's reload plus the costliest
     other model's), ``interactive_wait_factor`` or ``batch_wait_factor``, within
-    ``[min_wait_s, max_wait_cap_s]``; a per-model setting wins.
+    ``[min_wait_s, max_wait_cap_s]``; a per-model setting wins. (Cold costs, also for a
+    sleeping target: bounds derived from wake costs forced swaps that threw away fresh cold
+    loads on mixed3, docs/benchmarks.md.)
     """
     own = p.max_wait_s.get(target.name, {}).get(priority)
     if own is not None:
@@ -128,8 +132,10 @@ def decide(
     usable_gib: float,
     now: float,
     params: Params | None = None,
+    host_gib: float = math.inf,
 ) -> Decision:
-    """The one operation to run now (or none), given every replica and what waits. Pure."""
+    """The one operation to run now (or none), given every replica and what waits
+    (``host_gib``: the host RAM level-1 sleepers may fill). Pure."""
     p = params or Params()
     views = _views_for(p, replicas)
     by_name = {r.name: r for r in views}
@@ -141,7 +147,7 @@ def decide(
         t = by_name[d.name]
         if t.state == "ready" or (not d.waiters and not d.wanted):
             continue
-        pl = _plan(p, d.name, views, usable_gib, now)
+        pl = _plan(p, d.name, views, usable_gib, now, host_gib)
         if pl.action == "wait":
             return Decision(None, tuple(refuse), tuple(deferred), _first(recheck))
         if pl.action == "refuse":
@@ -170,7 +176,7 @@ def decide(
 def _dues(p: Params, d: Demand, t: ReplicaView, views: Sequence[ReplicaView]) -> list[float]:
     """When each waiter's swap is forced: early enough (``lead_factor`` x the target's reload
     cost before its ``max_wait_s``) for the load to end by the bound."""
-    lead = p.lead_factor * t.reload_cost_s
+    lead = p.lead_factor * t.bring_cost_s
     return [w.arrived + max_wait(t, views, w.priority, p) - lead for w in d.waiters]
 
 
@@ -201,9 +207,10 @@ def _views_for(p: Params, replicas: Sequence[ReplicaView]) -> list[ReplicaView]:
 
 
 def _plan(
-    p: Params, target: str, views: list[ReplicaView], usable_gib: float, now: float
+    p: Params, target: str, views: list[ReplicaView], usable_gib: float, now: float,
+    host_gib: float,
 ) -> Plan:
-    pl = plan(target, views, usable_gib, now)
+    pl = plan(target, views, usable_gib, now, host_gib)
     if p.name != "exclusive" or pl.action not in ("start", "wake"):
         return pl
     named = {e.name for e in pl.evict}
@@ -232,7 +239,7 @@ def _rank(
     klass = 0.0 if interactive else 1.0
     if d.wanted:
         return (0.0, oldest), "", None
-    lead = p.lead_factor * t.reload_cost_s
+    lead = p.lead_factor * t.bring_cost_s
     overdue = [now - due - lead for due in _dues(p, d, t, views) if now >= due]
     if overdue:  # the latest against its bound first
         return (1.0, -max(overdue)), "", None
@@ -252,7 +259,7 @@ def _rank(
                 "along (until the oldest reaches max_wait_s)"
             ), _grace_ends(serving, p)
     queued = {x.name: x.waiters for x in demand}
-    cost = t.reload_cost_s
+    cost = own = t.bring_cost_s
     for ev in pl.evict:
         v = by_name[ev.name]
         v_waiters = queued.get(v.name, ())
@@ -260,6 +267,7 @@ def _rank(
         v_interactive = v.priority == "interactive" or any(
             w.priority == "interactive" for w in v_waiters
         )
+        back = v.return_cost_s(ev.mode, ev.level)  # a wake where it sleeps, else a start
         hold = p.hold_factor * v.reload_cost_s
         until = None if v_waiters else _grace_ends([v], p)
         if not interactive and v_interactive and has_work:
@@ -269,12 +277,12 @@ def _rank(
                 f"{v.name} was loaded {now - v.loaded_at:.0f} s ago and still has work"
             ), until
         if has_work:
-            cost += v.reload_cost_s
+            cost += back
     value = sum(
         (p.interactive_weight if w.priority == "interactive" else 1.0) * (now - w.arrived)
         for w in d.waiters
     )
-    if cost > t.reload_cost_s and value + 1e-9 < p.value_factor * cost:
+    if cost > own and value + 1e-9 < p.value_factor * cost:
         return None, (
             f"waiting work ({value:.1f} request-s) is worth less than {p.value_factor:g} x the "
             f"swap's cost ({cost:.1f} s)"

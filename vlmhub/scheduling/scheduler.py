@@ -17,13 +17,22 @@ eviction beats two small ones.
 Pinned and external replicas are never victims, nor a member of the target's ``together``
 group (the group was sized to fit together); a sleep-capable victim is put to sleep
 (keeping ``sleep_gib``) unless that does not free enough, in which case it is stopped.
+
+Host RAM is a second budget (``host_gib``): a level-1 sleep moves the victim's weights
+(``host_gib`` of its view) into host RAM, a level-2 sleep keeps nothing there and wakes by
+reloading them (``wake2_s``). A victim sleeps at level 1 where the host has room for its
+weights beside the other level-1 sleepers, else at level 2 where that wake is cheaper than a
+cold start, else it is stopped: the plan never puts more on the host than ``host_gib``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+SleepLevel = Literal[1, 2]
 
 State = Literal["stopped", "starting", "ready", "sleeping", "stopping", "failed"]
 """A replica's state (the control plane's state machine; the scheduler's input)."""
@@ -55,6 +64,32 @@ class ReplicaView:
     group: str | None = None
     """Its ``together`` group: planned to fit with the others, never evicted to make room for
     one of them (docs/vram.md)."""
+    wake_s: float = 2.0
+    """What a wake from a level-1 sleep costs (measured where known)."""
+    wake2_s: float = 6.0
+    """What a wake from a level-2 sleep costs: the weights are loaded again."""
+    host_gib: float = 0.0
+    """The host RAM a level-1 sleep of it takes (its weights)."""
+    level: SleepLevel = 1
+    """The level of its sleep, while it sleeps."""
+
+    @property
+    def host_held_gib(self) -> float:
+        """Host RAM this replica holds now: its weights while it sleeps at level 1."""
+        return self.host_gib if self.state == "sleeping" and self.level == 1 else 0.0
+
+    @property
+    def bring_cost_s(self) -> float:
+        """What making it serve costs from where it is: a wake at its level, else a start."""
+        if self.state == "sleeping":
+            return self.wake_s if self.level == 1 else self.wake2_s
+        return self.reload_cost_s
+
+    def return_cost_s(self, mode: EvictMode, level: SleepLevel = 1) -> float:
+        """What bringing it back costs after an eviction by ``mode`` (at ``level``)."""
+        if mode == "sleep":
+            return self.wake_s if level == 1 else self.wake2_s
+        return self.reload_cost_s
 
     @property
     def held_gib(self) -> float:
@@ -73,6 +108,8 @@ class Evict:
     name: str
     mode: EvictMode
     busy: bool = False
+    level: SleepLevel = 1
+    """The sleep level (``mode == "sleep"``): 1 keeps the weights in host RAM, 2 does not."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +122,21 @@ class Plan:
 
 def free_gib(replicas: Sequence[ReplicaView], usable_gib: float) -> float:
     return usable_gib - sum(r.held_gib for r in replicas)
+
+
+def host_free_gib(replicas: Sequence[ReplicaView], host_gib: float) -> float:
+    """Host RAM left for level-1 sleepers (``host_gib``: what vlmhub may use there)."""
+    return host_gib - sum(r.host_held_gib for r in replicas)
+
+
+def sleep_mode(r: ReplicaView, host_free: float) -> tuple[EvictMode, SleepLevel]:
+    """How to evict ``r`` (which can sleep) with ``host_free`` GiB of host RAM left: level 1
+    where its weights fit there, else level 2 where that wake beats a cold start, else stop."""
+    if r.host_gib <= host_free + EPS:
+        return "sleep", 1
+    if r.wake2_s < r.reload_cost_s:
+        return "sleep", 2
+    return "stop", 1
 
 
 def _order(candidates: list[ReplicaView], now: float) -> list[ReplicaView]:
@@ -101,8 +153,15 @@ def _freed(r: ReplicaView, ev: Evict) -> float:
     return r.held_gib
 
 
-def plan(target: str, replicas: Sequence[ReplicaView], usable_gib: float, now: float) -> Plan:
-    """What must happen for ``target`` to serve. Pure and deterministic."""
+def plan(
+    target: str,
+    replicas: Sequence[ReplicaView],
+    usable_gib: float,
+    now: float,
+    host_gib: float = math.inf,
+) -> Plan:
+    """What must happen for ``target`` to serve (``host_gib``: the host RAM vlmhub may fill
+    with level-1 sleepers). Pure and deterministic."""
     by_name = {r.name: r for r in replicas}
     t = by_name[target]
     if t.external:
@@ -146,14 +205,16 @@ def plan(target: str, replicas: Sequence[ReplicaView], usable_gib: float, now: f
         now,
     )
     chosen: dict[str, Evict] = {}
+    host = host_free_gib(replicas, host_gib)  # a sleeping target frees its share only once awake
     for r in candidates:  # pass 1: running replicas, sleeping them where they can
         if free + EPS >= need:
             break
         if r.state != "ready":
             continue
-        mode: EvictMode = "sleep" if r.can_sleep else "stop"
-        chosen[r.name] = Evict(r.name, mode, busy=r.in_flight > 0)
+        mode, level = sleep_mode(r, host) if r.can_sleep else ("stop", 1)
+        chosen[r.name] = Evict(r.name, mode, busy=r.in_flight > 0, level=level)
         free += r.footprint_gib - (r.sleep_gib if mode == "sleep" else 0.0)
+        host -= r.host_gib if mode == "sleep" and level == 1 else 0.0
     for r in candidates:  # pass 2: sleeping residue, stopped outright
         if free + EPS >= need:
             break

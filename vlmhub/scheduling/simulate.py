@@ -20,7 +20,10 @@ trip during which, live, the model has nothing in flight. A model's first ``fail
 (after ``start_s``): its waiters are not served (counted as ``refused``). What is not modelled:
 health checks (an engine failing after it was ready), start-up jitter, and the router's own
 latency. Costs: a cold start takes the model's ``start_s`` (by default the spec's
-``reload_cost_s``), a wake ``wake_s``, a level-1 sleep ``sleep_s``, a stop ``stop_s``.
+``reload_cost_s``), a wake ``wake_s`` (level 1) or ``wake2_s`` (level 2), a sleep ``sleep_s``,
+a stop ``stop_s``. Host RAM: a level-1 sleeper holds its weights (``SimModel.host_gib``) in
+the host's ``host_gib``, and the step picks each sleep's level by that room, as live; the
+result reports the peak (``host_peak_gib``).
 
 Pure and single-threaded: :func:`simulate` runs to completion and returns a :class:`SimResult`.
 """
@@ -73,6 +76,8 @@ class SimModel:
     preload: bool = False
     fails: int = 0
     """Its first ``fails`` starts fail (a crash during start-up, after ``start_s``)."""
+    host_gib: float = 0.0
+    """The host RAM a level-1 sleep of it takes (its weights)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,10 @@ class SimConfig:
     sleep_s: float = 1.0
     stop_s: float = 2.0
     tick_s: float = 0.5
+    wake2_s: float = 6.0
+    """A wake from a level-2 sleep (the weights are loaded again, from the page cache)."""
+    host_gib: float = math.inf
+    """The host RAM level-1 sleepers may fill (``host.total_gib`` less ``host.reserve_gib``)."""
     rtt_s: float = 0.02
     """A closed-loop client's round trip: from an answer's release (the router's last byte) to
     its next request reaching the router. Live, the resident models are idle for this long
@@ -145,6 +154,10 @@ class SimResult:
     """The largest wait / max_wait_s of any request served or timed out (above 1: a bound was
     overrun)."""
     gpus: int = 1
+    sleeps2: int = 0
+    """Of ``sleeps``, those at level 2 (nothing kept in host RAM)."""
+    host_peak_gib: float = 0.0
+    """The most host RAM level-1 sleepers held at once."""
 
     @property
     def loading_fraction(self) -> float:
@@ -166,7 +179,8 @@ class SimResult:
             "policy": self.policy, "trace": self.trace, "gpus": self.gpus,
             "requests": self.requests,
             "served": self.served, "loads": self.loads, "wakes": self.wakes,
-            "evictions": self.evictions, "sleeps": self.sleeps, "expired": self.expired,
+            "evictions": self.evictions, "sleeps": self.sleeps, "sleeps_level2": self.sleeps2,
+            "host_peak_gib": round(self.host_peak_gib, 3), "expired": self.expired,
             "loading_s": round(self.loading_s, 3), "makespan_s": round(self.makespan_s, 3),
             "loading_fraction": round(self.loading_fraction, 4),
             "throughput_rps": round(self.throughput, 4), "refused": dict(self.refused),
@@ -207,6 +221,9 @@ class _Rep:
     node: str = ""
     failures: list[float] = field(default_factory=list)
     starts: int = 0
+    wake: tuple[float, float] = (2.0, 6.0)
+    """Its wake costs: from a level-1 and a level-2 sleep."""
+    level: scheduler.SleepLevel = 1
 
     def entry(self) -> step.Entry:
         """What the control-loop step knows of this replica (as the supervisor's ``_entry``)."""
@@ -223,7 +240,8 @@ class _Rep:
             last_used=self.last_used,
             reload_cost_s=self.last_load_s or (m.reload_cost_s or m.start_s),
             can_sleep=m.can_sleep, external=m.external, draining=self.draining,
-            loaded_at=self.loaded_at, priority=self.priority,
+            loaded_at=self.loaded_at, priority=self.priority, wake_s=self.wake[0],
+            wake2_s=self.wake[1], host_gib=m.host_gib, level=self.level,
         )
 
 
@@ -253,7 +271,8 @@ class Simulation:
 
     def __init__(self, config: SimConfig, trace: Trace) -> None:
         self.c, self.trace, self.now = config, trace, 0.0
-        self.reps = {m.name: _Rep(m) for m in config.models}
+        self.reps = {m.name: _Rep(m, wake=(config.wake_s, config.wake2_s))
+                     for m in config.models}
         for r in self.reps.values():
             if r.m.external:
                 r.state = "ready"
@@ -268,6 +287,8 @@ class Simulation:
         self._group_left = [len(g.draws) for g in trace.clients]
         self._rngs = [s.arrivals() for s in trace.streams]
         self.loads = self.wakes = self.evictions = self.sleeps = self.expired = 0
+        self.sleeps2 = 0
+        self.host_peak = 0.0
         self.loading_s = 0.0
         self.last_done = 0.0
         self.timeline: list[tuple[float, str]] = []
@@ -428,7 +449,7 @@ class Simulation:
                 r.wanted = False
         busy = {node: s.target for node, s in self._ops.items()}
         out = step.decide([r.entry() for r in self.reps.values()], self.c.nodes, now,
-                          self.c.rules, busy)
+                          self.c.rules, busy, self.c.host_gib)
         if out.recheck_at is not None and out.recheck_at > now:
             self._at(out.recheck_at, "recheck")
         for a in out.actions:
@@ -490,8 +511,9 @@ class Simulation:
         r.state = "starting"
         began = self.now
         if p.action == "wake":
-            yield ("delay", self.c.wake_s)
+            yield ("delay", self.c.wake_s if r.level == 1 else self.c.wake2_s)
             self.wakes += 1
+            r.level = 1
         else:
             yield ("delay", r.m.start_s)
             r.starts += 1
@@ -517,13 +539,17 @@ class Simulation:
                 return False
             if ev.mode == "sleep" and v.state == "ready":
                 yield ("delay", self.c.sleep_s)
-                v.state = "sleeping"
+                v.state, v.level = "sleeping", ev.level
                 self.sleeps += 1
+                self.sleeps2 += ev.level == 2
+                held = sum(x.view().host_held_gib for x in self.reps.values())
+                self.host_peak = max(self.host_peak, held)
             else:
-                v.state = "stopping"
+                v.state, v.level = "stopping", 1
                 yield ("delay", self.c.stop_s)
                 v.state = "stopped"
-            self._log(f"{v.m.name} {v.state}")
+            level = f" (level {v.level})" if v.state == "sleeping" else ""
+            self._log(f"{v.m.name} {v.state}{level}")
             self.evictions += count
             return True
         finally:
@@ -552,7 +578,8 @@ class Simulation:
             wakes=self.wakes, evictions=self.evictions, sleeps=self.sleeps,
             expired=self.expired, loading_s=self.loading_s,
             makespan_s=max(self.last_done - first, 0.0), refused=refused, waits=waits,
-            worst_wait_ratio=worst, gpus=self.c.gpus,
+            worst_wait_ratio=worst, gpus=self.c.gpus, sleeps2=self.sleeps2,
+            host_peak_gib=self.host_peak,
         )
 
 
@@ -567,6 +594,8 @@ def from_config(
     stop_s: float = 2.0,
     rtt_s: float = 0.02,
     gpus: int = 1,
+    wake2_s: float = 6.0,
+    host_gib: float = math.inf,
 ) -> SimConfig:
     """The simulation of a resolved models.yaml: footprints from the budgets, a cold start's
     cost from the spec's ``reload_cost_s`` (or ``start_s`` for every model), sleep where the
@@ -589,11 +618,13 @@ def from_config(
             max_queue=m.entry.max_queue if m.entry.max_queue is not None
             else config.router.max_queue,
             preload=m.entry.preload,
+            host_gib=m.budget.weights_gib if m.budget else 0.0,
         ))
     rc = config.router
     return SimConfig(
         models=tuple(out), usable_gib=usable_gib, params=params_from(config, models),
-        wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s, rtt_s=rtt_s,
+        wake_s=wake_s, sleep_s=sleep_s, stop_s=stop_s, rtt_s=rtt_s, wake2_s=wake2_s,
+        host_gib=host_gib,
         queue_timeout_s=rc.queue_timeout_s, drain_timeout_s=rc.drain_timeout_s, gpus=gpus,
         restart_backoff_s=rc.restart_backoff_s, crash_loop_max=rc.crash_loop_max,
         crash_loop_window_s=rc.crash_loop_window_s,

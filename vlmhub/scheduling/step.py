@@ -24,6 +24,7 @@ One pass, in order (a node that runs an operation, or gets one in this pass, get
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -146,10 +147,11 @@ def decide(
     now: float,
     rules: Rules | None = None,
     busy: Mapping[str, str | None] | None = None,
+    host_gib: float = math.inf,
 ) -> Step:
     """One pass (see the module docs). ``nodes``: live node -> usable GiB; ``busy``: node ->
     the model its running operation brings in (None: a stop), for every node whose operation
-    runs now. Pure."""
+    runs now; ``host_gib``: the host RAM level-1 sleepers may fill (each node's). Pure."""
     rules = rules or Rules()
     taken = dict(busy or {})
     if nodes and all(n in taken for n in nodes):
@@ -183,7 +185,8 @@ def decide(
         return Step(tuple(actions))
     views = [e.view for e in entries]
     where = {e.view.name: e.node for e in entries}
-    d = placement.decide(nodes, views, where, demand, now, rules.policy, frozenset(taken))
+    d = placement.decide(nodes, views, where, demand, now, rules.policy, frozenset(taken),
+                         host_gib)
     actions.extend(Defer(n, why) for n, why in d.deferred)
     actions.extend(Refuse(n, why) for n, why in d.refuse)
     for node, p in d.plans:
