@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the router image (docker/router.Dockerfile): `vlmhub route` in a container, beside the
+# Build the router image (deploy/router.Dockerfile): `vlmhub route` in a container, beside the
 # engine containers it starts through the mounted Docker socket (examples/compose.yaml).
 #
 # The build needs no registry access inside Docker and no pip in the base image: this script
@@ -25,7 +25,7 @@ IMAGE="${VLMHUB_ROUTER_IMAGE:-vlmhub/router:dev}"
 BASE="${VLMHUB_ROUTER_BASE:-python:3.11-slim}"
 EXTRAS="${VLMHUB_ROUTER_EXTRAS:-}"
 PY_VERSION="${VLMHUB_ROUTER_PYTHON:-3.11}"
-DOCKERFILE="$REPO_ROOT/docker/router.Dockerfile"
+DOCKERFILE="$REPO_ROOT/deploy/router.Dockerfile"
 SELF="$REPO_ROOT/scripts/$(basename "${BASH_SOURCE[0]}")"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$REPO_ROOT/.venv/bin/python" ]; then PYTHON="$REPO_ROOT/.venv/bin/python"
