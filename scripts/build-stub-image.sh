@@ -52,7 +52,7 @@ fi
 CONTEXT="$(mktemp -d)"
 trap 'rm -rf "$CONTEXT"' EXIT
 cp "$SRC_DIR/Dockerfile" "$SRC_DIR/stub_engine.py" "$SRC_DIR/stub_endpoints.py" \
-  "$SRC_DIR/stub_layout.py" "$CONTEXT/"
+  "$SRC_DIR/stub_layout.py" "$SRC_DIR/stub_sleep.py" "$SRC_DIR/stub_gpus.py" "$CONTEXT/"
 log "building $IMAGE"
 docker build -q -t "$IMAGE" "$CONTEXT" >/dev/null
 log "done: $IMAGE"

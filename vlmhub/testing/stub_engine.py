@@ -58,6 +58,17 @@ except ImportError:
         import stub_endpoints  # type: ignore[import-not-found,no-redef]
     except ImportError:
         stub_endpoints = None  # type: ignore[assignment]
+try:  # the pretend machine of several GPUs (VLMHUB_STUB_GPUS, CUDA_VISIBLE_DEVICES)
+    from vlmhub.testing import stub_gpus
+except ImportError:
+    import stub_gpus  # type: ignore[import-not-found,no-redef]
+try:  # sleep mode: both levels, the pretend host's RAM, wake times, a wake without room
+    from vlmhub.testing import stub_sleep
+except ImportError:
+    try:
+        import stub_sleep  # type: ignore[import-not-found,no-redef]
+    except ImportError:
+        stub_sleep = None  # type: ignore[assignment]
 
 VERSION = "0.32.0"
 GIB = 1024**3
@@ -100,12 +111,13 @@ KNOBS: tuple[tuple[str, str, type], ...] = (  # flag, env var, type
     ("--stub-non-torch-gib", "VLMHUB_STUB_NON_TORCH_GIB", float),
     ("--stub-cuda-graph-gib", "VLMHUB_STUB_CUDA_GRAPH_GIB", float),
     ("--stub-kv-bytes-per-token", "VLMHUB_STUB_KV_BYTES_PER_TOKEN", int),
-)
+) + (stub_sleep.KNOBS if stub_sleep is not None else ())
 DEFAULT_TOTAL_GIB = 24.0  # the simulated card when no --stub-gpu-total-gib is given
 # Unknown vLLM flags take one value, except these booleans (and --enable-*/--disable-*/--no-*).
 BOOL_FLAGS = {"--trust-remote-code", "--enforce-eager", "--async-scheduling", "--headless",
               "--skip-tokenizer-init", "--return-tokens-as-token-ids", "--allow-credentials"}
 BOOL_PREFIXES = ("--enable-", "--disable-", "--no-")
+DEV_ROUTES = {"/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_prefix_cache"}
 _out_lock = threading.Lock()
 
 
@@ -163,6 +175,7 @@ class Ledger:
 
     def __init__(self, directory: str, port: int, model: str, total: float, util: float) -> None:
         self.dir, self.total, self.util, self.claim = Path(directory), total, util, util * total
+        self.residue = SLEEP_CLAIM_GIB  # kept while asleep (stub_sleep: --stub-sleep-residue-gib)
         ident = os.environ.get("VLMHUB_STUB_LEDGER_ID") or None
         key = re.sub(r"[^A-Za-z0-9_.-]", "_", ident or str(os.getpid()))
         self.path = self.dir / f"{key}-{port}.json"
@@ -193,7 +206,7 @@ class Ledger:
 
     def write(self, sleeping: bool | None = None) -> None:
         if sleeping is not None:
-            claim = SLEEP_CLAIM_GIB if sleeping else self.claim
+            claim = self.residue if sleeping else self.claim
             self.entry.update(sleeping=sleeping, claim_gib=claim)
         tmp = self.dir / f".{self.path.name}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps(self.entry))
@@ -274,8 +287,18 @@ class Stub:
         self.lock = threading.Lock()
         self.requests: dict[str, int] = {}
         self.running = self.disconnects = self.completions = self.successes = 0
-        self.sleep_level = 0  # 0 awake, else 1 or 2
-        self.needs_reload = False  # woke from level 2, no collective_rpc reload_weights yet
+        self.sleeper = (stub_sleep.Sleeper(args, ledger, read_ledger, log, error_body)
+                        if stub_sleep is not None else None)
+
+    @property
+    def sleep_level(self) -> int:
+        """0 awake, else the level it sleeps at."""
+        return self.sleeper.level if self.sleeper else 0
+
+    @property
+    def needs_reload(self) -> bool:
+        """Woke from level 2, no collective_rpc reload_weights yet."""
+        return self.sleeper.needs_reload if self.sleeper else False
 
     def die(self) -> None:
         """Abrupt engine death (a simulated EngineCore crash): no response, no cleanup."""
@@ -398,13 +421,15 @@ class Handler(BaseHTTPRequestHandler):
             threading.Event().wait()  # hung after N completions: accepts, never answers
         key = stub.args.api_key or os.environ.get("VLLM_API_KEY")  # as vLLM: flag, else env
         scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
-        if key and path.startswith("/v1") and (scheme.lower() != "bearer" or given != key):
+        guarded = path.startswith("/v1") or path in DEV_ROUTES  # newer vLLM guards dev routes
+        if key and guarded and (scheme.lower() != "bearer" or given != key):
             return self.reply_json(401, {"error": "Unauthorized"})  # vLLM's body; /health open
-        sleep_routes = stub.dev_mode and stub.args.enable_sleep_mode
+        sleep = (stub_sleep.ROUTES if stub.dev_mode and stub.args.enable_sleep_mode and
+                 stub_sleep is not None else {"GET": set(), "POST": set()})
         routes = {"GET": {"/health", "/ping", "/version", "/v1/models", "/metrics", "/stub/stats"}
-                  | ({"/is_sleeping"} if sleep_routes else set()),
+                  | sleep["GET"],
                   "POST": {"/ping", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                           "/tokenize"} | ({"/sleep", "/wake_up"} if sleep_routes else set())
+                           "/tokenize"} | sleep["POST"]
                   | ({"/collective_rpc", "/reset_prefix_cache"} if stub.dev_mode else set())}
         if method == "POST" and stub_endpoints is not None and stub_endpoints.handled(
                 self, path, data):
@@ -451,29 +476,14 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/is_sleeping":
             return self.reply_json(200, {"is_sleeping": stub.sleep_level > 0})
         if path == "/collective_rpc":
-            stub.needs_reload = stub.needs_reload and body.get("method") != "reload_weights"
+            if stub.sleeper:
+                stub.sleeper.reloaded(body.get("method"))
             return self.reply_json(200, {"results": [None]})
-        if path == "/sleep":
-            level = (query.get("level") or ["1"])[0]
-            if level not in ("1", "2"):
-                bad = error_body(f"invalid sleep level {level}", "BadRequestError", 400)
-                return self.reply_json(400, bad)
-            if os.environ.get("VLMHUB_STUB_SLEEP_FAILS"):  # fault injection: sleep fails
-                log("Sleep failed: CUDA error: out of memory", "gpu_worker.py:117", "ERROR")
-                oom = error_body("CUDA error: out of memory", "InternalServerError", 500)
-                return self.reply_json(500, oom)
-            with stub.lock:
-                if not stub.sleep_level and stub.ledger:
-                    stub.ledger.write(sleeping=True)
-                stub.sleep_level = stub.sleep_level or int(level)
-            log(f"It took 0.10 seconds to fall asleep (level {level}).", "gpu_worker.py:117")
-        elif path == "/wake_up":
-            with stub.lock:
-                if stub.sleep_level and stub.ledger:
-                    stub.ledger.write(sleeping=False)
-                stub.needs_reload = stub.needs_reload or stub.sleep_level == 2
-                stub.sleep_level = 0
-            log("It took 0.05 seconds to wake up.", "gpu_worker.py:150")
+        if path in ("/sleep", "/wake_up") and stub.sleeper:  # stub_sleep.py
+            code, answer = (stub.sleeper.sleep((query.get("level") or ["1"])[0])
+                            if path == "/sleep" else stub.sleeper.wake())
+            if answer is not None:
+                return self.reply_json(code, answer)
         self.reply(200)  # /health, /ping, /reset_prefix_cache, /sleep, /wake_up
 
     def metrics(self) -> str:
@@ -708,6 +718,11 @@ def fail(src: str, line_no: int, func: str, error: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     delay = max(0.0, 0.5 if args.stub_startup_delay is None else float(args.stub_startup_delay))
+    try:  # several pretend cards: this stand-in's card has its own ledger and size
+        args.stub_ledger, args.stub_gpu_total_gib = stub_gpus.card(
+            args.stub_ledger, args.stub_gpu_total_gib, DEFAULT_TOTAL_GIB)
+    except stub_gpus.NoDevice as exc:
+        return fail("worker/gpu_worker.py", 239, "init_device", str(exc))
     ledger = None
     if args.stub_ledger and args.stub_gpu_total_gib:
         ledger = Ledger(args.stub_ledger, args.port, args.model, float(args.stub_gpu_total_gib),
