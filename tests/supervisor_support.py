@@ -70,6 +70,7 @@ def build(tmp_path: Path, models: dict[str, dict[str, Any]], *, total_gib: float
           stub_env: dict[str, str] | None = None, ledger: bool = True,
           docker_prefix: str | None = None, budgets: BudgetStore | None = None,
           runtime_type: type[ProcessRuntime] = ProcessRuntime,
+          host: dict[str, Any] | None = None,
           ) -> tuple[Supervisor, Recorder, Path]:
     """A supervisor whose stand-in engines share a simulated GPU ledger of ``total_gib``:
     an engine that would over-commit it fails at start-up with vLLM's free-memory error.
@@ -103,6 +104,7 @@ def build(tmp_path: Path, models: dict[str, dict[str, Any]], *, total_gib: float
         "router": {"health_interval_s": 0.5, "restart_backoff_s": 0.2, **(router or {})},
         "runtime": runtime,
         "models": models,
+        **({"host": host} if host is not None else {}),
     }
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(cfg))

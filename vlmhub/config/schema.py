@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from vlmhub.config.apikeys import ApiKey, check_names, secrets_of
+from vlmhub.config.host import host_budget_gib
 from vlmhub.config.locate import ConfigError, FieldProblem, Loc, Locator, explain, load_yaml
 from vlmhub.config.params import ParamRules
 from vlmhub.config.vision import context_problem
@@ -246,8 +247,23 @@ class ModelEntry(Section):
         return self
 
 
+class HostConfig(Section):
+    """``host: {total_gib, reserve_gib}``: the RAM level-1 sleepers' weights may fill.
+    ``total_gib`` None: read at start (vlmhub.config.host: /proc/meminfo's MemTotal or the
+    cgroup limit, whichever is smaller)."""
+
+    total_gib: float | None = Field(default=None, gt=0)
+    reserve_gib: float = Field(default=2.0, ge=0)
+    """Kept for the OS, vlmhub and the engines' own processes."""
+
+    def budget_gib(self) -> float:
+        """What level-1 sleepers may fill on this host (reads it when ``total_gib`` is None)."""
+        return host_budget_gib(self.total_gib, self.reserve_gib)
+
+
 class Config(Section):
     gpu: GpuConfig = Field(default_factory=GpuConfig)
+    host: HostConfig = Field(default_factory=HostConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     models: dict[str, ModelEntry] = Field(default_factory=dict)

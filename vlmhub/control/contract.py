@@ -76,6 +76,8 @@ class ReplicaInfo:
     """Why the policy has not brought this model in yet for its queued requests."""
     node: str = ""
     """The GPU node it runs (or last ran, or failed) on: a Ray node's name; "" with one GPU."""
+    host_gib: float = 0.0
+    """Host RAM it holds: its weights while it sleeps at level 1 (docs/vram.md)."""
 
 
 class AcquireError(Exception):

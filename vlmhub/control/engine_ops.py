@@ -278,9 +278,10 @@ class EngineOps:
                     await asyncio.wait_for(v.idle.wait(), self.rc.drain_timeout_s)
                 except TimeoutError:
                     return False
-            if ev.mode == "sleep" and v.state == "ready" and await self.sleep(v):
-                ENGINE.info("%s: put to sleep (%s)", v.name, reason or "evicted",
-                            extra={"model": v.name, "event": "sleep", "reason": reason})
+            if ev.mode == "sleep" and v.state == "ready" and await self.sleep(v, ev.level):
+                ENGINE.info("%s: put to sleep at level %d (%s)", v.name, ev.level,
+                            reason or "evicted", extra={"model": v.name, "event": "sleep",
+                                                        "reason": reason, "level": ev.level})
                 self.observer.observe_eviction(v.name, "sleep")
                 return True
             v.state = "stopping"
@@ -294,32 +295,51 @@ class EngineOps:
         finally:
             v.draining = False
 
-    async def sleep(self, v: Replica) -> bool:
+    async def sleep(self, v: Replica, level: scheduler.SleepLevel = 1) -> bool:
+        """``POST /sleep?level=N`` (with the engine's key): level 1 keeps the weights in host
+        RAM, level 2 drops them. False (the caller stops it instead) when it fails."""
         assert v.handle is not None
         try:
-            resp = await self.http.post(v.handle.base_url + "/sleep", params={"level": "1"})
+            resp = await self.http.post(v.handle.base_url + "/sleep", params={"level": level},
+                                        headers=dev_headers(v.handle))
             ok = resp.status_code == 200
         except httpx.HTTPError:
             ok = False
         if ok:
-            v.state, v.phase = "sleeping", "sleeping"
+            v.state, v.phase, v.sleep_level = "sleeping", f"sleeping (level {level})", level
         return ok
 
     async def wake(self, r: Replica) -> bool:
-        """Wake a sleeping engine (room was made first: vLLM does not check). False: restart."""
+        """Wake a sleeping engine (room was made first: vLLM does not check); after a level-2
+        sleep, reload its weights and reset its prefix cache. False: restart it."""
         if r.handle is None:
             return False
         r.state, r.phase = "starting", "waking"
-        began = time.monotonic()
+        began, headers = time.monotonic(), dev_headers(r.handle)
         try:
-            resp = await self.http.post(r.handle.base_url + "/wake_up")
-            ok = resp.status_code == 200 and await probe(r.handle, self.http)
+            ok = (await self.http.post(r.handle.base_url + "/wake_up", headers=headers)
+                  ).status_code == 200
+            if ok and r.sleep_level == 2:  # the weights were discarded: load them again
+                for path, body in (("/collective_rpc", {"method": "reload_weights"}),
+                                   ("/reset_prefix_cache", None)):
+                    resp = await self.http.post(r.handle.base_url + path, json=body,
+                                                headers=headers)
+                    ok = ok and resp.status_code == 200
+            ok = ok and await probe(r.handle, self.http)
         except httpx.HTTPError:
             ok = False
         if ok:
+            took = time.monotonic() - began
+            r.wake_costs[r.sleep_level] = took  # what the plan prices its next wake at
             r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
             r.healthy_at = r.loaded_at = time.monotonic()
-            ENGINE.info("%s: woken in %.1f s", r.name, time.monotonic() - began,
-                        extra={"model": r.name, "event": "wake"})
-            self.observer.observe_load(r.name, time.monotonic() - began, True)
+            ENGINE.info("%s: woken from level %d in %.1f s", r.name, r.sleep_level, took,
+                        extra={"model": r.name, "event": "wake", "level": r.sleep_level})
+            self.observer.observe_load(r.name, took, True)
         return ok
+
+
+def dev_headers(handle: EngineHandle) -> dict[str, str]:
+    """The engine's key on its dev routes (/sleep, /wake_up, ...): newer vLLM guards them with
+    --api-key / VLLM_API_KEY like /v1."""
+    return {"Authorization": f"Bearer {handle.api_key}"} if handle.api_key else {}

@@ -12,11 +12,16 @@ from typing import TYPE_CHECKING
 
 from vlmhub.config.schema import sleep_ok
 from vlmhub.control.contract import Lease, ReplicaInfo, State
-from vlmhub.scheduling.scheduler import ReplicaView
+from vlmhub.scheduling.scheduler import ReplicaView, SleepLevel
 
 if TYPE_CHECKING:
     from vlmhub.config.schema import ResolvedModel
     from vlmhub.engines.base import EngineHandle
+
+
+WAKE_SHARE = {1: (0.05, 2.0), 2: (0.15, 6.0)}
+"""Until measured: a wake's share of a cold start, and its cap. vLLM measured level-1 wakes
+at 0.7-1.4 % and level-2 wakes at 2.3-4.4 % of a cold reload (docs: vllm-notes, sleep mode)."""
 
 
 @dataclass(eq=False)
@@ -66,6 +71,10 @@ class Replica:
     node: str = ""
     """The GPU node its engine is placed on (a Ray node's name; "" with one GPU). Set when an
     operation is planned there; meaningful while it holds memory (starting..stopping)."""
+    sleep_level: SleepLevel = 1
+    """The level of its last sleep: what a wake undoes (level 2 reloads the weights)."""
+    wake_costs: dict[int, float] = field(default_factory=dict)
+    """Sleep level -> its last measured wake (s); until measured, :meth:`wake_cost`."""
 
     @property
     def name(self) -> str:
@@ -103,7 +112,18 @@ class Replica:
             loaded_at=self.loaded_at,
             priority=self.priority,
             group=",".join(m.group.names) if m.group else None,
+            host_gib=m.budget.weights_gib if m.budget else 0.0,
+            level=self.sleep_level,
+            wake_s=self.wake_cost(1),
+            wake2_s=self.wake_cost(2),
         )
+
+    def wake_cost(self, level: int) -> float:
+        """A wake's cost from ``level``: measured, else :data:`WAKE_SHARE` of the cold cost
+        (at most the simulator's 2 s / 6 s)."""
+        cold = self.last_load_s or (self.model.spec.reload_cost_s if self.model.spec else 1)
+        share, most = WAKE_SHARE[level]
+        return self.wake_costs.get(level, min(share * cold, most))
 
     def info(self, runtime_kind: str) -> ReplicaInfo:
         """A read-only snapshot of this replica."""
@@ -128,6 +148,7 @@ class Replica:
             restarts=self.restarts,
             waiting_reason=self.waiting_reason if self.waiters else None,
             node=self.node if self.state != "stopped" else "",
+            host_gib=round(self.view().host_held_gib, 3),
         )
 
 

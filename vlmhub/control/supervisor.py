@@ -100,6 +100,8 @@ class Supervisor:
         )
         self._closing = False
         self.params = policy.params_from(config, models)
+        self.host_gib = config.host.budget_gib()
+        """The host RAM level-1 sleepers may fill (models.yaml ``host:``; read at start)."""
         self.foreign: list[EngineHandle] = []
         """Engines of models not in this config, found running at start: not managed."""
 
@@ -297,7 +299,8 @@ class Supervisor:
         busy = {n: self._targets.get(n) for n in {*self.nodes, *self._ops} if self._busy(n)}
         entries = [self._entry(r, now) for r in self.replicas.values()]
         out = step.decide(entries, self.nodes, now, step.Rules(self.params, self.rc.crash_loop_max,
-                          self.rc.crash_loop_window_s, self.rc.restart_backoff_s), busy)
+                          self.rc.crash_loop_window_s, self.rc.restart_backoff_s), busy,
+                          host_gib=self.host_gib)
         self._recheck_at = out.recheck_at
         if DECISIONS.isEnabledFor(logging.DEBUG):
             for node, nd in out.decisions:
@@ -394,6 +397,7 @@ class Supervisor:
         self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
         self.config, self.rc = config, config.router
         self.ops.config, self.ops.rc = config, config.router
+        self.host_gib = config.host.budget_gib()
         self.params = policy.params_from(config, models)
         self.kick()
         return applied.diff

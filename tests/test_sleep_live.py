@@ -1,0 +1,137 @@
+"""Sleep mode live (issue 23): the host's RAM (vlmhub.config.host, models.yaml ``host:``) and
+the supervisor choosing each sleep's level over real stand-in engines."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+from supervisor_support import build, model, used
+
+from vlmhub.config.host import cgroup_limit_gib, host_budget_gib, host_total_gib, meminfo_total_gib
+from vlmhub.config.schema import Config
+
+GIB = 1024**3
+
+
+# ---------------------------------------------------------------------------- the host's RAM
+def fake_host(tmp_path: Path, mem_kib: int, cgroup: str, limits: dict[str, str]) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "meminfo").write_text(
+        f"MemTotal:       {mem_kib} kB\nMemFree:        1234 kB\nMemAvailable:   99 kB\n")
+    (tmp_path / "cgroup").write_text(cgroup)
+    for rel, text in limits.items():
+        path = tmp_path / "fs" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return tmp_path
+
+
+def test_meminfo_total(tmp_path: Path) -> None:
+    root = fake_host(tmp_path, 16 * 1024 * 1024, "", {})
+    assert meminfo_total_gib(root / "meminfo") == pytest.approx(16.0)
+    assert meminfo_total_gib(root / "missing") is None
+
+
+def test_cgroup_v2_limit_and_the_smaller_of_the_two(tmp_path: Path) -> None:
+    root = fake_host(tmp_path, 64 * 1024 * 1024, "0::/vlmhub.slice/router\n",
+                     {"vlmhub.slice/router/memory.max": str(12 * GIB)})
+    assert cgroup_limit_gib(root / "fs", root / "cgroup") == pytest.approx(12.0)
+    assert host_total_gib(root / "meminfo", root / "fs", root / "cgroup") == pytest.approx(12.0)
+
+
+def test_cgroup_v2_unlimited_and_a_container_at_its_root(tmp_path: Path) -> None:
+    unlimited = fake_host(tmp_path / "a", 8 * 1024 * 1024, "0::/\n", {"memory.max": "max"})
+    assert cgroup_limit_gib(unlimited / "fs", unlimited / "cgroup") is None
+    assert host_total_gib(unlimited / "meminfo", unlimited / "fs",
+                          unlimited / "cgroup") == pytest.approx(8.0)
+    # a container sees "0::/" or a path that is not there: its own limit is at the root
+    boxed = fake_host(tmp_path / "b", 8 * 1024 * 1024, "0::/docker/abc\n",
+                      {"memory.max": str(3 * GIB)})
+    assert cgroup_limit_gib(boxed / "fs", boxed / "cgroup") == pytest.approx(3.0)
+
+
+def test_cgroup_v1_limit_and_its_no_limit_value(tmp_path: Path) -> None:
+    v1 = fake_host(tmp_path / "a", 32 * 1024 * 1024, "5:memory:/job\n4:cpu,cpuacct:/job\n",
+                   {"memory/job/memory.limit_in_bytes": str(6 * GIB)})
+    assert cgroup_limit_gib(v1 / "fs", v1 / "cgroup") == pytest.approx(6.0)
+    free = fake_host(tmp_path / "b", 32 * 1024 * 1024, "5:memory:/\n",
+                     {"memory/memory.limit_in_bytes": "9223372036854771712"})
+    assert cgroup_limit_gib(free / "fs", free / "cgroup") is None
+    nothing = tmp_path / "none"
+    assert host_total_gib(nothing / "m", nothing / "fs", nothing / "c") == math.inf
+
+
+def test_host_section_of_models_yaml() -> None:
+    assert Config.model_validate({"host": {"total_gib": 16, "reserve_gib": 3}}
+                                 ).host.budget_gib() == pytest.approx(13.0)
+    assert Config.model_validate({"host": {"total_gib": 1}}).host.budget_gib() == 0.0
+    default = Config().host
+    assert default.total_gib is None and default.reserve_gib == 2.0
+    assert default.budget_gib() == pytest.approx(max(host_total_gib() - 2.0, 0.0))
+    assert host_budget_gib(10.0, 2.5) == pytest.approx(7.5)
+    with pytest.raises(ValueError, match="total_gib"):
+        Config.model_validate({"host": {"total_gib": -1}})
+
+
+# ---------------------------------------------------------------------------- live levels
+def requests_of(url: str) -> dict[str, int]:
+    stats: dict[str, int] = httpx.get(f"{url}/stub/stats", timeout=5).json()["requests"]
+    return stats
+
+
+async def test_a_host_with_room_gets_a_level_1_sleep(tmp_path: Path) -> None:
+    sup, rec, ledger = build(tmp_path, {"a": model(4.0, sleep=True), "b": model(4.0)},
+                             host={"total_gib": 6, "reserve_gib": 1})
+    await sup.start()
+    try:
+        sup.release(await sup.acquire("a"))
+        port = sup.snapshot()[0].port
+        sup.release(await sup.acquire("b"))
+        infos = {i.name: i for i in sup.snapshot()}
+        # the engine's key went along (the stand-in refuses /sleep without it): it sleeps
+        assert rec.evictions == [("a", "sleep")] and infos["a"].state == "sleeping"
+        assert infos["a"].phase == "sleeping (level 1)"
+        assert infos["a"].host_gib == pytest.approx(4.0) and infos["b"].host_gib == 0.0
+        assert used(ledger) <= 8.0
+        lease = await sup.acquire("a")  # a level-1 wake: no reload_weights
+        sup.release(lease)
+        seen = requests_of(f"http://127.0.0.1:{port}")
+        assert seen.get("/sleep") == 1 and seen.get("/wake_up") == 1
+        assert "/collective_rpc" not in seen
+        assert {i.name: i.host_gib for i in sup.snapshot()} == {"a": 0.0, "b": 0.0}
+    finally:
+        await sup.shutdown()
+
+
+async def test_a_full_host_gets_a_level_2_sleep_and_its_wake_reloads(tmp_path: Path) -> None:
+    # 3 GiB for sleepers: a's 4 GiB of weights do not fit; level 2 (a wake plus a reload of
+    # the weights) still beats a cold start, so a sleeps at level 2 and holds no host RAM
+    sup, rec, ledger = build(tmp_path, {"a": model(4.0, sleep=True), "b": model(4.0)},
+                             host={"total_gib": 4, "reserve_gib": 1})
+    assert sup.host_gib == pytest.approx(3.0)
+    await sup.start()
+    try:
+        sup.release(await sup.acquire("a"))
+        port = sup.snapshot()[0].port
+        sup.release(await sup.acquire("b"))
+        infos = {i.name: i for i in sup.snapshot()}
+        assert rec.evictions == [("a", "sleep")]
+        assert infos["a"].phase == "sleeping (level 2)" and infos["a"].host_gib == 0.0
+        lease = await sup.acquire("a")
+        # the level-2 wake reloaded the weights: a's engine answers (else the stand-in's 500)
+        async with httpx.AsyncClient(trust_env=False) as http:
+            resp = await http.post(f"{lease.base_url}/v1/chat/completions",
+                                   headers={"Authorization": f"Bearer {lease.api_key}"},
+                                   json={"model": lease.api_name,
+                                         "messages": [{"role": "user", "content": "hi"}]})
+        sup.release(lease)
+        assert resp.status_code == 200, resp.text
+        seen = requests_of(f"http://127.0.0.1:{port}")
+        assert seen.get("/collective_rpc") == 1 and seen.get("/reset_prefix_cache") == 1
+        assert {i.name: i.state for i in sup.snapshot()} == {"a": "ready", "b": "stopped"}
+        assert used(ledger) <= 8.0
+    finally:
+        await sup.shutdown()
