@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from supervisor_support import build, model, used
+from supervisor_support import build, model, routed_app, used
 
 from vlmhub.config.host import cgroup_limit_gib, host_budget_gib, host_total_gib, meminfo_total_gib
 from vlmhub.config.schema import Config
@@ -135,3 +135,19 @@ async def test_a_full_host_gets_a_level_2_sleep_and_its_wake_reloads(tmp_path: P
         assert used(ledger) <= 8.0
     finally:
         await sup.shutdown()
+
+
+async def test_api_models_api_ui_and_the_page_show_host_ram(tmp_path: Path) -> None:
+    sup, _, _ = build(tmp_path, {"a": model(4.0, sleep=True), "b": model(4.0)},
+                      host={"total_gib": 10, "reserve_gib": 2})
+    async with routed_app(sup) as (url, _), httpx.AsyncClient(base_url=url,
+                                                               trust_env=False) as http:
+        sup.release(await sup.acquire("a"))
+        sup.release(await sup.acquire("b"))  # a sleeps at level 1: 4 GiB on the host
+        rows = {m["name"]: m for m in (await http.get("/api/models")).json()["models"]}
+        assert rows["a"]["host_gib"] == pytest.approx(4.0) and rows["b"]["host_gib"] == 0.0
+        ui = (await http.get("/api/ui")).json()
+        assert ui["host"] == {"usable_gib": 8.0, "held_gib": 4.0}
+        assert {m["name"]: m["host_gib"] for m in ui["models"]} == {"a": 4.0, "b": 0.0}
+        page = (await http.get("/ui")).text
+        assert 'id="host-meter"' in page and 'id="host-held"' in page

@@ -89,6 +89,22 @@ def test_vlmhub_plan_shows_the_switch_plan(tmp_path: Path) -> None:
     assert budget <= phi3["room_gib"] + 1e-3
 
 
+def test_vlmhub_plan_shows_host_ram_beside_the_gpu(tmp_path: Path) -> None:
+    text = SEED.read_text().replace("    ttl: 600\n", "    ttl: 600\n    sleep: true\n")
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(text + "host:\n  total_gib: 6\n  reserve_gib: 2\n")
+    out = CliRunner().invoke(app, ["plan", "--config", str(cfg), "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    weights = sum(m["weights_gib"] for m in doc["models"] if m.get("sleep"))
+    assert doc["host"]["total_gib"] == 6 and doc["host"]["usable_gib"] == 4
+    assert doc["host"]["sleepers_weights_gib"] == pytest.approx(weights, abs=1e-3)
+    assert doc["host"]["all_level1"] == (weights <= 4)
+    shown = CliRunner().invoke(app, ["plan", "--config", str(cfg)])
+    assert shown.exit_code == 0, shown.output
+    assert "Host RAM:" in shown.output and "level-1 sleepers" in shown.output
+
+
 # -- 2. host RAM: level 1 or 2 per eviction, never over the host budget -----------------------
 def view(name: str, state: str, gib: float = 5.0, **kw: object) -> ReplicaView:
     return ReplicaView(name=name, state=state, footprint_gib=gib, can_sleep=True,  # type: ignore[arg-type]

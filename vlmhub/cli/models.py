@@ -18,8 +18,9 @@ from rich.text import Text
 from vlmhub.cli.budgets import resolve_measured, store
 from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, user_errors
 from vlmhub.cli.output import JsonOption, print_json
+from vlmhub.config.host import host_total_gib
 from vlmhub.config.locate import ConfigError
-from vlmhub.config.schema import ResolvedModel, find_config
+from vlmhub.config.schema import ResolvedModel, find_config, sleep_ok
 from vlmhub.sizing.budgets import plan_budget
 from vlmhub.sizing.flags import redact, render_argv
 from vlmhub.sizing.sleepplan import AwakeSet
@@ -113,6 +114,13 @@ def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption,
             f"{gpu.reserve_gib:.2f} GiB reserved, [bold]{gpu.usable_gib:.2f} GiB usable[/]"
             f"  config: {ctx.loaded.path}"
         )
+        if (host := _host(ctx, resolved))["sleepers_weights_gib"]:
+            console.print(
+                f"Host RAM: [bold]{host['usable_gib']:.2f} GiB[/] for level-1 sleepers "
+                f"({host['total_gib']:.2f} total, {host['reserve_gib']:.2f} reserved); the "
+                f"sleepers' weights: {host['sleepers_weights_gib']:.2f} GiB, so "
+                + ("each sleeps at level 1" if host["all_level1"] else
+                   "some sleep at level 2 (their weights are loaded again on wake)"))
         table = Table(show_lines=True)
         for col in ("MODEL", "BUDGET", "WEIGHTS", "KV CACHE", "FLAGS", "vLLM ARGV"):
             table.add_column(col, overflow="fold")
@@ -184,6 +192,7 @@ def _plan_json(ctx: Context, gpu: Gpu, resolved: list[ResolvedModel]) -> dict[st
                     "reserve_gib": round(gpu.reserve_gib, 3),
                     "usable_gib": round(gpu.usable_gib, 3), "source": gpu.source},
             "models": models,
+            "host": _host(ctx, resolved),
             "fits_together": [sorted(s) for s in fitting_sets(budgets, gpu)],
             "switches": [
                 {"set": list(s.names), "awake_gib": round(s.plan.total_gib, 3),
@@ -191,6 +200,17 @@ def _plan_json(ctx: Context, gpu: Gpu, resolved: list[ResolvedModel]) -> dict[st
                  "switch": "wake" if s.all_wake else "wake, stopping sleepers",
                  "lowered": {m.name: m.lowered for m in s.plan.members}}
                 for s in _awake_sets(resolved)]}
+
+
+def _host(ctx: Context, resolved: list[ResolvedModel]) -> dict[str, Any]:
+    """The host RAM level-1 sleepers may fill (models.yaml ``host:``) against their weights."""
+    hc = ctx.loaded.config.host
+    total = host_total_gib() if hc.total_gib is None else hc.total_gib
+    usable = max(total - hc.reserve_gib, 0.0)
+    weights = sum(m.budget.weights_gib for m in resolved if m.budget and sleep_ok(m))
+    return {"total_gib": round(total, 3), "reserve_gib": hc.reserve_gib,
+            "usable_gib": round(usable, 3), "sleepers_weights_gib": round(weights, 3),
+            "all_level1": weights <= usable + 1e-9}
 
 
 def _awake_sets(resolved: list[ResolvedModel]) -> list[AwakeSet]:

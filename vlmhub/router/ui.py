@@ -14,6 +14,7 @@ read or a Docker call, in a worker thread).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -70,6 +71,17 @@ def gpu_json(supervisor: SupervisorLike, config: Config) -> dict[str, Any] | Non
             "usable_gib": round(gpu.usable_gib, 3)}
 
 
+def host_json(supervisor: SupervisorLike, config: Config) -> dict[str, Any]:
+    """The host RAM level-1 sleepers may fill (the supervisor's budget, else the config's;
+    ``usable_gib`` None: unknown) and what they hold now."""
+    usable = getattr(supervisor, "host_gib", None)
+    if not isinstance(usable, float):
+        usable = config.host.budget_gib()
+    held = sum(i.host_gib for i in supervisor.snapshot())
+    return {"usable_gib": round(usable, 3) if math.isfinite(usable) else None,
+            "held_gib": round(held, 3)}
+
+
 def resolved_models(supervisor: SupervisorLike) -> dict[str, ResolvedModel]:
     """The supervisor's resolved models by name, when it exposes them (the real one does)."""
     replicas = getattr(supervisor, "replicas", None)
@@ -100,6 +112,7 @@ def model_json(info: ReplicaInfo, resolved: ResolvedModel | None) -> dict[str, A
         "presets": presets,
         "default_preset": spec.default_preset if spec is not None else None,
         "budget_gib": info.budget_gib,
+        "host_gib": info.host_gib,
         "sleep_gib": round(budget.sleep_residual_gib, 3) if budget is not None else 0.0,
         "max_model_len": info.max_model_len,
         "external": info.external,
@@ -114,6 +127,7 @@ async def ui_info(request: Request) -> Response:
     resolved = resolved_models(st.supervisor)
     models = [model_json(i, resolved.get(i.name)) for i in st.supervisor.snapshot()]
     return JSONResponse({"gpu": gpu_json(st.supervisor, st.config), "models": models,
+                         "host": host_json(st.supervisor, st.config),
                          "max_body_bytes": st.max_body}, headers={"Cache-Control": "no-store"})
 
 

@@ -219,6 +219,18 @@
     $("gpu-bar").setAttribute("aria-label", `GPU memory: ${gib(total)} held of `
       + `${usable ? gib(usable) : "unknown"} usable. ${parts.join("; ")}`);
     $("gpu-bar").classList.toggle("over", !!usable && total > usable + 1e-6);
+    renderHost();
+  }
+
+  // Host RAM beside the GPU: the weights of models asleep at level 1 (host_gib each)
+  function renderHost() {
+    const usable = ui.info && ui.info.host ? ui.info.host.usable_gib : null;
+    const held = ui.models.reduce((s, m) => s + (m.host_gib || 0), 0);
+    const meter = $("host-meter");
+    meter.max = usable || Math.max(held, 1);
+    meter.value = held;
+    $("host-held").textContent = `${gib(held)} held by level-1 sleepers`
+      + (usable !== null ? ` of ${gib(usable)}` : "");
   }
 
   // ---------------------------------------------------------------- models table
