@@ -10,6 +10,11 @@ request of each path and the ratios the issue-21 targets name.
 
     .venv/bin/python benchmarks/log_cost.py [--baseline /tmp/base] [--concurrency 16,64]
 
+``--named-keys 100`` adds ``vlmhub (info, 100 named keys)``: the same router with 100 named
+keys (models, rpm, tpm; the benchmark's key is one of them) instead of one plain key, and the
+ratio against ``vlmhub (info)`` (issue 27: at most 3 % at c=16). ``--only info`` keeps the
+paths whose name holds one of the given words.
+
 It reports, it never asserts. Needs ``wrk`` on PATH.
 """
 
@@ -41,6 +46,17 @@ def run_wrk(url: str, concurrency: int, seconds: int, lua: Path) -> tuple[int, f
     return int(done.group(1)), float(rps.group(1))
 
 
+def named_config(plain: str, n: int) -> str:
+    """``plain`` (the one-key config) with ``n`` named keys instead; the benchmark's key is
+    the last, with models, rpm and tpm limits it never reaches."""
+    keys = [f"{{name: user{i}, key: sk-bench-user-{i:03d}, models: [bench], rpm: 100000000, "
+            f"tpm: 1000000000}}" for i in range(n - 1)]
+    keys.append(f"{{name: bench, key: {KEY}, models: [bench], rpm: 100000000, "
+                "tpm: 1000000000}")
+    return plain.replace(f"router: {{api_keys: [{KEY}]}}",
+                         "router:\n  api_keys:\n" + "".join(f"    - {k}\n" for k in keys))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", type=Path, default=None,
@@ -48,6 +64,9 @@ def main() -> int:
     parser.add_argument("--concurrency", default="16,64")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
+    parser.add_argument("--named-keys", type=int, default=0,
+                        help="add a path whose router has this many named keys")
+    parser.add_argument("--only", default="", help="comma-separated words: keep those paths")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="vlmhub-logcost-"))
     lua = out / "chat.lua"
@@ -72,6 +91,13 @@ def main() -> int:
             base = args.baseline.resolve()
             paths["baseline (info)"] = (["--log-level", "info"], base,
                                         {"PYTHONPATH": str(base)})
+        named = f"vlmhub (info, {args.named_keys} named keys)"
+        if args.named_keys:
+            keyed = out / "named.yaml"
+            keyed.write_text(named_config(config.read_text(), args.named_keys))
+            paths[named] = (["--log-level", "info", "--config", str(keyed)], REPO, None)
+        words = [w for w in args.only.split(",") if w]
+        paths = {k: v for k, v in paths.items() if not words or any(w in k for w in words)}
         urls: dict[str, str] = {}
         pids: dict[str, int] = {}
         started: dict[str, subprocess.Popen[bytes]] = {}
@@ -84,10 +110,11 @@ def main() -> int:
         script = out / "thin_proxy.py"
         script.write_text(THIN_PROXY)
         port = free_port()
-        p = procs.start("aiohttp", [sys.executable, str(script), "aiohttp", upstream, str(port),
-                                    "uvloop"])
         thin = "starlette + aiohttp"
-        urls[thin], pids[thin], started[thin] = f"http://127.0.0.1:{port}", p.pid, p
+        if not words or any(w in thin for w in words):
+            p = procs.start("aiohttp", [sys.executable, str(script), "aiohttp", upstream,
+                                        str(port), "uvloop"])
+            urls[thin], pids[thin], started[thin] = f"http://127.0.0.1:{port}", p.pid, p
         wait_ready(procs, "upstream", proc, upstream)
         for name, url in urls.items():
             wait_ready(procs, name, started[name], url)
@@ -119,11 +146,19 @@ def main() -> int:
             print(f"| {name} | " + " | ".join(cells) + " |")
         print()
         for c in cs:
-            on, off = med[("vlmhub (info)", c)], med[("vlmhub (warning)", c)]
-            ref = med[(thin, c)]
-            print(f"- c={c}: access log costs {1 - on[0] / off[0]:+.0%} of requests/s "
-                  f"({on[1] - off[1]:+.0f} µs CPU/request); with it on the router serves "
-                  f"{on[0] / ref[0]:.2f}x the thin aiohttp proxy")
+            on, off = med.get(("vlmhub (info)", c)), med.get(("vlmhub (warning)", c))
+            ref = med.get((thin, c))
+            if on and off and ref:
+                print(f"- c={c}: access log costs {1 - on[0] / off[0]:+.0%} of requests/s "
+                      f"({on[1] - off[1]:+.0f} µs CPU/request); with it on the router serves "
+                      f"{on[0] / ref[0]:.2f}x the thin aiohttp proxy")
+            if on and (keys := med.get((named, c))):
+                print(f"- c={c}: {args.named_keys} named keys cost {1 - keys[0] / on[0]:+.1%} "
+                      f"of requests/s ({keys[1] - on[1]:+.0f} µs CPU/request) against one "
+                      "plain key (target: at most 3 %)")
+            if on and (old := med.get(("baseline (info)", c))):
+                print(f"- c={c}: against the baseline tree: {1 - on[0] / old[0]:+.1%} of "
+                      f"requests/s ({on[1] - old[1]:+.0f} µs CPU/request)")
     finally:
         procs.stop_all()
     return 0

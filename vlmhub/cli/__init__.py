@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 GROUPS = ("models", "serve", "route", "ocr", "budgets", "simulate", "status", "cache", "pull",
-          "node", "init")
+          "node", "init", "usage")
 """Command modules under vlmhub.cli, registered in this order."""
 
 for _group in GROUPS:

@@ -49,6 +49,7 @@ from vlmhub.router.state import (
     is_loopback,
     with_admin_key,
 )
+from vlmhub.router.usage import attach_usage
 from vlmhub.sizing.budgets import BudgetStore
 from vlmhub.sizing.vram import Gpu
 
@@ -209,6 +210,7 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
         app = create_app(supervisor, config, metrics=metrics)
         attach_history(app, supervisor, history)
         attach_batches(app, state)  # /v1/files, /v1/batches: <state>/batches
+        attach_usage(app, state)  # tokens per key name and model: <state>/usage.json
         reloader = Reloader(ctx, supervisor, budgets, app, state,
                             log_level_fixed=log_level_fixed)
         app.state.reloader = reloader
@@ -298,7 +300,8 @@ def route(
                               "debug|info|warning|error and text|json")
         state = (state_dir or default_state_dir()).expanduser().resolve()
         admin = admin_key_for(rc.admin_key, state, create=True)  # `auto`: the state dir's token
-        configure_logs(level, "json" if fmt == "json" else "text", [*rc.api_keys, admin or ""])
+        configure_logs(level, "json" if fmt == "json" else "text", [*api_keys(ctx.loaded.config),
+                                                                 admin or ""])
         try:
             code = server_run(run_route(ctx, host, port, runtime, state_dir, watch,
                                         log_level_fixed=log_level is not None))

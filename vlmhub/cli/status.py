@@ -30,14 +30,14 @@ RouterOption = typer.Option(
 JsonOption = typer.Option("--json", help="Print JSON instead of a table.")
 
 
-def _target(config: Path | None, router: str | None) -> tuple[str, str | None]:
+def admin_target(config: Path | None, router: str | None) -> tuple[str, str | None]:
     cfg = load_config(find_config(config)).config
     url = router or f"http://{cfg.router.host}:{cfg.router.port}"
     key = admin_key_for(cfg.router.admin_key, default_state_dir(), create=False)  # `auto`
     return url.rstrip("/"), key or os.environ.get("VLMHUB_ADMIN_KEY") or None
 
 
-def _call(method: str, url: str, key: str | None, timeout: float) -> Any:
+def admin_call(method: str, url: str, key: str | None, timeout: float) -> Any:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         resp = httpx.request(method, url, headers=headers, timeout=timeout, trust_env=False)
@@ -68,8 +68,8 @@ def status(
 ) -> None:
     """The running router's models: state, queue, in flight, memory held, last error."""
     with user_errors():
-        url, key = _target(config, router)
-        models = _call("GET", url + "/api/models", key, 10.0)["models"]
+        url, key = admin_target(config, router)
+        models = admin_call("GET", url + "/api/models", key, 10.0)["models"]
         if as_json:
             typer.echo(json.dumps(models, indent=2))
             return
@@ -86,8 +86,8 @@ def status(
 
 def _act(action: str, name: str, config: Path | None, router: str | None, as_json: bool) -> None:
     with user_errors():
-        url, key = _target(config, router)
-        info = _call("POST", f"{url}/api/models/{name}/{action}", key, 3600.0)
+        url, key = admin_target(config, router)
+        info = admin_call("POST", f"{url}/api/models/{name}/{action}", key, 3600.0)
         if as_json:
             typer.echo(json.dumps(info, indent=2))
         else:

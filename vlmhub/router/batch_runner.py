@@ -40,6 +40,7 @@ from vlmhub.control.contract import AcquireError
 from vlmhub.router.batch_lines import Line, answered, jsonl, parse_lines, succeeded, unanswered
 from vlmhub.router.batch_store import BatchStore, Journal, Record
 from vlmhub.router.errors import acquire_error_response, unknown_model_response
+from vlmhub.router.keys import batch_key
 from vlmhub.router.proxy import forward
 from vlmhub.router.state import RouterState
 
@@ -197,8 +198,9 @@ class BatchRunner:
         request_id = f"req_{uuid.uuid4().hex}"
         started = time.monotonic()
         model = st.supervisor.resolve(line.body["model"])
-        if model is None:  # removed from models.yaml since the batch was validated
-            missing = unknown_model_response(line.body["model"], st.supervisor)
+        key = batch_key(st.settings.keys, rec.get("owner"))
+        if model is None or not key.allows(model):  # gone since validation, or not its key's
+            missing = unknown_model_response(line.body["model"], st.supervisor, key.visible)
             return 404, json.loads(bytes(missing.body)), request_id, None
         try:
             lease = await st.supervisor.acquire(model, "batch")
@@ -211,7 +213,7 @@ class BatchRunner:
             response = await forward(
                 st.http(), st.supervisor, lease, method="POST", path=rec["endpoint"],
                 headers=[("content-type", "application/json"), ("x-request-id", request_id)],
-                body=body, payload=line.body, stream=False)
+                body=body, payload=line.body, stream=False, usage=st.meter(key, model))
         except BaseException:
             st.supervisor.release(lease)  # never handed to a response
             raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -71,9 +71,13 @@ def _snake(name: str) -> str:
     return out or "error"
 
 
-def unknown_model_response(name: str, supervisor: SupervisorLike) -> JSONResponse:
+def unknown_model_response(name: str, supervisor: SupervisorLike,
+                           visible: Callable[[list[str]], list[str]] | None = None
+                           ) -> JSONResponse:
     """404 in OpenAI's shape for a name that is neither a configured model nor an alias, with
-    the models there are (the /v1 routes and the admin API alike)."""
-    known = ", ".join(supervisor.names()) or "none configured"
+    the models there are (the /v1 routes and the admin API alike). ``visible`` narrows that
+    list to what the caller's key may use (a model it may not use gets this same answer)."""
+    names = supervisor.names()
+    known = ", ".join(visible(names) if visible else names) or "none configured"
     return error_response(404, f"The model `{name}` does not exist. Available models: {known}.",
                           "invalid_request_error", "model_not_found", param="model")

@@ -65,6 +65,13 @@ class RouterMetrics:
                                       ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.evictions = Counter("vlmhub_evictions", "Models evicted to make room, by mode.",
                                  ["model", "mode"], registry=r)
+        self.prompt_tokens = Counter("vlmhub_prompt_tokens", "Prompt tokens the engines "
+                                     "counted, by key name and model.", ["key", "model"],
+                                     registry=r)
+        self.completion_tokens = Counter("vlmhub_completion_tokens", "Completion tokens the "
+                                         "engines counted, by key name and model.",
+                                         ["key", "model"], registry=r)
+        self._usage: dict[tuple[str, str], tuple[Counter, Counter]] = {}
 
     def observe_request(self, model: str | None, status: int, seconds: float | None) -> None:
         """One answered request; ``seconds`` to its headers (None: not timed)."""
@@ -82,6 +89,16 @@ class RouterMetrics:
     def observe_eviction(self, model: str, mode: str) -> None:
         """A model was evicted; ``mode`` is how (``stop`` or ``sleep``)."""
         self.evictions.labels(model=model, mode=mode).inc()
+
+    def observe_usage(self, key: str, model: str, prompt: int, completion: int) -> None:
+        """One answer's tokens under its key's name (never the key)."""
+        pair = self._usage.get((key, model))
+        if pair is None:  # labels() costs a lock and a lookup: once per key and model
+            pair = self._usage[(key, model)] = (self.prompt_tokens.labels(key=key, model=model),
+                                                self.completion_tokens.labels(key=key,
+                                                                              model=model))
+        pair[0].inc(prompt)
+        pair[1].inc(completion)
 
     def refresh(self, snapshot: Iterable[ReplicaInfo]) -> None:
         """Set the gauges from a supervisor snapshot (models gone from it disappear)."""

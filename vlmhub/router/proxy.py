@@ -33,6 +33,7 @@ from vlmhub.config.vision import advise_context_error
 from vlmhub.control.contract import AcquireError, Lease, SupervisorLike
 from vlmhub.router.endpoints import not_served
 from vlmhub.router.errors import error_body, sse_error_event
+from vlmhub.router.usage import UsageTap
 from vlmhub.router.watch import CLIENT_LEFT, ClientWatch
 
 log = logging.getLogger("vlmhub.router.proxy")
@@ -140,6 +141,7 @@ async def forward(
     watch: ClientWatch | None = None,
     committed: bool = False,
     reacquire: Reacquire | None = None,
+    usage: UsageTap | None = None,
 ) -> ProxyResponse:
     """The response that forwards this request to ``lease.base_url`` when it is sent.
 
@@ -153,21 +155,25 @@ async def forward(
     non-stream answer becomes a final SSE error event. ``reacquire`` waits for a new lease on
     the same model (as the request's first acquire did): with it, a request the engine never
     received (its connection refused) waits for the engine's restart and is sent once more
-    instead of failing. The caller must send the response (it owns the lease from now on).
-    Does no I/O itself.
+    instead of failing. ``usage`` reads the answer's token usage (a stream asks the engine
+    for it, see :class:`~vlmhub.router.usage.UsageTap`). The caller must send the response
+    (it owns the lease from now on). Does no I/O itself.
     """
     client_headers = list(headers)
     target = path + (f"?{query}" if query else "")
+    if usage is not None:
+        body, payload = usage.prepare(body, payload, stream, path)
 
     def exchange_for(lease: Lease) -> Exchange:
         url = lease.base_url.rstrip("/") + target
+        data = rewrite_model(body, payload, lease.api_name)
         return (url, upstream_headers(client_headers, lease.api_key),
-                rewrite_model(body, payload, lease.api_name))
+                usage.request_body(data) if usage is not None else data)
 
     return ProxyResponse(
         session, supervisor, lease, method=method, exchange_for=exchange_for, stream=stream,
         on_headers=on_headers, on_finish=on_finish, watch=watch, committed=committed,
-        reacquire=reacquire,
+        reacquire=reacquire, usage=usage,
     )
 
 
@@ -188,8 +194,10 @@ class ProxyResponse(Response):
         watch: ClientWatch | None = None,
         committed: bool = False,
         reacquire: Reacquire | None = None,
+        usage: UsageTap | None = None,
     ) -> None:
         self.status_code = 0  # known once the engine answers
+        self.usage = usage
         self.background = None
         self.session, self.supervisor, self.lease = session, supervisor, lease
         self.method, self.exchange_for, self.reacquire = method, exchange_for, reacquire
@@ -270,6 +278,8 @@ class ProxyResponse(Response):
             return
         self._finished = True
         try:
+            if self.usage is not None:
+                self.usage.finish()
             if self._held:
                 self.supervisor.release(self.lease)
         finally:
@@ -398,6 +408,8 @@ class ProxyResponse(Response):
             body = advise_context_error(body, self.lease.model)
         elif resp.status == 404:  # a route this model's engine does not serve: say so
             body = not_served(body, self.lease.model, self.url)
+        elif resp.status == 200 and self.usage is not None:
+            self.usage.body(body)
         headers = downstream_headers(resp.headers, streamed=False)
         headers.append((b"content-length", str(len(body)).encode()))
         await self._start(send, resp.status, headers)
@@ -425,11 +437,14 @@ class ProxyResponse(Response):
         """Pass chunks on as they arrive (no buffering). Returns True if the engine finished."""
         self.streaming = True
         await self._start(send, resp.status, downstream_headers(resp.headers, streamed=True))
+        tap = self.usage if sse and resp.status == 200 else None  # whole events, usage read
         while True:
             try:
                 chunk = await resp.content.readany()
             except UPSTREAM_ERRORS as exc:
                 self._fail(f"engine connection lost mid-stream: {_describe(exc)}")
+                if tap is not None and (rest := tap.flush()):
+                    await self._send_body(send, rest, more=True)
                 if sse:
                     msg = (f"Model {self.lease.model!r}: engine connection lost mid-stream; "
                            "the answer is incomplete. vlmhub is checking the engine.")
@@ -437,8 +452,14 @@ class ProxyResponse(Response):
                 await self._send_body(send, b"", more=False)
                 return False
             if not chunk:
+                if tap is not None and (rest := tap.flush()):
+                    await self._send_body(send, rest, more=True)
                 await self._send_body(send, b"", more=False)
                 return True
+            if tap is not None:
+                chunk = tap.feed(chunk)
+                if not chunk:
+                    continue
             await self._send_body(send, chunk, more=True)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlmhub.config.schema import Config, RouterConfig, api_keys
+from vlmhub.router.keys import NO_KEYS, KeyTable, key_table
 
 RESTART_ONLY = ("host", "port", "log_format")
 """Router settings a running router cannot change: they take effect at the next start (the
@@ -24,6 +25,8 @@ class RouterSettings:
 
     api_keys: tuple[bytes, ...] = ()
     """Keys for /v1 (models.yaml plus ``VLMHUB_API_KEYS``); empty: no key needed."""
+    keys: KeyTable = NO_KEYS
+    """The same keys by digest, with their names, models and limits (vlmhub.router.keys)."""
     admin_key: bytes | None = None
     max_body: int = 50 * 1024 * 1024
     body_timeout_s: float = 30.0
@@ -37,8 +40,10 @@ class RouterSettings:
         """The settings of ``config`` (``admin_key: auto`` must already be the token, see
         :func:`vlmhub.router.state.with_admin_key`)."""
         rc = config.router
+        secrets = api_keys(config)
         return cls(
-            api_keys=tuple(k.encode() for k in api_keys(config)),
+            api_keys=tuple(k.encode() for k in secrets),
+            keys=key_table(config, secrets[len(rc.api_keys):]),
             admin_key=rc.admin_key.encode() if rc.admin_key else None,
             max_body=int(rc.max_body_mb * 1024 * 1024),
             body_timeout_s=rc.body_timeout_s,

@@ -23,9 +23,11 @@ from starlette.responses import Response
 from vlmhub.config.schema import Config, api_keys
 from vlmhub.control.contract import SupervisorLike
 from vlmhub.logs import add_secrets
+from vlmhub.router.keys import KeyRecord, Limiter
 from vlmhub.router.metrics import RouterMetrics
 from vlmhub.router.proxy import create_session
 from vlmhub.router.settings import RouterSettings, needs_restart
+from vlmhub.router.usage import UsageLedger, UsageTap
 
 
 @dataclass
@@ -42,12 +44,25 @@ class RouterState:
     created: int = field(default_factory=lambda: int(time.time()))
     session: aiohttp.ClientSession | None = None
     in_flight: int = 0
+    limiter: Limiter = field(default_factory=Limiter)
+    """Named keys' per-minute counters (kept across a reload, by key name)."""
+    usage: UsageLedger = field(default_factory=UsageLedger)
+    """Tokens per key name and model (vlmhub.router.usage)."""
 
     def http(self) -> aiohttp.ClientSession:
         """The data-path session (opened lazily when the app runs without its lifespan)."""
         if self.session is None or self.session.closed:
             self.session = create_session()
         return self.session
+
+    def meter(self, key: KeyRecord, model: str) -> UsageTap:
+        """The tap counting one answer's tokens under ``key``'s name (and its tpm window)."""
+
+        def counted(prompt: int, completion: int) -> None:
+            self.usage.add(key.name, model, prompt, completion)
+            self.limiter.add_tokens(key, prompt + completion)
+
+        return UsageTap(counted)
 
     def apply(self, config: Config) -> list[str]:
         """Take ``config``'s router settings from the next request on (a reload; ``admin_key:
