@@ -173,11 +173,13 @@ def ps(config: Path | None = ConfigOption,
         if not rows:
             console.print("no engines running")
             return
-        table = Table("NAME", "STATE", "RUNTIME", "PORT", "VRAM", "UPTIME", "HEALTH",
-                      box=None, header_style="bold")
+        nodes = any("node" in r for r in rows)  # several GPUs: which one each engine uses
+        table = Table("NAME", "STATE", "RUNTIME", *(["NODE"] if nodes else []), "PORT", "VRAM",
+                      "UPTIME", "HEALTH", box=None, header_style="bold")
         for r in rows:
             vram, up = r["vram_gib"], r["uptime_s"]
-            table.add_row(r["name"], r["state"], r["runtime"], str(r["port"]),
+            table.add_row(r["name"], r["state"], r["runtime"],
+                          *([r.get("node", "")] if nodes else []), str(r["port"]),
                           f"{vram:.1f} GiB" if vram is not None else "?",
                           uptime(up) if up is not None else "?",
                           "[green]ok[/]" if r["healthy"] else "[red]down[/]")

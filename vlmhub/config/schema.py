@@ -66,6 +66,17 @@ class GpuConfig(Section):
     budget_gib: float | None = Field(default=None, gt=0)
     index: int = Field(default=0, ge=0)
     force_total: bool = False
+    devices: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
+    """The cards engines may use (CUDA device ids). None: every GPU NVML lists (without NVML,
+    one card of ``total_gib``). With two or more, each card is a node of its own
+    (vlmhub.engines.devices, docs/scale-out.md)."""
+
+    @field_validator("devices")
+    @classmethod
+    def _distinct_devices(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("lists a device twice; name each card once, e.g. [0, 1]")
+        return v
 
 
 class BatchConfig(Section):

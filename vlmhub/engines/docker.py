@@ -33,6 +33,7 @@ from vlmhub.config.schema import RuntimeConfig
 from vlmhub.engines import keys
 from vlmhub.engines.adopt import Reconciled, reconcile_engines
 from vlmhub.engines.base import EngineHandle, EngineStatus, LaunchRequest, Runtime
+from vlmhub.engines.devices import Devices
 from vlmhub.engines.owner import this_owner
 from vlmhub.engines.procfs import FROZEN_STATES
 from vlmhub.errors import EngineStartError, ImageUnavailable, PortInUse, RuntimeUnavailable
@@ -53,6 +54,7 @@ LABEL_PORT = "vlmhub.port"
 LABEL_HEALTH = "vlmhub.health-path"
 LABEL_STARTED = "vlmhub.started-at"
 LABEL_OWNER = "vlmhub.owner"
+LABEL_NODE = "vlmhub.node"
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 _RUNNING = {"running", "restarting", "paused", "created"}
 _PORT_BUSY = ("port is already allocated", "address already in use")
@@ -85,6 +87,21 @@ def _parse_time(text: str | None) -> float | None:
     return datetime.fromisoformat(m.group(1) + frac + zone).timestamp()
 
 
+def device_requests(gpus: str | None, ids: list[int]) -> list[Any]:
+    """The container's GPU request: the cards ``ids`` of its node (vlmhub.engines.devices)
+    when it has some, else ``runtime.gpus`` (``all``, or a comma list of ids; None or empty:
+    no GPU). Pure."""
+    if ids:
+        names = [str(i) for i in ids]
+    elif not gpus:
+        return []
+    elif gpus.strip().lower() == "all":
+        return [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    else:
+        names = [d.strip() for d in gpus.split(",") if d.strip()]
+    return [docker.types.DeviceRequest(device_ids=names, capabilities=[["gpu"]])]
+
+
 class DockerRuntime(Runtime):
     """Engines as Docker containers named ``<name_prefix>-<model>``, labelled for adoption.
 
@@ -95,9 +112,12 @@ class DockerRuntime(Runtime):
 
     kind: ClassVar[str] = "docker"
 
-    def __init__(self, rc: RuntimeConfig, client: Any | None = None) -> None:
+    def __init__(self, rc: RuntimeConfig, client: Any | None = None,
+                 devices: Devices | None = None) -> None:
         self.rc = rc
         self.client: Any = client if client is not None else self._connect(rc)
+        self.devices = devices or Devices()
+        """This machine's cards (vlmhub.engines.devices): with several, each is a node."""
         self.state_dir = default_state_dir()
         """Where the engines' keys live (``vlmhub route --state-dir`` sets it)."""
 
@@ -144,8 +164,13 @@ class DockerRuntime(Runtime):
             host="127.0.0.1",
             health_path=labels.get(LABEL_HEALTH, "/health"),
             owner=labels.get(LABEL_OWNER, ""),
+            node=labels.get(LABEL_NODE, ""),
             api_key=keys.read_key(self.state_dir, labels.get(LABEL_MODEL, container.name)),
         )
+
+    async def nodes(self) -> dict[str, float] | None:
+        """This machine's cards as nodes (``gpu0``, ...) with two or more; else None."""
+        return self.devices.nodes()
 
     # ------------------------------------------------------------------ images
     async def ensure_image(self, image: str, progress: PullProgress | None = None) -> None:
@@ -260,6 +285,7 @@ class DockerRuntime(Runtime):
             LABEL_HEALTH: req.health_path,
             LABEL_STARTED: f"{time.time():.3f}",
             LABEL_OWNER: this_owner(),
+            LABEL_NODE: req.node,
         }
         kwargs: dict[str, Any] = {
             "image": req.image,
@@ -275,13 +301,9 @@ class DockerRuntime(Runtime):
             kwargs["ipc_mode"] = "host"
         else:
             kwargs["shm_size"] = "2g"
-        if self.rc.gpus:
-            if self.rc.gpus.strip().lower() == "all":
-                req_gpu = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
-            else:
-                ids = [d.strip() for d in self.rc.gpus.split(",") if d.strip()]
-                req_gpu = docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])
-            kwargs["device_requests"] = [req_gpu]
+        requests_ = device_requests(self.rc.gpus, self.devices.ids(req.node))
+        if requests_:
+            kwargs["device_requests"] = requests_
         return kwargs
 
     def _start(self, req: LaunchRequest) -> EngineHandle:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vlmhub.config.schema import Config, ResolvedModel, RuntimeConfig
 from vlmhub.engines.base import LaunchRequest, Runtime
+from vlmhub.engines.devices import local_devices
 from vlmhub.engines.keys import engine_key
 from vlmhub.paths import default_state_dir
 from vlmhub.sizing.flags import render_argv
@@ -72,17 +73,18 @@ def runtime_state_dir(runtime: Runtime) -> Path:
 
 def make_runtime(config: Config, kind: str | None = None) -> Runtime:
     """The runtime named by ``kind`` or the config. Docker connects (and may raise
-    :class:`~vlmhub.errors.RuntimeUnavailable` naming how to start the engine)."""
+    :class:`~vlmhub.errors.RuntimeUnavailable` naming how to start the engine); the process
+    and Docker runtimes list this machine's cards (``gpu.devices``, NVML: briefly)."""
     rc = config.runtime
     chosen = kind or rc.kind
     if chosen == "docker":
         from vlmhub.engines.docker import DockerRuntime
 
-        return DockerRuntime(rc)
+        return DockerRuntime(rc, devices=local_devices(config.gpu))
     if chosen == "process":
         from vlmhub.engines.process import ProcessRuntime
 
-        return ProcessRuntime(rc)
+        return ProcessRuntime(rc, devices=local_devices(config.gpu))
     if chosen == "ray":
         from vlmhub.engines.ray import RayRuntime
 

@@ -42,6 +42,7 @@ from vlmhub.config.schema import RuntimeConfig
 from vlmhub.engines import keys
 from vlmhub.engines.adopt import Reconciled, reconcile_engines
 from vlmhub.engines.base import EngineHandle, EngineStatus, LaunchRequest, Runtime
+from vlmhub.engines.devices import Devices
 from vlmhub.engines.owner import this_owner
 from vlmhub.engines.ports import port_is_free
 from vlmhub.engines.procfs import (
@@ -176,9 +177,12 @@ class ProcessRuntime(Runtime):
 
     kind: ClassVar[str] = "process"
 
-    def __init__(self, rc: RuntimeConfig, state_dir: Path | None = None) -> None:
+    def __init__(self, rc: RuntimeConfig, state_dir: Path | None = None,
+                 devices: Devices | None = None) -> None:
         self.rc = rc
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.devices = devices or Devices()
+        """This machine's cards (vlmhub.engines.devices): with several, each is a node."""
 
     # ------------------------------------------------------------------ paths and records
     def log_path(self, name: str) -> Path:
@@ -256,8 +260,13 @@ class ProcessRuntime(Runtime):
             host="127.0.0.1",
             health_path=str(data.get("health_path", "/health")),
             owner=str(data.get("owner", "")),
+            node=str(data.get("node", "")),
             api_key=keys.read_key(self.state_dir, str(data["name"])),
         )
+
+    async def nodes(self) -> dict[str, float] | None:
+        """This machine's cards as nodes (``gpu0``, ...) with two or more; else None."""
+        return self.devices.nodes()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, req: LaunchRequest) -> EngineHandle:
@@ -293,7 +302,8 @@ class ProcessRuntime(Runtime):
                     "models.yaml to the engine command (e.g. [\"{python}\", \"-m\", "
                     "\"vllm.entrypoints.openai.api_server\"]), or use runtime.kind: docker."
                 )
-            proc, log = self._spawn(req.name, argv, engine_env(req))
+            env = {**engine_env(req), **self.devices.env(req.node)}  # its card(s) only
+            proc, log = self._spawn(req.name, argv, env)
             started_at = time.time()
             _CHILDREN[proc.pid] = _Child(proc, started_at)
             data = {
@@ -307,6 +317,7 @@ class ProcessRuntime(Runtime):
                 "proc_start": proc_start(proc.pid),
                 "owner": this_owner(),
                 "log": str(log),
+                "node": req.node,
             }
             self._write_state(req.name, data)
         return self._handle(data)
