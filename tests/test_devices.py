@@ -181,3 +181,14 @@ def _ps(tmp_path: Path) -> list[dict[str, Any]]:
                          check=True, stdin=subprocess.DEVNULL)
     rows: list[dict[str, Any]] = json.loads(out.stdout)
     return rows
+
+
+def test_a_stand_in_charges_the_ledger_of_its_first_visible_card() -> None:
+    from vlmhub.testing.stub_gpus import NoDevice, card
+
+    env = {"VLMHUB_STUB_GPUS": "8,12", "CUDA_VISIBLE_DEVICES": "1"}
+    assert card("/l", None, 24.0, env) == ("/l/gpu1", 12.0)
+    assert card("/l", 6.0, 24.0, {"VLMHUB_STUB_GPUS": "2"}) == ("/l/gpu0", 6.0)
+    assert card("/l", 6.0, 24.0, {}) == ("/l", 6.0)  # one card: the ledger dir itself
+    with pytest.raises(NoDevice, match="No CUDA GPUs are available"):
+        card("/l", None, 24.0, {**env, "CUDA_VISIBLE_DEVICES": "2"})
