@@ -37,6 +37,8 @@ STREAM_USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 """Engine routes whose streams carry a usage chunk when asked (``stream_options``)."""
 ASK = b'"stream_options":{"include_usage":true},'
 _DECODER = json.JSONDecoder()
+EVENT_END = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")
+"""What ends an SSE event (a blank line, in any of the three line endings)."""
 Bucket = tuple[int, str, str]  # hour (Unix time), key name, model
 
 
@@ -114,14 +116,16 @@ class UsageTap:
         """The bytes of a stream to send now: whole events only (the rest waits for the next
         chunk), the usage chunk taken out when :attr:`strip`."""
         data = self._pending + chunk if self._pending else chunk
-        end = data.rfind(b"\n\n")
+        ends = [at + len(sep) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r")
+                if (at := data.rfind(sep)) >= 0]
+        end = max(ends, default=-1)
         if end < 0:
             if len(data) > 1 << 16:  # no event boundary in sight: not ours to hold
                 self._pending = b""
                 return data
             self._pending = data
             return b""
-        head, self._pending = data[:end + 2], data[end + 2:]
+        head, self._pending = data[:end], data[end:]
         return self._events(head) if b'"usage"' in head else head
 
     def flush(self) -> bytes:
@@ -130,8 +134,10 @@ class UsageTap:
         return self._events(rest) if b'"usage"' in rest else rest
 
     def _events(self, head: bytes) -> bytes:
+        parts = EVENT_END.split(head)  # event, its end, event, its end, ..., the rest
         kept: list[bytes] = []
-        for event in head.split(b"\n\n"):
+        for i in range(0, len(parts), 2):
+            event, end = parts[i], parts[i + 1] if i + 1 < len(parts) else b""
             if b'"usage"' in event and event.startswith(b"data:"):
                 try:
                     obj = json.loads(event[5:])
@@ -141,8 +147,8 @@ class UsageTap:
                     self._found = got
                     if self.strip and obj.get("choices") == []:
                         continue
-            kept.append(event)
-        return b"\n\n".join(kept)
+            kept += (event, end)
+        return b"".join(kept)
 
     def finish(self) -> None:
         """Report the usage found (once; nothing when the answer carried none)."""
