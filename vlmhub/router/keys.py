@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse
 
 from vlmhub.config.apikeys import NamedKey
 from vlmhub.config.schema import Config
+from vlmhub.router.batch_store import key_identity
 from vlmhub.router.errors import error_response, retry_after_header
 
 ANONYMOUS = "anonymous"
@@ -35,8 +36,8 @@ def plain_label(key: bytes) -> str:
 
 
 def owner_of(key: bytes) -> str:
-    """The owner fingerprint the Batch and Files API stores (batch_store.key_identity)."""
-    return "key-" + hashlib.sha256(key).hexdigest()[:16]
+    """The owner fingerprint the Batch and Files API stores for ``key``."""
+    return key_identity(key) or ""
 
 
 @dataclass(frozen=True, slots=True)
