@@ -96,9 +96,10 @@ def with_model_names(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
     out = copy.deepcopy(doc)
     for item in out["paths"].values():
         body = item.get("post", {}).get("requestBody")
-        if body is not None:
-            props = body["content"]["application/json"]["schema"]["properties"]
-            props["model"] = {"type": "string", "enum": names}
+        for content in (body or {}).get("content", {}).values():  # JSON or a form
+            props = content.get("schema", {}).get("properties", {})
+            if "model" in props:
+                props["model"] = {"type": "string", "enum": names}
     return out
 
 

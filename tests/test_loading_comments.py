@@ -90,3 +90,63 @@ async def test_loading_comments_off(tmp_path: Path) -> None:
         status, _, lines = await raw_stream(base, "a")
         assert status == 200 and lines and not any(ln.startswith(":") for ln in lines)
         assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+
+
+def reasoning_of(chunk: Any) -> str | None:
+    """``delta.reasoning_content`` of an SDK chunk (an extra field to the openai types)."""
+    delta = chunk.choices[0].delta
+    extra = delta.model_extra or {}
+    value = extra.get("reasoning_content", getattr(delta, "reasoning_content", None))
+    return value if isinstance(value, str) else None
+
+
+async def test_reasoning_progress_is_what_a_chat_window_shows(tmp_path: Path) -> None:
+    """``router.loading_progress: reasoning``: the real openai SDK's chunks carry the loading
+    phases as ``reasoning_content`` of one completion, then the engine's answer."""
+    sup, _, _ = build(tmp_path, {"a": model(2.0)}, delay=2.0,
+                      router={"loading_comments_s": 0.5, "loading_progress": "reasoning"})
+    async with routed(sup) as base:
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        stream = await client.chat.completions.create(model="a", stream=True, **CHAT)
+        chunks = [c async for c in stream if c.choices]
+        thinking = [c for c in chunks if reasoning_of(c)]
+        assert len(thinking) >= 3, chunks  # at once, then every 0.5 s through a 2 s start
+        first = chunks.index(thinking[0])
+        assert first == 0 and chunks[0].choices[0].delta.role == "assistant"
+        assert all(c.choices[0].delta.role is None for c in thinking[1:])
+        assert len({c.id for c in thinking}) == 1 and thinking[0].model == "a"
+        assert thinking[0].object == "chat.completion.chunk"
+        phases = "".join(reasoning_of(c) or "" for c in thinking)
+        assert phases.startswith("Loading a: ") and "(0 s)\n" in phases, phases
+        answer = [c for c in chunks if c.choices[0].delta.content]
+        assert chunks.index(answer[0]) > chunks.index(thinking[-1])  # the phases, then it
+        text = "".join(c.choices[0].delta.content or "" for c in answer)
+        assert text == await stream_text(base, "a")  # the same answer as when warm
+        # ready: no reasoning at all
+        warm = [c async for c in await client.chat.completions.create(
+            model="a", stream=True, **CHAT) if c.choices]
+        assert not any(reasoning_of(c) for c in warm)
+
+
+async def test_the_progress_header_overrides_the_setting(tmp_path: Path) -> None:
+    sup, _, _ = build(tmp_path, {"a": model(2.0)}, delay=1.0,
+                      router={"loading_comments_s": 0.3, "loading_progress": "reasoning"})
+    async with routed(sup) as base:
+        body = {"model": "a", "stream": True, **CHAT}
+        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            bad = await c.post("/v1/chat/completions", json=body,
+                               headers={"X-Vlmhub-Loading-Progress": "loud"})
+            assert bad.status_code == 400
+            assert bad.json()["error"]["code"] == "invalid_loading_progress"
+            r = await c.post("/v1/chat/completions", json=body,
+                             headers={"X-Vlmhub-Loading-Progress": "off"})
+        lines = r.text.splitlines()
+        assert r.status_code == 200 and lines[-2:] in (["data: [DONE]", ""], ["", "data: [DONE]"])
+        assert not any(ln.startswith(":") for ln in lines)
+        assert "reasoning_content" not in r.text  # neither comments nor reasoning
+        await sup.unload("a")
+        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            r = await c.post("/v1/chat/completions", json=body,
+                             headers={"X-Vlmhub-Loading-Progress": "comments"})
+        assert r.text.startswith(": vlmhub loading a: ")
+        assert "reasoning_content" not in r.text
