@@ -196,6 +196,22 @@ class RuntimeConfig(Section):
         return v
 
 
+class ReplicasConfig(Section):
+    """``replicas: {min, max, target}``: autoscaled replicas (docs/scheduling.md, Replicas)."""
+
+    min: int = Field(default=0, ge=0, le=64)
+    """Replicas kept through their idle ``ttl`` (0: the last one goes too)."""
+    max: int = Field(ge=1, le=64)
+    target: float = Field(default=4.0, gt=0)
+    """Requests (queued and in flight) per running replica above which one more starts."""
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ReplicasConfig:
+        if self.min > self.max:
+            raise ValueError(f"replicas: min ({self.min}) is above max ({self.max})")
+        return self
+
+
 class ModelEntry(Section):
     """One enabled model: a plugin (with overrides), an inline spec, or an external URL."""
 
@@ -230,6 +246,9 @@ class ModelEntry(Section):
     )
     params: ParamRules | None = None
     """Request parameter rules: drop, set, defaults (vlmhub.config.params)."""
+    replicas: Annotated[int, Field(ge=1, le=64)] | ReplicasConfig = 1
+    """Engines of this model: ``N`` (all N run while it is in use) or ``{min, max, target}``
+    (autoscaled between them). Each replica is an engine of its own (docs/scheduling.md)."""
 
     @field_validator("url")
     @classmethod
@@ -255,6 +274,8 @@ class ModelEntry(Section):
             raise ValueError("give either spec (a model declared here) or plugin, not both")
         if self.url is not None and (self.spec is not None or self.plugin):
             raise ValueError("an external model (url) has no plugin or spec")
+        if self.url is not None and self.replicas != 1:
+            raise ValueError("an external model (url) has one replica: vlmhub runs no engine")
         return self
 
 

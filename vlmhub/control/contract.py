@@ -44,6 +44,8 @@ class Lease:
     released: bool = False
     revoked: asyncio.Future[str] | None = field(default=None, repr=False, compare=False)
     """Set (to the reason) when the engine fails under this lease: the exchange must end now."""
+    replica: str = ""
+    """The replica (engine) it is on: ``<model>#<n>``, or the model's name with one replica."""
 
     def revoke(self, reason: str) -> None:
         """End the exchange running under this lease (its engine failed). Idempotent."""
@@ -53,7 +55,8 @@ class Lease:
 
 @dataclass(frozen=True)
 class ReplicaInfo:
-    """A read-only snapshot of one model for /v1/models, /api/models, ps and metrics."""
+    """A read-only snapshot of one model (or one of its replicas) for /v1/models,
+    /api/models, ps and metrics."""
 
     name: str
     state: State
@@ -78,6 +81,10 @@ class ReplicaInfo:
     """The GPU node it runs (or last ran, or failed) on: a Ray node's name; "" with one GPU."""
     host_gib: float = 0.0
     """Host RAM it holds: its weights while it sleeps at level 1 (docs/vram.md)."""
+    replica: str = ""
+    """One replica's own name (``<model>#<n>``) in ``replicas``; "" for a model's row."""
+    replicas: tuple[ReplicaInfo, ...] = ()
+    """A model with several replicas: each one's snapshot (its own port, state, budget...)."""
 
 
 class AcquireError(Exception):

@@ -34,7 +34,8 @@ from vlmhub.control.contract import AcquireError, LoadFailed, LoadTimeout, Obser
 from vlmhub.control.replica import Replica
 from vlmhub.engine_log import LogParser
 from vlmhub.engines.base import EngineHandle, Runtime, probe, wait_ready
-from vlmhub.engines.launch import launch_request
+from vlmhub.engines.keys import engine_key
+from vlmhub.engines.launch import launch_request, runtime_state_dir
 from vlmhub.engines.ports import pick_port
 from vlmhub.errors import EngineStartError, EngineStartTimeout, RuntimeUnavailable, VlmhubError
 from vlmhub.logs import ENGINE
@@ -165,6 +166,9 @@ class EngineOps:
             req = replace(launch_request(
                 r.model, self.gpu, self.runtime, self.config.runtime, port, sleep_mode=r.sleep_ok
             ), node=node, vram_gib=r.footprint)
+            if r.name != r.model.name:  # one of several replicas: an engine and key of its own
+                req = replace(req, name=r.name, api_key=engine_key(
+                    runtime_state_dir(self.runtime), r.name))
             handle = r.handle = await self.runtime.start(req)
             ENGINE.info("%s: starting (%s%s, port %d, budget %.2f GiB)", r.name,
                         self.runtime.kind, f" on node {node}" if node else "", port, r.footprint,
@@ -182,7 +186,7 @@ class EngineOps:
             )
         except Exception as exc:  # any: the model fails with the reason, the plan goes on
             await self._start_error(r, handle, parser, exc)
-            self.observer.observe_load(r.name, time.monotonic() - began, False)
+            self.observer.observe_load(r.model.name, time.monotonic() - began, False)
             return
         r.last_load_s = time.monotonic() - began
         r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
@@ -193,7 +197,7 @@ class EngineOps:
                     f"; {r.budget_note}" if r.budget_note else "",
                     extra={"model": r.name, "event": "ready", "load_s": round(r.last_load_s, 3),
                            "port": handle.port, "budget_gib": round(r.footprint, 3)})
-        self.observer.observe_load(r.name, r.last_load_s, True)
+        self.observer.observe_load(r.model.name, r.last_load_s, True)
 
     async def _start_error(self, r: Replica, handle: EngineHandle | None, parser: LogParser,
                            exc: Exception) -> None:
@@ -282,7 +286,7 @@ class EngineOps:
                 ENGINE.info("%s: put to sleep at level %d (%s)", v.name, ev.level,
                             reason or "evicted", extra={"model": v.name, "event": "sleep",
                                                         "reason": reason, "level": ev.level})
-                self.observer.observe_eviction(v.name, "sleep")
+                self.observer.observe_eviction(v.model.name, "sleep")
                 return True
             v.state = "stopping"
             if v.handle is not None and not await self.stop_engine(v, v.handle, grace_s=20.0):
@@ -290,7 +294,7 @@ class EngineOps:
             v.state, v.phase = "stopped", ""
             ENGINE.info("%s: stopped (%s)", v.name, reason or "evicted",
                         extra={"model": v.name, "event": "evict", "reason": reason})
-            self.observer.observe_eviction(v.name, "stop")
+            self.observer.observe_eviction(v.model.name, "stop")
             return True
         finally:
             v.draining = False
@@ -335,7 +339,7 @@ class EngineOps:
             r.healthy_at = r.loaded_at = time.monotonic()
             ENGINE.info("%s: woken from level %d in %.1f s", r.name, r.sleep_level, took,
                         extra={"model": r.name, "event": "wake", "level": r.sleep_level})
-            self.observer.observe_load(r.name, took, True)
+            self.observer.observe_load(r.model.name, took, True)
         return ok
 
 

@@ -24,7 +24,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from vlmhub.config.schema import ResolvedModel, sleep_ok
-from vlmhub.control.replica import Replica, new_replica
+from vlmhub.control.group import new_members
+from vlmhub.control.replica import Replica
 
 
 @dataclass(frozen=True)
@@ -78,42 +79,44 @@ class Applied:
     """The new replica table: every model of the new config in its order, then the removed
     ones that still have an engine or requests to drain."""
     removed: list[Replica]
-    """Every removed replica (its queued requests must be failed)."""
+    """Every removed replica (a removed model's queued requests must be failed)."""
     preload: list[Replica]
-    """The added replicas with ``preload: true`` (the supervisor asks for them at once)."""
+    """The added replicas with ``preload: true`` (the supervisor asks for their model)."""
 
 
 def apply_models(
     replicas: Mapping[str, Replica], models: Sequence[ResolvedModel],
     starting: Collection[str] = (),
 ) -> Applied:
-    """Mark and update the replicas for a new config. Runs on the event loop, synchronously:
+    """Mark and update the replicas (several per model with ``replicas``: a replica beyond a
+    lowered count is removed, one beyond a raised count added) for a new config. Runs on the
+    event loop, synchronously:
     a removed replica is marked ``retire="removed"`` (forgotten at once when it runs no engine,
     starts none and serves nothing), a changed one whose engine runs or is starting
     ``retire="changed"`` (with the old footprint in ``retiring_gib``), an unchanged one only
     takes the new settings; added models get new (stopped) replicas. ``starting``: the models a
     running operation is bringing in (planned, their engine maybe not launched yet)."""
-    diff = diff_models({n: r.model for n, r in replicas.items()}, models)
-    fresh = {m.name: m for m in models}
-    removed = [replicas[n] for n in diff.removed]
+    diff = diff_models({r.model.name: r.model for r in replicas.values()}, models)
+    made = {r.name: r for m in models for r in new_members(m)}
+    removed = [r for n, r in replicas.items() if n not in made]
     for r in removed:
         r.retire = "removed"
-    for name in (*diff.changed, *diff.unchanged):
+    for name in (n for n in made if n in replicas):
         r = replicas[name]
         if r.retire == "removed":  # removed by an earlier reload, back before it was gone
             r.retire = None
-        old_gib = r.footprint
-        r.model = fresh[name]
-        if name in diff.changed:
-            r.sleep_ok = sleep_ok(fresh[name])
+        old_gib, m = r.footprint, made[name].model
+        r.model = m
+        if m.name in diff.changed:
+            r.sleep_ok = sleep_ok(m)
             # "starting": its engine was (or is being) launched from the old config
             if r.handle is not None or r.state == "starting":
                 r.retire, r.retiring_gib = "changed", old_gib
-            if fresh[name].external:
+            if m.external:
                 r.state, r.retire = "ready", None
     kept = [r.name for r in removed
             if r.handle is not None or r.in_flight or r.state == "starting" or r.name in starting]
-    order = [m.name for m in models] + kept
-    table = {n: replicas[n] if n in replicas else new_replica(fresh[n]) for n in order}
-    preload = [table[n] for n in diff.added if fresh[n].entry.preload]
+    table = {n: replicas.get(n, r) for n, r in made.items()}
+    table.update((n, replicas[n]) for n in kept)
+    preload = [r for n, r in made.items() if n not in replicas and r.model.entry.preload]
     return Applied(diff, table, removed, preload)

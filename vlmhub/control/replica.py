@@ -6,7 +6,6 @@ Owned by the supervisor's event loop: nothing here blocks or is shared across th
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,15 +34,18 @@ class Queued:
 
 @dataclass
 class Replica:
-    """One model's mutable state. Touched only from the event loop."""
+    """One engine's mutable state (a model's, or one of its replicas': the queue is its
+    :class:`vlmhub.control.group.Group`'s). Touched only from the event loop."""
 
     model: ResolvedModel
+    rname: str = ""
+    """Its own name: ``<model>#<index>`` for one of several replicas; "" is the model's."""
+    index: int = 0
+    """1.. among several replicas; 0 for a model's only one."""
     state: State = "stopped"
     phase: str = ""
     handle: EngineHandle | None = None
     in_flight: int = 0
-    waiters: deque[Queued] = field(default_factory=deque)
-    wanted: list[asyncio.Future[None]] = field(default_factory=list)
     last_used: float = 0.0
     last_load_s: float | None = None
     last_error: str | None = None
@@ -78,13 +80,7 @@ class Replica:
 
     @property
     def name(self) -> str:
-        return self.model.name
-
-    @property
-    def leases_at_once(self) -> bool:
-        """Whether a new request is leased this engine at once (ready, not draining, nobody
-        queued ahead of it) rather than queued."""
-        return self.state == "ready" and not self.draining and not self.waiters
+        return self.rname or self.model.name
 
     @property
     def footprint(self) -> float:
@@ -129,14 +125,14 @@ class Replica:
         """A read-only snapshot of this replica."""
         spec = self.model.spec
         return ReplicaInfo(
-            name=self.name,
+            name=self.model.name,
             state=self.state,
             phase=self.phase,
             runtime="external" if self.model.external else runtime_kind,
             port=self.handle.port if self.handle else None,
             budget_gib=round(self.footprint, 3),
             in_flight=self.in_flight,
-            queued=len(self.waiters),
+            queued=0,
             pinned=self.model.entry.pinned,
             external=self.model.external,
             last_used=self.last_used or None,
@@ -146,15 +142,17 @@ class Replica:
             max_model_len=spec.options.max_model_len if spec else None,
             draining=self.draining,
             restarts=self.restarts,
-            waiting_reason=self.waiting_reason if self.waiters else None,
+            waiting_reason=self.waiting_reason,
             node=self.node if self.state != "stopped" else "",
+            replica=self.rname,
             host_gib=round(self.view().host_held_gib, 3),
         )
 
 
-def new_replica(m: ResolvedModel) -> Replica:
-    """A replica for ``m``: stopped (an external endpoint: ready), idle."""
-    r = Replica(m, sleep_ok=sleep_ok(m))
+def new_replica(m: ResolvedModel, name: str = "", index: int = 0) -> Replica:
+    """A replica for ``m`` (``name``: its own, see :attr:`Replica.rname`): stopped (an
+    external endpoint: ready), idle."""
+    r = Replica(m, "" if name == m.name else name, index, sleep_ok=sleep_ok(m))
     r.idle.set()
     if m.external:
         r.state = "ready"

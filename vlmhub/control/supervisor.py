@@ -1,7 +1,9 @@
-"""The supervisor: one replica state machine per model, driven by ONE asyncio control loop.
+"""The supervisor: one replica state machine per engine, driven by ONE asyncio control loop.
 
-Requests call :meth:`Supervisor.acquire`. A ready replica hands out a lease at once; otherwise
-the request waits in the replica's bounded queue and the control loop is woken. Only the loop
+A model has one replica, or several (``replicas`` in models.yaml), grouped with the model's
+queue in a :class:`~vlmhub.control.group.Group`. Requests call :meth:`Supervisor.acquire`. A
+ready replica (the one with fewest requests in flight) hands out a lease at once; otherwise the
+request waits in the model's bounded queue and the control loop is woken. Only the loop
 decides to start, wake, sleep or stop an engine: it asks the pure :mod:`vlmhub.scheduling.placement`
 (the per-GPU scheduling.scheduler and scheduling.policy) for a plan and runs at most ONE
 engine operation at a time per GPU node (vLLM instances must not profile concurrently on one
@@ -46,9 +48,10 @@ from vlmhub.control.contract import (
     UnknownModel,
 )
 from vlmhub.control.engine_ops import EngineOps, StartHook, log_exception
+from vlmhub.control.group import Group, grouped, new_members
 from vlmhub.control.liveness import Liveness, watched
 from vlmhub.control.reload import ModelDiff, apply_models
-from vlmhub.control.replica import Queued, Replica, new_replica
+from vlmhub.control.replica import Queued, Replica
 from vlmhub.engines.base import EngineHandle, Runtime
 from vlmhub.logs import ROUTER
 from vlmhub.scheduling import policy, scheduler, step
@@ -77,7 +80,8 @@ class Supervisor:
         self.config, self.gpu, self.runtime = config, gpu, runtime
         self.rc = config.router
         self.observer: Observer = observer or NullObserver()
-        self.replicas: dict[str, Replica] = {m.name: new_replica(m) for m in models}
+        self.replicas: dict[str, Replica] = {r.name: r for m in models for r in new_members(m)}
+        self.groups: dict[str, Group] = grouped(self.replicas)
         self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
         self._kick = asyncio.Event()
         self._ops: dict[str, asyncio.Task[Any]] = {}
@@ -110,7 +114,7 @@ class Supervisor:
         return self._aliases.get(name)
 
     def names(self) -> list[str]:
-        return list(self.replicas)
+        return list(self.groups)
 
     async def acquire(self, name: str, priority: str | None = None) -> Lease:
         """Wait in the model's queue until it is ready; raise an AcquireError otherwise.
@@ -118,65 +122,60 @@ class Supervisor:
         ``priority`` (``interactive``/``batch``; None: the model's ``priority``) is what the
         swap policy weighs when several queues need a swap (vlmhub.scheduling.policy).
         """
-        real = self.resolve(name)
-        if real is None:
-            raise UnknownModel(
-                f"model {name!r} does not exist; available: {', '.join(self.replicas)}"
-            )
-        r = self.replicas[real]
+        g = self._get(name)
         if self._closing:
             raise AcquireError("the router is shutting down", retry_after=5)
-        klass = priority or r.model.entry.priority
-        if r.leases_at_once:
-            return self._lease(r, klass)
-        limit = (
-            r.model.entry.max_queue if r.model.entry.max_queue is not None else self.rc.max_queue
-        )
-        if len(r.waiters) >= limit:
+        m, r = g.model, g.members[0]
+        klass = priority or m.entry.priority
+        if g.leases_at_once and (ready := g.pick()) is not None:
+            return self._lease(ready, klass)
+        limit = m.entry.max_queue if m.entry.max_queue is not None else self.rc.max_queue
+        if len(g.waiters) >= limit:
             raise QueueFull(
-                f"{real} has {len(r.waiters)} requests queued (max_queue {limit}); retry later",
-                retry_after=max(5.0, (r.last_load_s or 30.0) / 2),
+                f"{g.name} has {len(g.waiters)} requests queued (max_queue {limit}); retry "
+                "later", retry_after=max(5.0, (r.last_load_s or 30.0) / 2),
             )
-        if r.model.external and r.state == "failed":
-            raise LoadFailed(f"{real} at {r.model.entry.url} is unreachable: {r.last_error}")
+        if m.external and r.state == "failed":
+            raise LoadFailed(f"{g.name} at {m.entry.url} is unreachable: {r.last_error}")
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         entry = Queued(fut, time.monotonic(), klass)
-        r.waiters.append(entry)
+        g.waiters.append(entry)
         self.kick()
         try:
             done, _ = await asyncio.wait({fut}, timeout=self.rc.queue_timeout_s)
         except asyncio.CancelledError:  # the client left while queued: leak no lease
-            self._abandon(r, entry)
+            self._abandon(g, entry)
             raise
         if fut in done:
             return fut.result()
-        self._abandon(r, entry)
+        self._abandon(g, entry)
+        i = g.info(self.runtime.kind)
         raise LoadTimeout(
-            f"{real} was not ready after {self.rc.queue_timeout_s:.0f} s in the queue "
-            f"(state {r.state}, phase {r.phase or '-'})"
-            + (f"; last error: {r.last_error}" if r.last_error else "")
+            f"{g.name} was not ready after {self.rc.queue_timeout_s:.0f} s in the queue "
+            f"(state {i.state}, phase {i.phase or '-'})"
+            + (f"; last error: {i.last_error}" if i.last_error else "")
         )
 
     def would_wait(self, name: str) -> bool:
-        r = self.replicas.get(name)
-        if r is None or r.model.external:  # an external endpoint never loads here
+        g = self.groups.get(name)
+        if g is None or g.model.external:  # an external endpoint never loads here
             return False
-        return not r.leases_at_once
+        return not g.leases_at_once
 
-    def _abandon(self, r: Replica, entry: Queued) -> None:
+    def _abandon(self, g: Group, entry: Queued) -> None:
         """Take a waiter out of the queue; a lease it was handed meanwhile goes back."""
         fut = entry.fut
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             self.release(fut.result())
         fut.cancel()
         with contextlib.suppress(ValueError):
-            r.waiters.remove(entry)
+            g.waiters.remove(entry)
 
     def release(self, lease: Lease) -> None:
         if lease.released:
             return
         lease.released = True
-        r = self.replicas.get(lease.model)
+        r = self.replicas.get(lease.replica or lease.model)
         if r is None:  # a reload removed the model while this request ran
             return
         r.leases.pop(id(lease), None)
@@ -187,7 +186,7 @@ class Supervisor:
         self.kick()
 
     def report_failure(self, lease: Lease, reason: str) -> None:
-        r = self.replicas.get(lease.model)
+        r = self.replicas.get(lease.replica or lease.model)
         if r is None or r.model.external or r.state != "ready" or r.handle is None:
             return
         if r.handle.base_url != lease.base_url:
@@ -195,25 +194,33 @@ class Supervisor:
         self._spawn(self.liveness.check(r, hint=reason))
 
     def snapshot(self) -> list[ReplicaInfo]:
-        return [self._info(r) for r in self.replicas.values()]
+        return [g.info(self.runtime.kind) for g in self.groups.values()]
 
     async def load(self, name: str) -> ReplicaInfo:
         """Admin: start a model now and wait until it is ready or failed. Resets a crash loop.
         An external endpoint is checked now, for ``queue_timeout_s`` at most."""
-        r = self._get(name)
-        r.failures.clear()
-        if r.model.external:
-            await self.liveness.check_external_now(r, self.rc.queue_timeout_s)
-        elif r.state != "ready":
-            fut = self._want(r)
+        g = self._get(name)
+        for r in g.members:
+            r.failures.clear()
+        if g.model.external:
+            await self.liveness.check_external_now(g.members[0], self.rc.queue_timeout_s)
+        elif g.pick() is None:
+            fut = self._want(g)
             self.kick()
             with contextlib.suppress(AcquireError):
                 await fut
-        return self._info(r)
+        return g.info(self.runtime.kind)
 
     async def unload(self, name: str) -> ReplicaInfo:
-        """Admin: drain then stop a model (waits for any running operation first)."""
-        r = self._get(name)
+        """Admin: drain then stop a model, each replica in turn (waits for any running
+        operation on its node first)."""
+        g = self._get(name)
+        for r in g.members:
+            await self._unload(r)
+        self.kick()
+        return g.info(self.runtime.kind)
+
+    async def _unload(self, r: Replica) -> None:
         while self._busy(r.node):
             await asyncio.wait({self._ops[r.node]})
         if not r.model.external and r.state in ("ready", "sleeping"):
@@ -222,17 +229,15 @@ class Supervisor:
                 r, scheduler.Evict(r.name, "stop"), why))})
         elif r.state == "failed" and r.handle is not None:
             await asyncio.wait({self._launch(r.node, self.ops.stop_failed(r))})
-        self.kick()
-        return self._info(r)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Adopt matching engines left running, stop stale ones, preload, start the loops."""
         multi = await self.liveness.refresh_nodes()
         await self._adopt()
-        for r in self.replicas.values():
-            if r.model.entry.preload and r.state != "ready":
-                self._want(r)
+        for g in self.groups.values():
+            if g.model.entry.preload and g.pick() is None:
+                self._want(g)
         self._tasks = [watched(self._loop(), "the control loop"),
                        watched(self.liveness.health_loop(), "the health loop")]
         if multi:
@@ -242,8 +247,8 @@ class Supervisor:
     async def shutdown(self, stop_engines: bool = True, timeout_s: float = 30.0) -> None:
         """Refuse new work, let running requests finish (up to ``timeout_s``), stop engines."""
         self._closing = True
-        for r in self.replicas.values():
-            self._fail_waiters(r, AcquireError("the router is shutting down", retry_after=5))
+        for g in self.groups.values():
+            g.fail(AcquireError("the router is shutting down", retry_after=5))
         deadline = time.monotonic() + timeout_s
         for r in self.replicas.values():
             left = max(deadline - time.monotonic(), 0.0)
@@ -287,20 +292,17 @@ class Supervisor:
         :func:`vlmhub.scheduling.step.decide` says (the same step ``vlmhub simulate`` runs).
         Synchronous: no other coroutine runs while it decides. At most one operation per GPU
         node: a node whose operation runs is left alone."""
+        for g in self.groups.values():
+            g.grant(self._lease)
         for r in list(self.replicas.values()):
-            if r.state == "ready" and not r.draining:
-                while r.waiters:
-                    q = r.waiters.popleft()
-                    if not q.fut.done():
-                        q.fut.set_result(self._lease(r, q.priority))
-                self._resolve_wanted(r)
             if r.retire and (r.handle is None or r.model.external) and not self._busy(r.node):
                 self._retired(r)  # a reload removed or changed it; it runs no engine to stop
         busy = {n: self._targets.get(n) for n in {*self.nodes, *self._ops} if self._busy(n)}
         entries = [self._entry(r, now) for r in self.replicas.values()]
+        pools = [g.pool() for g in self.groups.values() if g.pooled]
         out = step.decide(entries, self.nodes, now, step.Rules(self.params, self.rc.crash_loop_max,
                           self.rc.crash_loop_window_s, self.rc.restart_backoff_s), busy,
-                          host_gib=self.host_gib)
+                          pools=pools, host_gib=self.host_gib)
         self._recheck_at = out.recheck_at
         if DECISIONS.isEnabledFor(logging.DEBUG):
             for node, nd in out.decisions:
@@ -316,10 +318,11 @@ class Supervisor:
         """What the step knows of ``r``; a failed replica forgets failures out of the window."""
         if r.state == "failed":
             r.failures = [t for t in r.failures if now - t < self.rc.crash_loop_window_s]
+        g = self.groups[r.model.name]
+        alone = None if g.pooled else g.pool()  # a pool's queue is its own (step.Pool)
         return step.Entry(
-            r.view(), r.node,
-            tuple(policy.Waiter(q.arrived, q.priority) for q in r.waiters),  # type: ignore[arg-type]
-            bool(r.wanted), tuple(r.failures), r.model.entry.ttl,
+            r.view(), r.node, alone.waiters if alone else (), bool(alone and alone.wanted),
+            tuple(r.failures), r.model.entry.ttl,
             r.retire is not None and r.handle is not None and not r.model.external,
         )
 
@@ -389,11 +392,12 @@ class Supervisor:
         running) drain and run as operations. Unchanged models keep serving untouched."""
         starting = {t for n, t in self._targets.items() if self._busy(n)}
         applied = apply_models(self.replicas, models, starting)
-        for r in applied.preload:
-            self._want(r)
-        for r in applied.removed:
-            self._fail_waiters(r, UnknownModel(f"model {r.name!r} was removed from the config"))
+        for name in applied.diff.removed:
+            self.groups[name].fail(UnknownModel(f"model {name!r} was removed from the config"))
         self.replicas = applied.replicas
+        self.groups = grouped(self.replicas, self.groups)
+        for name in dict.fromkeys(r.model.name for r in applied.preload):
+            self._want(self.groups[name])
         self._aliases = {a: m.name for m in models for a in (m.name, *m.aliases)}
         self.config, self.rc = config, config.router
         self.ops.config, self.ops.rc = config, config.router
@@ -409,10 +413,11 @@ class Supervisor:
     def _retired(self, r: Replica) -> None:
         if r.retire == "removed" and not r.in_flight:
             self.replicas.pop(r.name, None)
+            self.groups = grouped(self.replicas, self.groups)
         elif r.retire == "changed":
             r.retire = None
-            if r.model.entry.preload:
-                self._want(r)
+            if r.model.entry.preload and (g := self.groups[r.model.name]).pick() is None:
+                self._want(g)
             if r.state == "failed":
                 r.state, r.failures = "stopped", []
 
@@ -440,56 +445,46 @@ class Supervisor:
         revoked = asyncio.get_running_loop().create_future()
         if r.model.external:
             base = (r.model.entry.url or "").rstrip("/")
-            lease = Lease(r.name, base, r.model.api_name, external=True, revoked=revoked)
+            lease = Lease(r.model.name, base, r.model.api_name, external=True, revoked=revoked,
+                          replica=r.name)
         else:
             assert r.handle is not None
-            lease = Lease(r.name, r.handle.base_url, r.model.api_name, revoked=revoked,
-                          api_key=r.handle.api_key)  # the engine's own key (engines.keys)
+            lease = Lease(r.model.name, r.handle.base_url, r.model.api_name, revoked=revoked,
+                          api_key=r.handle.api_key, replica=r.name)  # its own key (engines.keys)
         r.leases[id(lease)] = lease
         return lease
 
     def _fail_waiters(
         self, r: Replica, err: AcquireError, retry_after: float | None = None
     ) -> None:
+        """``r`` failed (or was refused) with ``err``: its model's queue fails, unless another
+        of its replicas is up or being brought in (then the queue waits for that one)."""
         if retry_after is not None:
             err.retry_after = retry_after
-        while r.waiters:
-            fut = r.waiters.popleft().fut
-            if not fut.done():
-                fut.set_exception(err)
-        for w in r.wanted:
-            if not w.done():
-                w.set_exception(err)
-        r.wanted.clear()
+        g = self.groups.get(r.model.name)
+        bringing = {t for n, t in self._targets.items() if self._busy(n)}
+        if g is not None and not g.others_up(r, bringing):
+            g.fail(err)
 
-    def _want(self, r: Replica) -> asyncio.Future[None]:
-        """Ask the loop to make ``r`` ready without a request (preload, admin load)."""
+    def _want(self, g: Group) -> asyncio.Future[None]:
+        """Ask the loop to make ``g`` ready without a request (preload, admin load)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        r.wanted.append(fut)
+        g.wanted.append(fut)
         return fut
 
-    def _resolve_wanted(self, r: Replica) -> None:
-        for w in r.wanted:
-            if not w.done():
-                w.set_result(None)
-        r.wanted.clear()
-
-    def _get(self, name: str) -> Replica:
+    def _get(self, name: str) -> Group:
         real = self.resolve(name)
         if real is None:
             raise UnknownModel(
-                f"model {name!r} does not exist; available: {', '.join(self.replicas)}"
+                f"model {name!r} does not exist; available: {', '.join(self.groups)}"
             )
-        return self.replicas[real]
+        return self.groups[real]
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = watched(coro, "a health check")
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
-
-    def _info(self, r: Replica) -> ReplicaInfo:
-        return r.info(self.runtime.kind)
 
 
 policy_params = policy.params_from

@@ -127,7 +127,7 @@ async def proxy_endpoint(request: Request) -> Response:
             headers: list[tuple[str, str]] = request.headers.items()
             if info is not None:
                 info.queue_ms = (time.monotonic() - queued_at) * 1000
-                info.replica = f"{label}@{lease.base_url.rsplit(':', 1)[-1]}"
+                info.replica = f"{lease.replica or label}@{lease.base_url.rsplit(':', 1)[-1]}"
                 if info.generated:  # the engine sees the same id as the client
                     headers = [*headers, ("x-request-id", info.request_id)]
             try:

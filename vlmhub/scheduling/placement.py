@@ -9,6 +9,7 @@ For a model that waits, the node is:
 1. the node where it already runs, sleeps, starts or stops (a sleeping engine wakes where it
    sleeps);
 2. else a live node where it starts without evicting anything (the one with most room left);
+   (:func:`room`: also how a model's further replicas are placed, never evicting anything);
 3. else the live node whose evictions cost the least: its engine slot free before one that is
    busy, then no busy victim, then victims idle longest for their reload cost (the
    scheduler's own eviction order), then the least reload cost in all;
@@ -105,6 +106,34 @@ def choose_node(
         why = "; ".join(refusals) if refusals else "no GPU node is available (no live Ray node)"
         return None, Plan("refuse", target.name, reason=why)
     return best[1], best[2]
+
+
+def room(
+    name: str,
+    nodes: Mapping[str, float],
+    views: Sequence[ReplicaView],
+    where: Mapping[str, str],
+    busy: frozenset[str] = frozenset(),
+    host_gib: float = math.inf,
+) -> tuple[str | None, Plan | None]:
+    """The free node where ``name`` starts (or wakes where it sleeps) without evicting
+    anything, the one with most room left, and the plan there; ``(None, None)`` when there is
+    none (another engine changes there, or only an eviction would make room). ``busy``: nodes
+    whose engine slot is taken. Pure."""
+    target = next(v for v in views if v.name == name)
+    home = where.get(name)
+    held = target.state in PLACED or target.draining
+    best: tuple[float, str, Plan] | None = None
+    for node, usable in nodes.items():
+        if node in busy or (held and node != home):
+            continue
+        resident = [v for v in on_node(views, where, node) if v.name != name]
+        p = plan(name, [*resident, target], usable, now=0.0, host_gib=host_gib)
+        if p.action in ("start", "wake") and not p.evict:
+            left = free_gib([*resident, target], usable)
+            if best is None or (-left, node) < (best[0], best[1]):
+                best = (-left, node, p)
+    return (best[1], best[2]) if best is not None else (None, None)
 
 
 def decide(

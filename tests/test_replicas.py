@@ -1,0 +1,165 @@
+"""Replicas (issue 24): several engines of one model, one queue, least-in-flight balancing,
+autoscaling between ``min`` and ``max``. The pure step first (the pool rules), then real
+stand-in engines through the process runtime behind a real router and the real openai client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from supervisor_support import build, model, routed_app
+
+from vlmhub.config.schema import ReplicasConfig
+from vlmhub.control.contract import Lease
+from vlmhub.scheduling import step
+from vlmhub.scheduling.policy import Waiter
+from vlmhub.scheduling.scheduler import Plan, ReplicaView
+
+NODES2 = {"n1": 8.0, "n2": 8.0}
+
+
+def rep(name: str, state: str = "stopped", gib: float = 5.0, **kw: Any) -> ReplicaView:
+    return ReplicaView(name, state, gib, reload_cost_s=10.0, **kw)  # type: ignore[arg-type]
+
+
+def ent(view: ReplicaView, node: str = "", **kw: Any) -> step.Entry:
+    return step.Entry(view, node, **kw)
+
+
+def pool(*members: str, waiters: int = 0, **kw: Any) -> step.Pool:
+    return step.Pool(members, tuple(Waiter(0.0) for _ in range(waiters)), **kw)
+
+
+# -- the pure step ------------------------------------------------------------------------
+def test_a_fixed_pool_starts_its_first_replica_then_the_others_where_room_exists() -> None:
+    p = pool("m#1", "m#2", waiters=3, high=2)
+    cold = [ent(rep("m#1")), ent(rep("m#2"))]
+    out = step.decide(cold, NODES2, 10.0, pools=[p])
+    (run,) = out.actions
+    assert isinstance(run, step.Run) and run.plan == Plan("start", "m#1")
+    # #1 starts on its node: the pool waits for it (one start of a pool at a time)
+    starting = [ent(rep("m#1", "starting"), run.node), ent(rep("m#2"))]
+    assert step.decide(starting, NODES2, 11.0, busy={run.node: "m#1"}, pools=[p]).actions == ()
+    # #1 ready and serving: #2 starts on the other node, without evicting anything
+    other = "n2" if run.node == "n1" else "n1"
+    ready = [ent(rep("m#1", "ready", in_flight=3), run.node), ent(rep("m#2"))]
+    busy = step.decide(ready, NODES2, 12.0, pools=[pool("m#1", "m#2", high=2)])
+    assert busy.actions == (step.Run(other, Plan("start", "m#2")),)
+
+
+def test_further_replicas_never_evict_other_work() -> None:
+    p = pool("m#1", "m#2", high=2)
+    es = [ent(rep("m#1", "ready", in_flight=4), "n1"), ent(rep("m#2")),
+          ent(rep("other", "ready", gib=5.0, last_used=0.0), "n2")]
+    assert step.decide(es, NODES2, 100.0, pools=[p]).actions == ()  # only an eviction: none
+    assert step.decide(es, {"n1": 8.0, "n2": 8.0, "n3": 8.0}, 100.0, pools=[p]).actions == (
+        step.Run("n3", Plan("start", "m#2")),)
+
+
+def test_autoscaling_adds_a_replica_above_its_target_and_drops_it_after_ttl() -> None:
+    p = pool("m#1", "m#2", low=1, high=2, target=2.0)
+    calm = [ent(rep("m#1", "ready", in_flight=2), "n1"), ent(rep("m#2"))]
+    assert step.decide(calm, NODES2, 50.0, pools=[p]).actions == ()  # at its target: enough
+    hot = [ent(rep("m#1", "ready", in_flight=3), "n1"), ent(rep("m#2"))]
+    assert step.decide(hot, NODES2, 50.0, pools=[p]).actions == (
+        step.Run("n2", Plan("start", "m#2")),)
+    full = [ent(rep("m#1", "ready", in_flight=8), "n1"), ent(rep("m#2", "ready"), "n2")]
+    assert step.decide(full, NODES2, 50.0, pools=[p]).actions == ()  # at max
+    idle = [ent(rep("m#1", "ready", last_used=0.0), "n1", ttl=30.0),
+            ent(rep("m#2", "ready", last_used=1.0), "n2", ttl=30.0)]
+    (stop,) = step.decide(idle, NODES2, 100.0, pools=[p]).actions
+    assert isinstance(stop, step.Expire)  # one goes, the other stays: min 1
+    left = [e for e in idle if e.view.name != stop.name]
+    assert step.decide(left, NODES2, 200.0, pools=[p]).actions == ()
+
+
+def test_min_one_keeps_a_replica_up_without_requests() -> None:
+    p = pool("m#1", "m#2", low=1, high=2, target=4.0)
+    assert step.decide([ent(rep("m#1")), ent(rep("m#2"))], NODES2, 1.0, pools=[p]).actions[0] \
+        == step.Run("n1", Plan("start", "m#1"))
+    none = pool("m#1", "m#2", low=0, high=2, target=4.0)
+    assert step.decide([ent(rep("m#1")), ent(rep("m#2"))], NODES2, 1.0, pools=[none]) \
+        .actions == ()
+
+
+def test_a_failed_replica_leaves_the_queue_to_its_sibling() -> None:
+    p = pool("m#1", "m#2", waiters=2, high=2)
+    es = [ent(rep("m#1", "failed"), failures=(9.0,)), ent(rep("m#2"))]
+    out = step.decide(es, {"": 16.0}, 10.0, step.Rules(restart_backoff_s=4.0), pools=[p])
+    assert out.actions == (step.Run("", Plan("start", "m#2")),)  # #1 is in its backoff
+
+
+def test_replicas_in_models_yaml() -> None:
+    assert ReplicasConfig(min=1, max=3).target == 4.0
+    with pytest.raises(ValueError, match="above max"):
+        ReplicasConfig(min=3, max=2)
+
+
+# -- real engines ---------------------------------------------------------------------------
+def two(**entry: Any) -> dict[str, Any]:
+    return model(1.0, replicas=2, **entry)
+
+
+async def test_fixed_replicas_balance_least_in_flight_and_name_the_replica(
+        tmp_path: Path) -> None:
+    sup, _, _ = build(tmp_path, {"m": two()}, delay=0.2,
+                      stub_env={"VLMHUB_STUB_TOKEN_DELAY": "0.02"})
+    async with routed_app(sup) as (url, _app):
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        first = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert first.headers["x-vlmhub-replica"].startswith("m#")
+        for _ in range(100):  # the second replica comes up beside the first
+            if all(i.state == "ready" for i in sup.snapshot()[0].replicas):
+                break
+            await asyncio.sleep(0.1)
+        (info,) = sup.snapshot()
+        assert [i.replica for i in info.replicas] == ["m#1", "m#2"]
+        assert {i.state for i in info.replicas} == {"ready"}
+        assert len({i.port for i in info.replicas}) == 2
+
+        async def one() -> str:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+            return raw.headers["x-vlmhub-replica"].split("@")[0]
+
+        served = collections.Counter(await asyncio.gather(*(one() for _ in range(64))))
+        assert set(served) == {"m#1", "m#2"} and sum(served.values()) == 64
+        assert max(served.values()) <= 1.2 * min(served.values())
+        await client.close()
+
+
+async def test_a_replica_that_dies_fails_only_its_own_requests(tmp_path: Path) -> None:
+    sup, _, _ = build(tmp_path, {"m": two()}, delay=0.2)
+    await sup.start()
+    try:
+        lease = await sup.acquire("m")
+        for _ in range(100):
+            if all(r.state == "ready" for r in sup.replicas.values()):
+                break
+            await asyncio.sleep(0.1)
+        a = await sup.acquire("m")
+        b = await sup.acquire("m")
+        assert {a.replica, b.replica} == {"m#1", "m#2"}  # least in flight: one each... plus
+        sup.release(lease)
+        dead = sup.replicas[a.replica]
+        assert dead.handle is not None
+        await sup.runtime.stop(dead.handle, timeout_s=2.0)
+        sup.report_failure(a, "connection reset")
+        for _ in range(50):
+            if a.revoked is not None and a.revoked.done():
+                break
+            await asyncio.sleep(0.1)
+        assert a.revoked is not None and a.revoked.done()
+        assert b.revoked is not None and not b.revoked.done()  # the other one serves on
+        more: list[Lease] = await asyncio.gather(*(sup.acquire("m") for _ in range(4)))
+        assert {x.replica for x in more} == {b.replica}  # waiting work moved to the live one
+        for x in (a, b, *more):
+            sup.release(x)
+    finally:
+        await sup.shutdown()
