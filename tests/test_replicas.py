@@ -10,12 +10,15 @@ import collections
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from supervisor_support import build, model, routed_app
 
+from vlmhub.cli.engines import Engines, _ps_rows
 from vlmhub.config.schema import ReplicasConfig
 from vlmhub.control.contract import Lease
+from vlmhub.engines.process import ProcessRuntime
 from vlmhub.scheduling import step
 from vlmhub.scheduling.policy import Waiter
 from vlmhub.scheduling.scheduler import Plan, ReplicaView
@@ -132,6 +135,18 @@ async def test_fixed_replicas_balance_least_in_flight_and_name_the_replica(
         assert set(served) == {"m#1", "m#2"} and sum(served.values()) == 64
         assert max(served.values()) <= 1.2 * min(served.values())
         await client.close()
+        async with httpx.AsyncClient(base_url=url, trust_env=False) as http:
+            (row,) = (await http.get("/api/models")).json()["models"]
+            assert row["name"] == "m" and row["state"] == "ready"
+            assert [(r["replica"], r["state"]) for r in row["replicas"]] == [
+                ("m#1", "ready"), ("m#2", "ready")]
+            text = (await http.get("/metrics")).text
+            for name in ("m#1", "m#2"):
+                assert f'vlmhub_replica_state{{model="m",replica="{name}",state="ready"}} 1.0' \
+                    in text
+        rt = ProcessRuntime(sup.config.runtime, state_dir=tmp_path / "state")
+        rows = await _ps_rows(Engines(None, [rt], budgets={"m": 1.25}))  # vlmhub ps
+        assert {r["name"]: r["vram_gib"] for r in rows} == {"m#1": 1.25, "m#2": 1.25}
 
 
 async def test_a_replica_that_dies_fails_only_its_own_requests(tmp_path: Path) -> None:

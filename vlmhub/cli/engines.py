@@ -201,7 +201,7 @@ async def _ps_rows(engines: Engines) -> list[dict[str, Any]]:
         rows.append({
             "name": h.name, "state": st.state, "runtime": rt.kind, "port": h.port,
             **({"node": h.node} if h.node else {}),
-            "vram_gib": engines.budgets.get(h.name),
+            "vram_gib": engines.budgets.get(h.name.rsplit("#", 1)[0]),  # a replica: its model's
             "uptime_s": round(now - h.started_at, 1) if h.started_at else None,
             "healthy": ok,
         })

@@ -55,6 +55,12 @@ class RouterMetrics:
                                  ["model"], registry=r)
         self.in_flight = Gauge("vlmhub_in_flight", "Requests being served by the model's engine.",
                                ["model"], registry=r)
+        self.replica_in_flight = Gauge(
+            "vlmhub_replica_in_flight", "Requests in flight on each replica of a model with "
+            "several (replicas in models.yaml).", ["model", "replica"], registry=r)
+        self.replica_state = Gauge("vlmhub_replica_state", "1 for each replica's current "
+                                   "state, 0 for the others.", ["model", "replica", "state"],
+                                   registry=r)
         self.model_state = Gauge("vlmhub_model_state",
                                  "1 for the model's current state, 0 for the others.",
                                  ["model", "state"], registry=r)
@@ -105,7 +111,15 @@ class RouterMetrics:
         self.queue_depth.clear()
         self.in_flight.clear()
         self.model_state.clear()
+        self.replica_in_flight.clear()
+        self.replica_state.clear()
         for info in snapshot:
+            for each in info.replicas:
+                self.replica_in_flight.labels(model=info.name, replica=each.replica).set(
+                    each.in_flight)
+                for state in STATES:
+                    self.replica_state.labels(model=info.name, replica=each.replica,
+                                              state=state).set(float(each.state == state))
             self.queue_depth.labels(model=info.name).set(info.queued)
             self.in_flight.labels(model=info.name).set(info.in_flight)
             for state in STATES:

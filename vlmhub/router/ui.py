@@ -88,10 +88,10 @@ def resolved_models(supervisor: SupervisorLike) -> dict[str, ResolvedModel]:
     if not isinstance(replicas, dict):
         return {}
     found: dict[str, ResolvedModel] = {}
-    for name, replica in replicas.items():
+    for replica in replicas.values():  # one of several replicas: its model's
         resolved = getattr(replica, "model", None)
-        if isinstance(name, str) and isinstance(resolved, ResolvedModel):
-            found[name] = resolved
+        if isinstance(resolved, ResolvedModel):
+            found[resolved.name] = resolved
     return found
 
 

@@ -266,6 +266,9 @@
       if (m.external) tags.push("external");
       if (m.node) tags.push(`on node ${m.node}`);
       if (m.restarts) tags.push(`${m.restarts} restart${m.restarts === 1 ? "" : "s"}`);
+      if (m.replicas && m.replicas.length) {  // several engines: each replica's state
+        tags.push(m.replicas.map((r) => `${r.replica} ${r.state} (${r.in_flight})`).join(", "));
+      }
       const nameCell = el("th", { scope: "row" }, swatch, el("span", { class: "name", text: m.name }));
       if (tags.length) nameCell.append(el("div", { class: "muted small", text: tags.join(" · ") }));
       const state = m.draining && m.state === "ready" ? "draining" : m.state;
