@@ -13,6 +13,7 @@ A load that ends with the model ``failed`` answers 503 with the engine's reason 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -24,6 +25,7 @@ from vlmhub.control.contract import AcquireError, ReplicaInfo
 from vlmhub.errors import VlmhubError
 from vlmhub.router.errors import acquire_error_response, error_response, unknown_model_response
 from vlmhub.router.state import RouterState, bearer, is_loopback, key_matches, router_state
+from vlmhub.router.usage import parse_since
 
 
 def replica_json(info: ReplicaInfo) -> dict[str, Any]:
@@ -140,8 +142,26 @@ async def reload_config(request: Request) -> Response:
     return JSONResponse(answer)
 
 
+async def usage_report(request: Request) -> Response:
+    """GET /api/usage?since=1d: tokens per key name and model (hourly buckets from ``since``'s
+    hour; absent: all). Never a key, only its name."""
+    st = _state(request)
+    if (denied := check_admin(request, st)) is not None:
+        return denied
+    now = time.time()
+    try:
+        since = parse_since(request.query_params.get("since"), now)
+    except ValueError:
+        return error_response(400, "since must be a duration (30m, 12h, 1d, 2w), a Unix time "
+                              "or an ISO date", "invalid_request_error", "invalid_since",
+                              param="since")
+    return JSONResponse({"object": "usage", "since": since, "now": now,
+                         "data": st.usage.report(since)})
+
+
 def admin_routes() -> list[Route]:
     return [
+        Route("/api/usage", usage_report, methods=["GET"]),
         Route("/api/reload", reload_config, methods=["POST"]),
         Route("/api/models", list_replicas, methods=["GET"]),
         Route("/api/models/{name:path}/load", load_model, methods=["POST"]),

@@ -33,7 +33,8 @@ from vlmhub.config.schema import Config
 from vlmhub.control.contract import AcquireError, Lease, ReplicaInfo, SupervisorLike
 from vlmhub.router.access import AccessMiddleware, request_info
 from vlmhub.router.admin import admin_routes, replica_json
-from vlmhub.router.body import parse_payload, read_body, too_deep
+from vlmhub.router.batches import batch_routes
+from vlmhub.router.body import parse_request, read_body, too_deep
 from vlmhub.router.errors import (
     DEFAULT_RETRY_AFTER_S,
     acquire_error_response,
@@ -41,13 +42,17 @@ from vlmhub.router.errors import (
     unknown_model_response,
 )
 from vlmhub.router.guard import BrowserGuard
-from vlmhub.router.loading import LoadingResponse
+from vlmhub.router.keys import KeyRecord, identify, rate_limited
+from vlmhub.router.loading import LoadingResponse, ReasoningChunks, progress_mode
 from vlmhub.router.metrics import RouterMetrics
+from vlmhub.router.multipart import with_field
 from vlmhub.router.openapi import openapi_routes
+from vlmhub.router.params import ruled
 from vlmhub.router.proxy import create_session, forward
 from vlmhub.router.settings import RouterSettings
-from vlmhub.router.state import Reject, RouterState, bearer, key_matches, router_state
+from vlmhub.router.state import Reject, RouterState, router_state
 from vlmhub.router.ui import ui_routes
+from vlmhub.router.usage import UsageLedger
 from vlmhub.router.watch import ClientWatch
 
 log = logging.getLogger("vlmhub.router")
@@ -62,20 +67,35 @@ PROXIED: dict[str, str] = {  # client path -> engine path
     "/v1/tokenize": "/tokenize",
     "/detokenize": "/detokenize",
     "/v1/detokenize": "/detokenize",
+    # vLLM's other model routes (docs/api.md): speech (multipart forms) and pooling models
+    "/v1/audio/transcriptions": "/v1/audio/transcriptions",
+    "/v1/audio/translations": "/v1/audio/translations",
+    "/v1/rerank": "/v1/rerank",
+    "/rerank": "/rerank",
+    "/v2/rerank": "/v2/rerank",
+    "/v1/score": "/v1/score",
+    "/score": "/score",
+    "/pooling": "/pooling",
+    "/classify": "/classify",
 }
 
 
-def require_api_key(request: Request, settings: RouterSettings) -> None:
-    """Raise :class:`Reject` (401, OpenAI shape) unless the request carries a valid key."""
-    if settings.api_keys and not key_matches(bearer(request), settings.api_keys):
-        raise Reject(error_response(
-            401, "Incorrect or missing API key. Send it as `Authorization: Bearer <key>` "
-            "(the OpenAI SDKs do this with api_key=...).", "invalid_request_error",
-            "invalid_api_key", {"WWW-Authenticate": "Bearer"}))
+def require_api_key(request: Request, settings: RouterSettings) -> KeyRecord:
+    """The request's key (vlmhub.router.keys); raise :class:`Reject` (401, OpenAI shape)
+    unless it carries a valid, unexpired key (any request passes when no key is set)."""
+    key = identify(request, settings.keys, time.time())
+    if isinstance(key, Response):
+        raise Reject(key)
+    return key
 
 
-def unknown_model(model: str, supervisor: SupervisorLike) -> Reject:
-    return Reject(unknown_model_response(model, supervisor))
+def v1_auth(request: Request) -> None:
+    """The /v1 key check of the Batch and Files routes (:func:`require_api_key`)."""
+    require_api_key(request, router_state(request).settings)
+
+
+def unknown_model(model: str, supervisor: SupervisorLike, key: KeyRecord | None = None) -> Reject:
+    return Reject(unknown_model_response(model, supervisor, key.visible if key else None))
 
 
 async def proxy_endpoint(request: Request) -> Response:
@@ -89,12 +109,12 @@ async def proxy_endpoint(request: Request) -> Response:
     status = 500
     st.in_flight += 1
     try:
-        require_api_key(request, settings)
+        key = require_api_key(request, settings)
         if request.app.state.draining:
             raise Reject(error_response(503, "vlmhub is shutting down; retry shortly.",
                                         "service_unavailable", "shutting_down"))
         body = await read_body(request, settings.max_body, settings.body_timeout_s)
-        payload = parse_payload(body)
+        payload, form = parse_request(body, request.headers)
         wanted = payload.get("model")
         if not isinstance(wanted, str) or not wanted:
             raise Reject(error_response(400, "the request needs a \"model\" (a string): one of "
@@ -104,13 +124,18 @@ async def proxy_endpoint(request: Request) -> Response:
         info = request_info(request.scope)
         if info is not None:
             info.model, info.asked = model or wanted, wanted
-        if model is None:
-            raise unknown_model(wanted, st.supervisor)
+        if model is None or not key.allows(model):  # the same 404 either way
+            raise unknown_model(wanted, st.supervisor, key)
+        if (limited := st.limiter.admit(key)) is not None:
+            raise Reject(rate_limited(key, *limited, wanted))
+        if form is None:  # the model's params rules (none: the same body, no cost)
+            body, payload = ruled(st.config, model, body, payload)
         priority = request_priority(request)
         queued_at = time.monotonic()
         watch = ClientWatch(request.receive)
         stream = payload.get("stream") is True
         label, answered = model, [False]
+        tap = st.meter(key, model)
 
         def headers_sent(code: int) -> None:
             if not answered[0]:
@@ -130,21 +155,26 @@ async def proxy_endpoint(request: Request) -> Response:
                 info.replica = f"{lease.replica or label}@{lease.base_url.rsplit(':', 1)[-1]}"
                 if info.generated:  # the engine sees the same id as the client
                     headers = [*headers, ("x-request-id", info.request_id)]
+            sent, parsed = (body, payload) if form is None else (
+                with_field(body, form, "model", lease.api_name), None)
             try:
                 return await forward(
                     st.http(), st.supervisor, lease, method="POST",
                     path=PROXIED[request.url.path], query=request.url.query, headers=headers,
-                    body=body, payload=payload, stream=stream, on_headers=headers_sent,
+                    body=sent, payload=parsed, stream=stream, on_headers=headers_sent,
                     on_finish=finished, watch=watch, committed=committed,
-                    reacquire=lambda: _acquire(st.supervisor, model, priority))
+                    reacquire=lambda: _acquire(st.supervisor, model, priority), usage=tap)
             except BaseException as exc:
                 st.supervisor.release(lease)  # never handed off: give it back here
                 if isinstance(exc, RecursionError):  # re-encoding a deep body (model rewrite)
                     raise too_deep() from None
                 raise
 
-        if stream and settings.loading_comments_s > 0 and st.supervisor.would_wait(model):
-            # it has to wait for its model: stream loading comments meanwhile
+        progress = progress_mode(request.headers, st.config.router.loading_progress) if (
+            stream) else "off"
+        if progress != "off" and settings.loading_comments_s > 0 and (
+                st.supervisor.would_wait(model)):
+            # it has to wait for its model: stream loading comments (or reasoning) meanwhile
             acquiring = asyncio.ensure_future(_acquire(st.supervisor, model, priority))
             handed_off = True
 
@@ -157,7 +187,9 @@ async def proxy_endpoint(request: Request) -> Response:
 
             return LoadingResponse(st.supervisor, model, acquiring, watch,
                                    every_s=settings.loading_comments_s,
-                                   make_proxy=committed_proxy, on_end=ended)
+                                   make_proxy=committed_proxy, on_end=ended,
+                                   reasoning=ReasoningChunks(wanted) if progress == "reasoning"
+                                   and request.url.path == "/v1/chat/completions" else None)
         watch.arm()  # a hang-up while queued cancels the acquire (it gives its slot back)
         try:
             lease = await _acquire(st.supervisor, model, priority)  # inline when ready: no task
@@ -229,10 +261,10 @@ async def list_models(request: Request) -> Response:
     """GET /v1/models: every configured model with its live state (a snapshot)."""
     st = router_state(request)
     try:
-        require_api_key(request, st.settings)
+        key = require_api_key(request, st.settings)
     except Reject as reject:
         return reject.response
-    data = [model_card(i, st.created) for i in st.supervisor.snapshot()]
+    data = [model_card(i, st.created) for i in st.supervisor.snapshot() if key.allows(i.name)]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -241,11 +273,11 @@ async def get_model(request: Request) -> Response:
     st = router_state(request)
     wanted = request.path_params["model"]
     try:
-        require_api_key(request, st.settings)
+        key = require_api_key(request, st.settings)
         name = st.supervisor.resolve(wanted)
         info = next((i for i in st.supervisor.snapshot() if i.name == name), None)
-        if info is None:
-            raise unknown_model(wanted, st.supervisor)
+        if info is None or not key.allows(info.name):
+            raise unknown_model(wanted, st.supervisor, key)
     except Reject as reject:
         return reject.response
     return JSONResponse(model_card(info, st.created))
@@ -293,8 +325,9 @@ def create_app(
 ) -> Starlette:
     """The router app over ``supervisor``. Keys come from the config and ``VLMHUB_API_KEYS``;
     :func:`apply_settings` changes the router's settings of a running app (a reload)."""
-    state = RouterState(supervisor=supervisor, config=config, metrics=metrics or RouterMetrics(),
-                        settings=RouterSettings.from_config(config))
+    metrics = metrics or RouterMetrics()
+    state = RouterState(supervisor=supervisor, config=config, metrics=metrics,
+                        settings=RouterSettings.from_config(config), usage=UsageLedger(metrics))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -310,6 +343,7 @@ def create_app(
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *batch_routes(v1_auth),  # docs/api.md
         *admin_routes(),
         *ui_routes(),
         *openapi_routes(),

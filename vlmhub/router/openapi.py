@@ -18,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from vlmhub.router.batches import openapi_paths as batch_paths
+
 try:
     VERSION = version("vlmhub")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
@@ -52,6 +54,8 @@ MESSAGE: dict[str, Any] = {
         ]},
     },
 }
+TEXTS: dict[str, Any] = {"oneOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 COMMON: dict[str, Any] = {  # fields every forwarded body may carry
     "model": {"type": "string", "description": "A configured model name or alias."},
     "stream": {"type": "boolean"},
@@ -74,8 +78,23 @@ BODIES: dict[str, dict[str, Any]] = {  # path -> the body's own fields (besides 
     "/v1/tokenize": {"prompt": {"type": "string"}},
     "/detokenize": {"tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
     "/v1/detokenize": {"tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+    **{path: {"query": {"type": "string"}, "documents": TEXTS, "top_n": {"type": "integer"}}
+       for path in ("/v1/rerank", "/rerank", "/v2/rerank")},
+    **{path: {"text_1": TEXTS, "text_2": TEXTS} for path in ("/v1/score", "/score")},
+    "/pooling": {"input": TEXTS},
+    "/classify": {"input": TEXTS},
+}
+FORMS: dict[str, dict[str, Any]] = {  # multipart/form-data routes: path -> the form's fields
+    path: {"file": {"type": "string", "format": "binary"}, "language": {"type": "string"},
+           "prompt": {"type": "string"}, "temperature": {"type": "number"},
+           "response_format": {"type": "string"}}
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations")
 }
 REQUIRED: dict[str, list[str]] = {
+    **{path: ["model", "query", "documents"] for path in ("/v1/rerank", "/rerank", "/v2/rerank")},
+    **{path: ["model", "text_1", "text_2"] for path in ("/v1/score", "/score")},
+    "/pooling": ["model", "input"], "/classify": ["model", "input"],
+    **{path: ["model", "file"] for path in FORMS},
     "/v1/chat/completions": ["model", "messages"], "/v1/completions": ["model", "prompt"],
     "/v1/embeddings": ["model", "input"], "/v1/responses": ["model", "input"],
 }
@@ -120,14 +139,21 @@ def _errors(*codes: int) -> dict[str, Any]:
 PRIORITY = {"name": "X-Vlmhub-Priority", "in": "header", "required": False,
             "schema": {"type": "string", "enum": ["interactive", "batch"]},
             "description": "The request's class for the swap policy (docs/scheduling.md)."}
+PROGRESS = {"name": "X-Vlmhub-Loading-Progress", "in": "header", "required": False,
+            "schema": {"type": "string", "enum": ["comments", "reasoning", "off"]},
+            "description": "How a streamed request shows its model's start (router."
+            "loading_progress): SSE comments, reasoning_content chunks, or nothing."}
 REQUEST_ID = {"name": "X-Request-Id", "in": "header", "required": False,
               "schema": {"type": "string", "maxLength": 128},
               "description": "Echoed on the answer and sent to the engine."}
 
 
 def _forwarded(path: str) -> dict[str, Any]:
-    body = {"type": "object", "properties": {**COMMON, **BODIES[path]},
+    fields = {**COMMON, **BODIES[path]} if path in BODIES else {
+        "model": COMMON["model"], "stream": COMMON["stream"], **FORMS[path]}
+    body = {"type": "object", "properties": fields,
             "required": REQUIRED.get(path, ["model"]), "additionalProperties": True}
+    content = {"multipart/form-data": {"schema": body}} if path in FORMS else _json(body)
     answer = {"description": "The engine's answer (a JSON object, or server-sent events when "
               "\"stream\": true)",
               "content": {"application/json": {"schema": {"type": "object"}},
@@ -135,8 +161,8 @@ def _forwarded(path: str) -> dict[str, Any]:
     return {"post": {
         "summary": f"Forwarded to the model's engine ({path})",
         "security": [{"apiKey": []}, {}],
-        "parameters": [PRIORITY, REQUEST_ID],
-        "requestBody": {"required": True, "content": _json(body)},
+        "parameters": [PRIORITY, REQUEST_ID, PROGRESS],
+        "requestBody": {"required": True, "content": content},
         "responses": {"200": answer, **_errors(400, 401, 404, 408, 413, 502, 503, 504)},
     }}
 
@@ -160,7 +186,7 @@ def _get(summary: str, content: dict[str, Any], *errors: int, **extra: Any) -> d
 
 def build_document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document (a fresh dict)."""
-    paths: dict[str, Any] = {path: _forwarded(path) for path in BODIES}
+    paths: dict[str, Any] = {path: _forwarded(path) for path in [*BODIES, *FORMS]}
     text = {"text/plain": {"schema": {"type": "string"}}}
     html = {"text/html": {"schema": {"type": "string"}}}
     paths |= {
@@ -192,6 +218,13 @@ def build_document() -> dict[str, Any]:
                           **_errors(400, 401, 403), "501": {
                               "description": "Not started from a models.yaml",
                               "content": _json(ERROR)}}}},
+        "/api/usage": _get("Tokens per key name and model (admin; docs/api.md)",
+                           _json({"type": "object", "properties": {
+                               "since": {"type": ["number", "null"]},
+                               "data": {"type": "array", "items": {"type": "object"}}}}),
+                           400, 401, 403, security=[{"adminKey": []}, {}], parameters=[
+                               {"name": "since", "in": "query", "required": False,
+                                "schema": {"type": "string"}}]),
         "/api/ui": _get("The dashboard's facts: GPU, presets, budgets (admin)",
                         _json({"type": "object"}), 401, 403, security=[{"adminKey": []}, {}]),
         "/": {"get": {"summary": "Redirect to the dashboard",
@@ -201,6 +234,7 @@ def build_document() -> dict[str, Any]:
                            404, parameters=[{"name": "name", "in": "path", "required": True,
                                              "schema": {"type": "string"}}]),
     }
+    paths |= batch_paths(ERROR)  # /v1/files, /v1/batches
     return {
         "openapi": "3.1.0",
         "info": {"title": "vlmhub router", "version": VERSION, "description": (
