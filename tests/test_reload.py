@@ -26,6 +26,7 @@ from vlmhub.control.contract import UnknownModel
 from vlmhub.control.reload import ModelDiff
 from vlmhub.control.supervisor import Supervisor
 from vlmhub.engines.base import EngineHandle, LaunchRequest
+from vlmhub.engines.keys import read_key
 from vlmhub.engines.ports import free_port
 from vlmhub.engines.process import ProcessRuntime
 
@@ -85,13 +86,17 @@ def stop_router(proc: subprocess.Popen[str], tmp_path: Path) -> str:
     return (tmp_path / "router.out").read_text()
 
 
-def engine_max_model_len(url: str, model: str) -> int | None:
-    """What the engine serving ``model`` now was launched with (asked of the engine itself)."""
+def engine_max_model_len(url: str, model: str, state_dir: Path) -> int | None:
+    """What the engine serving ``model`` now was launched with (asked of the engine itself,
+    with the engine's own key from the router's state dir)."""
     port = models(url)[model].get("port")
     if port is None:
         return None
+    key = read_key(state_dir, model)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        got = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+        got = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5, headers=headers,
+                        trust_env=False).json()
     except httpx.HTTPError:
         return None
     n: int = got["data"][0]["max_model_len"]
@@ -137,10 +142,11 @@ async def test_reload_under_load_adds_removes_and_changes_models_without_a_blip(
             now = models(url)
             assert set(now) == {"demo-ocr", "demo-vl", "demo-new"}
             for _ in range(400):  # the changed engine is replaced while its clients go on
-                if engine_max_model_len(url, "demo-vl") == 2048:
+                if engine_max_model_len(url, "demo-vl", tmp_path / "state") == 2048:
                     break
                 await asyncio.sleep(0.05)
-            assert engine_max_model_len(url, "demo-vl") == 2048  # the new flag, a new engine
+            # the new flag, a new engine
+            assert engine_max_model_len(url, "demo-vl", tmp_path / "state") == 2048
             assert models(url)["demo-vl"]["max_model_len"] == 2048
             gone = await c.post("/v1/chat/completions", json={
                 "model": "demo-phi", "messages": [{"role": "user", "content": "hi"}]})
