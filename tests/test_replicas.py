@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from vlmhub.engines.process import ProcessRuntime
 from vlmhub.scheduling import step
 from vlmhub.scheduling.policy import Waiter
 from vlmhub.scheduling.scheduler import Plan, ReplicaView
+from vlmhub.scheduling.simtrace import Clients, Draw, Request, Trace
+from vlmhub.scheduling.simulate import SimConfig, SimModel, Simulation
 
 NODES2 = {"n1": 8.0, "n2": 8.0}
 
@@ -178,3 +181,25 @@ async def test_a_replica_that_dies_fails_only_its_own_requests(tmp_path: Path) -
             sup.release(x)
     finally:
         await sup.shutdown()
+
+
+# -- vlmhub simulate: the same step, in simulated time ---------------------------------------
+def test_simulate_runs_two_replicas_on_two_gpus_through_the_shared_step() -> None:
+    m = SimModel("m", 5.0, start_s=10.0, replicas=(0, 2, None), ttl=60.0)
+    other = SimModel("o", 5.0, start_s=10.0, ttl=5.0)
+    draws = tuple(Draw("m", 2.0) for _ in range(400))
+    trace = Trace("burst", clients=(Clients(16, draws),),
+                  requests=(Request(0.0, "o", 1.0),))
+    sim = Simulation(SimConfig((m, other), 8.0, gpus=2), trace)
+    out = sim.run()
+    assert out.served == 401 and out.refused == {"queue_full": 0, "refused": 0, "timeout": 0}
+    served = collections.Counter(q.rep for q in sim.reqs if q.model == "m")
+    assert set(served) == {"m#1", "m#2"}
+    events = [what for _, what in sim.timeline]
+    second = next(i for i, what in enumerate(events) if what.startswith("start m#2"))
+    assert "evicting" not in events[second]  # room without eviction: after o's ttl stop
+    assert events.index("o stopped") < second
+    one = Simulation(SimConfig((replace(m, replicas=(0, 1, None)),), 8.0, gpus=2),
+                     replace(trace, requests=()))
+    one.run()
+    assert {q.rep for q in one.reqs if q.model == "m"} == {"m"}  # one replica: its own name

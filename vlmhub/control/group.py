@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from vlmhub.config.schema import ReplicasConfig, ResolvedModel
+from vlmhub.config.schema import ResolvedModel
 from vlmhub.control.contract import AcquireError, Lease, ReplicaInfo, State
 from vlmhub.control.replica import Queued, Replica, new_replica
 from vlmhub.scheduling import policy, step
@@ -38,10 +38,7 @@ def replica_names(m: ResolvedModel) -> list[str]:
 
 def bounds(m: ResolvedModel) -> tuple[int, int, float | None]:
     """``(low, high, target)`` of ``m``'s ``replicas`` (:class:`vlmhub.scheduling.step.Pool`)."""
-    r = m.entry.replicas
-    if isinstance(r, ReplicasConfig):
-        return r.min, r.max, r.target
-    return 0, r, None
+    return step.bounds(m.entry.replicas)
 
 
 def new_members(m: ResolvedModel) -> list[Replica]:

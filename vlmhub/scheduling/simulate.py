@@ -78,6 +78,8 @@ class SimModel:
     """Its first ``fails`` starts fail (a crash during start-up, after ``start_s``)."""
     host_gib: float = 0.0
     """The host RAM a level-1 sleep of it takes (its weights)."""
+    replicas: tuple[int, int, float | None] = (0, 1, None)
+    """``(low, high, target)`` (:func:`vlmhub.scheduling.step.bounds`): several engines."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,8 @@ class _Req:
     """When it stopped waiting: leased, or timed out in the queue."""
     outcome: str = "queued"
     bound: float = math.inf
+    rep: str = ""
+    """The replica that served it."""
 
 
 @dataclass(eq=False)
@@ -225,11 +229,13 @@ class _Rep:
     """Its wake costs: from a level-1 and a level-2 sleep."""
     level: scheduler.SleepLevel = 1
 
-    def entry(self) -> step.Entry:
-        """What the control-loop step knows of this replica (as the supervisor's ``_entry``)."""
+    def entry(self, pooled: bool) -> step.Entry:
+        """What the control-loop step knows of this replica (as the supervisor's ``_entry``;
+        ``pooled``: the queue is its model's :class:`~vlmhub.scheduling.step.Pool`)."""
         return step.Entry(
-            self.view(), self.node, tuple(Waiter(q.arrived, q.priority) for q in self.waiters),
-            self.wanted, tuple(self.failures), self.m.ttl,
+            self.view(), self.node, () if pooled else tuple(
+                Waiter(q.arrived, q.priority) for q in self.waiters),
+            self.wanted and not pooled, tuple(self.failures), self.m.ttl,
         )
 
     def view(self) -> scheduler.ReplicaView:
@@ -271,8 +277,14 @@ class Simulation:
 
     def __init__(self, config: SimConfig, trace: Trace) -> None:
         self.c, self.trace, self.now = config, trace, 0.0
-        self.reps = {m.name: _Rep(m, wake=(config.wake_s, config.wake2_s))
-                     for m in config.models}
+        self.groups: dict[str, list[_Rep]] = {}
+        """Model -> its replicas (control.group): one queue (a deque they share)."""
+        for m in config.models:
+            high, queue = m.replicas[1], deque[_Req]()
+            names = [m.name] if high == 1 else [f"{m.name}#{i}" for i in range(1, high + 1)]
+            self.groups[m.name] = [_Rep(replace(m, name=n), waiters=queue,
+                                        wake=(config.wake_s, config.wake2_s)) for n in names]
+        self.reps = {r.m.name: r for g in self.groups.values() for r in g}
         for r in self.reps.values():
             if r.m.external:
                 r.state = "ready"
@@ -364,7 +376,7 @@ class Simulation:
 
     # -- workload --------------------------------------------------------------------------------
     def _klass(self, model: str, priority: Priority | None) -> Priority:
-        return priority or self.reps[model].m.priority
+        return priority or self.groups[model][0].m.priority
 
     def _client(self, gi: int) -> None:
         g: Clients = self.trace.clients[gi]
@@ -396,17 +408,22 @@ class Simulation:
     # -- the supervisor's side -------------------------------------------------------------------
     def _acquire(self, q: _Req) -> None:
         self.reqs.append(q)
-        r = self.reps[q.model]
-        if r.state == "ready" and not r.draining and not r.waiters:
-            self._lease(r, q)
+        r, ready = self.groups[q.model][0], self._pick(q.model)
+        if ready is not None and not r.waiters:
+            self._lease(ready, q)
         elif len(r.waiters) >= r.m.max_queue:
             self._finished(q, "queue_full")
         else:
             r.waiters.append(q)
             self._at(self.now + self.c.queue_timeout_s, "qtimeout", q)
 
+    def _pick(self, model: str) -> _Rep | None:
+        """Group.pick: the ready replica with the fewest in flight, then least recently used."""
+        ready = [r for r in self.groups[model] if r.state == "ready" and not r.draining]
+        return min(ready, key=lambda r: (r.in_flight, r.last_used), default=None)
+
     def _queue_timeout(self, q: _Req) -> None:
-        r = self.reps[q.model]
+        r = self.groups[q.model][0]
         if q.outcome == "queued" and q in r.waiters:
             r.waiters.remove(q)
             q.bound = policy.max_wait(r.view(), self._views(), q.priority, self.c.params)
@@ -421,11 +438,11 @@ class Simulation:
         r.in_flight += 1
         r.priority = q.priority
         r.last_used = q.leased = q.ended = self.now
-        q.outcome = "leased"
+        q.outcome, q.rep = "leased", r.m.name
         self._at(self.now + q.duration, "done", q)
 
     def _release(self, q: _Req) -> None:
-        r = self.reps[q.model]
+        r = self.reps[q.rep]
         r.in_flight -= 1
         r.last_used = self.last_done = self.now
         self._finished(q, "served")
@@ -435,6 +452,10 @@ class Simulation:
                 self._advance(node, True)  # the drain timeout is moot (a new token)
 
     def _fail_waiters(self, r: _Rep, outcome: str) -> None:
+        """Fail ``r``'s queue, unless another replica of its model is up (it gets the queue)."""
+        if any(x is not r and x.state in ("ready", "starting")
+               for x in self.groups[r.m.name.split("#")[0]]):
+            return
         while r.waiters:
             self._finished(r.waiters.popleft(), outcome)
         r.wanted = False
@@ -442,14 +463,23 @@ class Simulation:
     def _reconcile(self) -> None:
         """Supervisor._reconcile: lease the ready queues, then carry out the shared step."""
         now = self.now
-        for r in self.reps.values():
-            if r.state == "ready" and not r.draining:
-                while r.waiters:
-                    self._lease(r, r.waiters.popleft())
-                r.wanted = False
+        pools = []
+        for name, g in self.groups.items():
+            while g[0].waiters and (r := self._pick(name)) is not None:
+                self._lease(r, g[0].waiters.popleft())
+            if self._pick(name) is not None:
+                for r in g:
+                    r.wanted = False
+            low, high, target = g[0].m.replicas
+            if len(g) > 1 or target is not None:
+                pools.append(step.Pool(
+                    tuple(r.m.name for r in g),
+                    tuple(Waiter(q.arrived, q.priority) for q in g[0].waiters),
+                    any(r.wanted for r in g), low, high, target))
+        pooled = {n for p in pools for n in p.members}
         busy = {node: s.target for node, s in self._ops.items()}
-        out = step.decide([r.entry() for r in self.reps.values()], self.c.nodes, now,
-                          self.c.rules, busy, self.c.host_gib)
+        out = step.decide([r.entry(r.m.name in pooled) for r in self.reps.values()],
+                          self.c.nodes, now, self.c.rules, busy, self.c.host_gib, pools)
         if out.recheck_at is not None and out.recheck_at > now:
             self._at(out.recheck_at, "recheck")
         for a in out.actions:
@@ -619,6 +649,7 @@ def from_config(
             else config.router.max_queue,
             preload=m.entry.preload,
             host_gib=m.budget.weights_gib if m.budget else 0.0,
+            replicas=step.bounds(m.entry.replicas),
         ))
     rc = config.router
     return SimConfig(

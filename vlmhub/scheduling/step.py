@@ -154,6 +154,15 @@ class Step:
     """Each free node's policy decision, for the debug log (:func:`policy.describe`)."""
 
 
+def bounds(replicas: object) -> tuple[int, int, float | None]:
+    """``(low, high, target)`` of a model's ``replicas`` in models.yaml: ``N`` (fixed) or
+    ``{min, max, target}`` (autoscaled); see :class:`Pool`."""
+    if isinstance(replicas, int):
+        return 0, replicas, None
+    low, high, target = (getattr(replicas, k) for k in ("min", "max", "target"))
+    return int(low), int(high), float(target)
+
+
 def restart(e: Entry, now: float, rules: Rules) -> CrashLoop | bool:
     """Whether a failed replica may start again now: the crash-loop guard's verdict
     (``crash_loop_max`` failures within ``crash_loop_window_s``), else whether its restart
