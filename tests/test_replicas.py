@@ -203,3 +203,39 @@ def test_simulate_runs_two_replicas_on_two_gpus_through_the_shared_step() -> Non
                      replace(trace, requests=()))
     one.run()
     assert {q.rep for q in one.reqs if q.model == "m"} == {"m"}  # one replica: its own name
+
+
+async def test_autoscaling_goes_from_min_to_max_under_a_burst_and_back(tmp_path: Path) -> None:
+    scaled = model(1.0, ttl=1.0, replicas={"min": 1, "max": 2, "target": 2})
+    sup, _, _ = build(tmp_path, {"m": scaled}, delay=0.3,
+                      stub_env={"VLMHUB_STUB_TOKEN_DELAY": "0.05"})
+
+    def states() -> list[str]:
+        return [i.state for i in sup.snapshot()[0].replicas]
+
+    async def until(cond: Any, what: str) -> None:
+        for _ in range(200):
+            if cond():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{what}: {states()}")
+
+    async with routed_app(sup) as (url, _app):
+        await until(lambda: states() == ["ready", "stopped"], "min 1 is up without a request")
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+        async def one() -> str:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=16)
+            assert raw.parse().choices[0].message.content
+            return raw.headers["x-vlmhub-replica"].split("@")[0]
+
+        burst = [asyncio.create_task(one()) for _ in range(12)]
+        await until(lambda: states() == ["ready", "ready"], "a second replica under the burst")
+        burst += [asyncio.create_task(one()) for _ in range(12)]
+        served = collections.Counter(await asyncio.gather(*burst))  # none lost: all answered
+        assert sum(served.values()) == 24 and served["m#2"] > 0
+        await until(lambda: sorted(states()) == ["ready", "stopped"], "back to min after ttl")
+        await asyncio.sleep(1.5)  # and it stays at min: the last one is kept through its ttl
+        assert sorted(states()) == ["ready", "stopped"]
+        await client.close()
