@@ -7,6 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,11 +21,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from route_support import wait_healthy
 from supervisor_support import build, model, routed_app
 
 from vlmhub.cli.engines import Engines, _ps_rows
 from vlmhub.config.schema import ReplicasConfig
 from vlmhub.control.contract import Lease
+from vlmhub.engines.ports import free_port
 from vlmhub.engines.process import ProcessRuntime
 from vlmhub.scheduling import step
 from vlmhub.scheduling.policy import Waiter
@@ -27,6 +36,7 @@ from vlmhub.scheduling.simtrace import Clients, Draw, Request, Trace
 from vlmhub.scheduling.simulate import SimConfig, SimModel, Simulation
 
 NODES2 = {"n1": 8.0, "n2": 8.0}
+REPO = Path(__file__).resolve().parent.parent
 
 
 def rep(name: str, state: str = "stopped", gib: float = 5.0, **kw: Any) -> ReplicaView:
@@ -239,3 +249,41 @@ async def test_autoscaling_goes_from_min_to_max_under_a_burst_and_back(tmp_path:
         await asyncio.sleep(1.5)  # and it stays at min: the last one is kept through its ttl
         assert sorted(states()) == ["ready", "stopped"]
         await client.close()
+
+
+# -- the shipped example ----------------------------------------------------------------------
+def test_the_shipped_example_serves_one_model_on_two_engines(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "VLMHUB_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"}
+    example = REPO / "examples" / "replicas.yaml"
+    log = tmp_path / "route.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vlmhub", "route", "--config",
+                                 str(example), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=60)
+
+        def one(_: int) -> str:
+            raw = client.chat.completions.with_raw_response.create(
+                model="dots-ocr-demo", messages=[{"role": "user", "content": "hi"}],
+                max_tokens=4)
+            return raw.headers["x-vlmhub-replica"].split("@")[0]
+
+        assert one(0).startswith("demo-ocr#")
+        for _ in range(300):
+            (row,) = httpx.get(url + "/api/models").json()["models"]
+            if [r["state"] for r in row["replicas"]] == ["ready", "ready"]:
+                break
+            time.sleep(0.1)
+        assert sorted(r["node"] for r in row["replicas"]) == ["gpu0", "gpu1"]  # a card each
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(one, range(8))) == {"demo-ocr#1", "demo-ocr#2"}
+        ps = subprocess.run([sys.executable, "-m", "vlmhub", "ps", "--config", str(example),
+                             "--json"], env=env, capture_output=True, text=True, check=True)
+        assert sorted(r["name"] for r in json.loads(ps.stdout)) == ["demo-ocr#1", "demo-ocr#2"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)

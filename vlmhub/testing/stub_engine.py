@@ -107,6 +107,8 @@ KNOBS: tuple[tuple[str, str, type], ...] = (  # flag, env var, type
     ("--stub-crash-after", "VLMHUB_STUB_CRASH_AFTER", int),
     ("--stub-hang-after", "VLMHUB_STUB_HANG_AFTER", int),
     ("--stub-token-delay", "VLMHUB_STUB_TOKEN_DELAY", float),
+    ("--stub-request-delay", "VLMHUB_STUB_REQUEST_DELAY", float),  # seconds per completion
+    ("--stub-max-seqs", "VLMHUB_STUB_MAX_SEQS", int),  # completions at once; more wait
     ("--stub-gpu-total-gib", "VLMHUB_STUB_GPU_TOTAL_GIB", float),
     ("--stub-ledger", "VLMHUB_STUB_LEDGER", str),
     ("--stub-weights-gib", "VLMHUB_STUB_WEIGHTS_GIB", float),
@@ -284,6 +286,9 @@ class Stub:
         self.args, self.ledger, self.names = args, ledger, list(args.served_model_name)
         self.created = int(time.time())
         self.token_delay = float(args.stub_token_delay or 0.0)
+        self.request_delay = float(args.stub_request_delay or 0.0)
+        self.seqs = threading.Semaphore(args.stub_max_seqs) if args.stub_max_seqs else None
+        """--stub-max-seqs: a completion waits for one of N slots (as vLLM's max_num_seqs)."""
         self.crash_after = int(args.stub_crash_after or 0)
         self.hang_after = int(args.stub_hang_after or 0)
         self.dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
@@ -562,6 +567,9 @@ class Handler(BaseHTTPRequestHandler):
         finish = "length" if wanted == len(pieces) else "stop"
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + len(pieces),
                  "completion_tokens": len(pieces)}
+        if stub.seqs is not None:
+            stub.seqs.acquire()
+        time.sleep(stub.request_delay)  # --stub-request-delay: the work of one request
         with stub.lock:
             stub.completions += 1
             crash = stub.completions == stub.crash_after
@@ -597,6 +605,8 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with stub.lock:
                 stub.running -= 1
+            if stub.seqs is not None:
+                stub.seqs.release()
 
     def stream(self, model: str, chat: bool, pieces: list[str], finish: str,
                usage: dict[str, int] | None, crash: bool) -> None:
