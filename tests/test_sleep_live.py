@@ -12,6 +12,7 @@ from supervisor_support import build, model, routed_app, used
 
 from vlmhub.config.host import cgroup_limit_gib, host_budget_gib, host_total_gib, meminfo_total_gib
 from vlmhub.config.schema import Config
+from vlmhub.sizing.budgets import BudgetStore
 
 GIB = 1024**3
 
@@ -151,3 +152,72 @@ async def test_api_models_api_ui_and_the_page_show_host_ram(tmp_path: Path) -> N
         assert {m["name"]: m["host_gib"] for m in ui["models"]} == {"a": 4.0, "b": 0.0}
         page = (await http.get("/ui")).text
         assert 'id="host-meter"' in page and 'id="host-held"' in page
+
+
+# ---------------------------------------------------------------------------- measured sleep
+def reports(weights: float) -> dict[str, str]:
+    """The stand-in's log reports these weights (so the measured budget stays near the plan)."""
+    return {"VLMHUB_STUB_WEIGHTS_GIB": str(weights), "VLMHUB_STUB_NON_TORCH_GIB": "0",
+            "VLMHUB_STUB_KV_BYTES_PER_TOKEN": "131072"}
+
+
+STUB_4G = reports(4.0)
+
+
+def sleep_figures(store: BudgetStore, name: str) -> dict[str, float]:
+    return next(e.sleep for e in store.entries() if e.key.model == name)
+
+
+async def test_the_residue_and_the_wake_are_measured_and_learned(tmp_path: Path) -> None:
+    store = BudgetStore(tmp_path / "budgets.json")
+    # the engine keeps 2 GiB asleep where its plugin says 1.25 (vLLM #32714); its log reports
+    # the weights the plugin says (so the measured budget stays near the planned one)
+    sleeper = model(4.0, sleep=True, env={"VLMHUB_STUB_SLEEP_RESIDUE_GIB": "2.0", **STUB_4G})
+    other = model(3.6, env=reports(3.6))
+    sup, _, ledger = build(tmp_path, {"a": sleeper, "b": other}, budgets=store,
+                           host={"total_gib": 16, "reserve_gib": 0})
+    await sup.start()
+    try:
+        sup.release(await sup.acquire("a"))
+        sup.release(await sup.acquire("b"))
+        assert {i.name: i.state for i in sup.snapshot()} == {"a": "sleeping", "b": "ready"}
+        # learned: its planned footprint less what the sleep freed (the engine's claim - 2)
+        residue = sleep_figures(store, "a")["residue_gib"]
+        assert 2.0 - 0.02 <= residue <= 2.5
+        assert sup.replicas["a"].view().sleep_gib == pytest.approx(residue, abs=1e-3)
+        assert used(ledger) <= 8.0
+        sup.release(await sup.acquire("a"))  # b goes; a wakes from level 1: its time is kept
+        assert "wake1_s" in sleep_figures(store, "a")
+    finally:
+        await sup.shutdown()
+    # the next run plans with what this one learned, from its first start on
+    again, _, _ = build(tmp_path / "again", {"a": sleeper, "b": other}, budgets=store)
+    await again.start()
+    try:
+        again.release(await again.acquire("a"))
+        facts = again.replicas["a"].sleep_facts
+        assert facts.residue_gib == pytest.approx(residue, abs=1e-3) and 1 in facts.wake_s
+    finally:
+        await again.shutdown()
+
+
+async def test_a_failed_wake_restarts_and_bars_that_level(tmp_path: Path) -> None:
+    store = BudgetStore(tmp_path / "budgets.json")
+    sleeper = model(4.0, sleep=True, env={"VLMHUB_STUB_WAKE_FAILS": "1", **STUB_4G})
+    sup, rec, ledger = build(tmp_path, {"a": sleeper, "b": model(4.0, env=STUB_4G)},
+                             budgets=store, host={"total_gib": 16, "reserve_gib": 0})
+    await sup.start()
+    try:
+        phases = []
+        for _ in range(3):
+            sup.release(await sup.acquire("a"))
+            sup.release(await sup.acquire("b"))  # a is evicted: how?
+            phases.append({i.name: i.phase for i in sup.snapshot()}["a"])
+        # level 1's wake failed (a cold start instead): level 2 next; its wake failed too: stop
+        assert phases == ["sleeping (level 1)", "sleeping (level 2)", ""]
+        figures = sleep_figures(store, "a")
+        assert figures.get("barred1") == 1.0 and figures.get("barred2") == 1.0
+        assert [m for m, ok in rec.loads if m == "a" and ok] == ["a"] * 3  # three cold starts
+        assert used(ledger) <= 8.0
+    finally:
+        await sup.shutdown()

@@ -40,7 +40,8 @@ from vlmhub.engines.ports import pick_port
 from vlmhub.errors import EngineStartError, EngineStartTimeout, RuntimeUnavailable, VlmhubError
 from vlmhub.logs import ENGINE
 from vlmhub.scheduling import scheduler
-from vlmhub.sizing.budgets import BudgetStore, observe_start
+from vlmhub.sizing.budgets import BudgetStore, key_for, observe_start
+from vlmhub.sizing.sleepfacts import facts_of, freed_gib, merged, remember
 from vlmhub.sizing.vram import Gpu
 
 StartHook = Callable[[Replica, "LogParser | None", "VlmhubError | None"], None]
@@ -236,6 +237,9 @@ class EngineOps:
                 if obs.kind != "none":
                     r.model = obs.model
                     r.budget_note = obs.message
+                if r.model.spec is not None:  # what its sleeps taught, for the plan
+                    r.sleep_facts = facts_of(self.budgets, key_for(
+                        r.model.spec, self.gpu, self.config.runtime.vllm_version))
             if self.on_start is not None:
                 self.on_start(r, parser, err)
         except Exception as exc:
@@ -311,7 +315,43 @@ class EngineOps:
             ok = False
         if ok:
             v.state, v.phase, v.sleep_level = "sleeping", f"sleeping (level {level})", level
+            await self._measure_residue(v, v.handle)
         return ok
+
+    async def _measure_residue(self, v: Replica, handle: EngineHandle) -> None:
+        """After a sleep: its residue is its footprint less what vLLM says the sleep freed
+        (``Sleep mode freed X GiB``); learned for the plan. A log that cannot be read, or
+        says nothing, leaves the planned figure."""
+        try:
+            freed = freed_gib(await self.runtime.logs(handle, tail=50))
+        except Exception as exc:
+            log_exception(ENGINE, f"{v.name}: reading its log after a sleep failed", exc,
+                          model=v.name, event="sleep")
+            return
+        if freed is not None:
+            residue = max(v.footprint - freed, 0.0)
+            if residue > v.residue_gib + 0.1:
+                ENGINE.warning("%s: asleep it keeps %.2f GiB, %.2f GiB were planned: the plan "
+                               "uses the measured figure from now on", v.name, residue,
+                               v.residue_gib, extra={"model": v.name, "event": "sleep"})
+            self.learn_sleep(v, residue_gib=residue)
+
+    def learn_sleep(self, r: Replica, *, residue_gib: float | None = None,
+                    level: int | None = None, wake_s: float | None = None,
+                    failed: bool = False) -> None:
+        """One more sleep figure of ``r``: on ``r`` now, in the budgets file for later runs
+        (vlmhub.sizing.sleepfacts). Blocks briefly on that file; never raises."""
+        r.sleep_facts = merged(r.sleep_facts, residue_gib=residue_gib, level=level,
+                               wake_s=wake_s, failed=failed)
+        if r.model.spec is None or r.model.external:
+            return
+        try:
+            remember(self.budgets, key_for(r.model.spec, self.gpu,
+                                           self.config.runtime.vllm_version),
+                     residue_gib=residue_gib, level=level, wake_s=wake_s, failed=failed)
+        except Exception as exc:
+            log_exception(ENGINE, f"{r.name}: recording a sleep figure failed", exc,
+                          model=r.name, event="sleep")
 
     async def wake(self, r: Replica) -> bool:
         """Wake a sleeping engine (room was made first: vLLM does not check); after a level-2
@@ -334,12 +374,17 @@ class EngineOps:
             ok = False
         if ok:
             took = time.monotonic() - began
-            r.wake_costs[r.sleep_level] = took  # what the plan prices its next wake at
+            self.learn_sleep(r, level=r.sleep_level, wake_s=took)  # its next wake's price
             r.state, r.phase, r.last_used = "ready", "ready", time.monotonic()
             r.healthy_at = r.loaded_at = time.monotonic()
             ENGINE.info("%s: woken from level %d in %.1f s", r.name, r.sleep_level, took,
                         extra={"model": r.name, "event": "wake", "level": r.sleep_level})
             self.observer.observe_load(r.model.name, took, True)
+        else:  # stop/start instead, and never this level again for this model (until reset)
+            ENGINE.warning("%s: its wake from level %d failed: restarted instead; that level "
+                           "is not used for it again until `vlmhub budgets forget`", r.name,
+                           r.sleep_level, extra={"model": r.name, "event": "wake_failed"})
+            self.learn_sleep(r, level=r.sleep_level, failed=True)
         return ok
 
 

@@ -6,12 +6,14 @@ Owned by the supervisor's event loop: nothing here blocks or is shared across th
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vlmhub.config.schema import sleep_ok
 from vlmhub.control.contract import Lease, ReplicaInfo, State
 from vlmhub.scheduling.scheduler import ReplicaView, SleepLevel
+from vlmhub.sizing.sleepfacts import SleepFacts
 
 if TYPE_CHECKING:
     from vlmhub.config.schema import ResolvedModel
@@ -75,8 +77,9 @@ class Replica:
     operation is planned there; meaningful while it holds memory (starting..stopping)."""
     sleep_level: SleepLevel = 1
     """The level of its last sleep: what a wake undoes (level 2 reloads the weights)."""
-    wake_costs: dict[int, float] = field(default_factory=dict)
-    """Sleep level -> its last measured wake (s); until measured, :meth:`wake_cost`."""
+    sleep_facts: SleepFacts = field(default_factory=SleepFacts)
+    """What its sleeps taught (the budgets file, then this run): residue, wakes, barred
+    levels (vlmhub.sizing.sleepfacts)."""
 
     @property
     def name(self) -> str:
@@ -97,29 +100,39 @@ class Replica:
             name=self.name,
             state=self.state,
             footprint_gib=self.footprint,
-            sleep_gib=m.budget.sleep_residual_gib if m.budget else 0.0,
+            sleep_gib=self.residue_gib,
             in_flight=self.in_flight,
             pinned=m.entry.pinned,
             last_used=self.last_used,
             reload_cost_s=self.last_load_s or (m.spec.reload_cost_s if m.spec else 1),
-            can_sleep=self.sleep_ok,
+            can_sleep=self.sleep_ok and len(self.sleep_facts.barred) < 2,
             external=m.external,
             draining=self.draining,
             loaded_at=self.loaded_at,
             priority=self.priority,
             group=",".join(m.group.names) if m.group else None,
-            host_gib=m.budget.weights_gib if m.budget else 0.0,
+            host_gib=(math.inf if 1 in self.sleep_facts.barred  # never a level-1 sleep
+                      else m.budget.weights_gib if m.budget else 0.0),
             level=self.sleep_level,
             wake_s=self.wake_cost(1),
             wake2_s=self.wake_cost(2),
         )
 
+    @property
+    def residue_gib(self) -> float:
+        """What it keeps on the GPU while asleep: measured, else its plugin's figure."""
+        if self.sleep_facts.residue_gib is not None:
+            return self.sleep_facts.residue_gib
+        return self.model.budget.sleep_residual_gib if self.model.budget else 0.0
+
     def wake_cost(self, level: int) -> float:
         """A wake's cost from ``level``: measured, else :data:`WAKE_SHARE` of the cold cost
-        (at most the simulator's 2 s / 6 s)."""
+        (at most the simulator's 2 s / 6 s); a barred level costs infinitely much."""
+        if level in self.sleep_facts.barred:
+            return math.inf
         cold = self.last_load_s or (self.model.spec.reload_cost_s if self.model.spec else 1)
         share, most = WAKE_SHARE[level]
-        return self.wake_costs.get(level, min(share * cold, most))
+        return self.sleep_facts.wake_s.get(level, min(share * cold, most))
 
     def info(self, runtime_kind: str) -> ReplicaInfo:
         """A read-only snapshot of this replica."""

@@ -132,7 +132,7 @@ def host_free_gib(replicas: Sequence[ReplicaView], host_gib: float) -> float:
 def sleep_mode(r: ReplicaView, host_free: float) -> tuple[EvictMode, SleepLevel]:
     """How to evict ``r`` (which can sleep) with ``host_free`` GiB of host RAM left: level 1
     where its weights fit there, else level 2 where that wake beats a cold start, else stop."""
-    if r.host_gib <= host_free + EPS:
+    if r.host_gib <= host_free + EPS and math.isfinite(r.host_gib):  # inf: level 1 barred
         return "sleep", 1
     if r.wake2_s < r.reload_cost_s:
         return "sleep", 2

@@ -134,6 +134,9 @@ class Entry:
     raised_headroom_gib: float = 0.0
     raised_at: str | None = None
     reasons: tuple[str, ...] = ()
+    sleep: dict[str, float] = field(default_factory=dict)
+    """Sleep-mode figures measured at run time (vlmhub.sizing.sleepfacts): the residue, each
+    level's wake, the levels whose wake failed."""
 
     def measured(self, now: datetime | None = None) -> Measured:
         """The measured parts, with the raises unless they expired (:data:`RAISE_TTL_DAYS`)."""
@@ -176,6 +179,7 @@ class Entry:
             raised_headroom_gib=float(data.get("raised_headroom_gib", 0.0)),
             raised_at=data.get("raised_at"),
             reasons=tuple(str(r) for r in data.get("reasons") or ()),
+            sleep={str(k): float(v) for k, v in dict(data.get("sleep") or {}).items()},
         )
 
 
@@ -264,6 +268,11 @@ class BudgetStore:
             )
 
         return self._update(key, update)
+
+    def record_sleep(self, key: BudgetKey, values: Mapping[str, float]) -> Entry:
+        """Merge sleep-mode figures into ``key``'s entry (vlmhub.sizing.sleepfacts)."""
+        return self._update(key, lambda old: dataclasses.replace(
+            old or Entry(key), sleep={**(old.sleep if old else {}), **values}))
 
     def forget(self, model: str | None = None) -> int:
         """Drop every entry of ``model`` (all entries with None); returns how many."""

@@ -25,6 +25,9 @@ What it simulates, with the pretend GPU (``--stub-ledger``) and a pretend host:
   (after room is made) succeeds. Real vLLM may instead leak GPU memory on such a failure
   (vLLM #13941, #34600); vlmhub does not rely on either: a failed wake falls back to a stop
   and a cold start, and the stop frees whatever the engine held.
+- **vLLM's sleep log line**, ``Sleep mode freed X GiB memory, Y GiB memory is still in use.``
+  (with the pretend GPU): vlmhub reads it to learn the residue. ``VLMHUB_STUB_WAKE_FAILS=1``
+  makes every wake of a sleeping engine answer 500.
 """
 
 from __future__ import annotations
@@ -140,6 +143,10 @@ class Sleeper:
                     return 500, self.error(why, "InternalServerError", 500)
                 if self.gpu is not None:
                     self.gpu.write(sleeping=True)
+                    used = sum(float(e.get("claim_gib", 0.0)) for e in self.read(self.gpu.dir))
+                    self.log(f"Sleep mode freed {self.gpu.claim - self.gpu.residue:.2f} GiB "
+                             f"memory, {used:.2f} GiB memory is still in use.",
+                             "gpu_worker.py:142")
                 self.level = int(level)
         self.log(f"It took {time.monotonic() - began + 0.1:.2f} seconds to fall asleep "
                  f"(level {level}).", "gpu_worker.py:117")
@@ -148,6 +155,10 @@ class Sleeper:
     def wake(self) -> Reply:
         began = time.monotonic()
         with self.lock:
+            if self.level and os.environ.get("VLMHUB_STUB_WAKE_FAILS"):  # fault injection
+                self.log("Wake up failed: CUDA error: out of memory", "gpu_worker.py:150",
+                         "ERROR")
+                return 500, self.error("CUDA error: out of memory", "InternalServerError", 500)
             if self.level:
                 if self.gpu is not None and (oom := self._claim_gpu()):
                     self.log(oom, "gpu_worker.py:150", "ERROR")
