@@ -29,6 +29,7 @@ from vlmhub.config.schema import ReplicasConfig
 from vlmhub.control.contract import Lease
 from vlmhub.engines.ports import free_port
 from vlmhub.engines.process import ProcessRuntime
+from vlmhub.router.history import History, sleep_residuals
 from vlmhub.scheduling import step
 from vlmhub.scheduling.policy import Waiter
 from vlmhub.scheduling.scheduler import Plan, ReplicaView
@@ -157,6 +158,9 @@ async def test_fixed_replicas_balance_least_in_flight_and_name_the_replica(
             for name in ("m#1", "m#2"):
                 assert f'vlmhub_replica_state{{model="m",replica="{name}",state="ready"}} 1.0' \
                     in text
+        history = History()  # the dashboard's memory chart: both engines' memory
+        history.sample(sup.snapshot(), sleep_residuals(sup))
+        assert history.samples[-1][1] == {"m": 2.5}  # two engines of 1.25 GiB
         rt = ProcessRuntime(sup.config.runtime, state_dir=tmp_path / "state")
         rows = await _ps_rows(Engines(None, [rt], budgets={"m": 1.25}))  # vlmhub ps
         assert {r["name"]: r["vram_gib"] for r in rows} == {"m#1": 1.25, "m#2": 1.25}

@@ -81,7 +81,8 @@ class History:
         """Record what each model holds now; True when a sample was kept (it changed, or
         the last one is a minute old)."""
         now = self.clock()
-        held = {i.name: round(held_gib(i, sleep_gib.get(i.name, 0.0)), 3) for i in snapshot}
+        held = {i.name: round(sum(held_gib(x, sleep_gib.get(i.name, 0.0))  # every replica
+                                  for x in i.replicas or (i,)), 3) for i in snapshot}
         if self.samples:
             last_t, last = self.samples[-1]
             if last == held and now - last_t < KEEPALIVE_S:
@@ -131,9 +132,10 @@ def sleep_residuals(supervisor: SupervisorLike) -> dict[str, float]:
     """Each model's GPU memory while asleep, from the supervisor's resolved models."""
     replicas = getattr(supervisor, "replicas", None)
     found: dict[str, float] = {}
-    for name, replica in (replicas.items() if isinstance(replicas, dict) else ()):
-        budget = getattr(getattr(replica, "model", None), "budget", None)
-        residual = getattr(budget, "sleep_residual_gib", None)
+    for replica in (replicas.values() if isinstance(replicas, dict) else ()):
+        model = getattr(replica, "model", None)  # one of several replicas: its model's
+        name, residual = getattr(model, "name", None), getattr(
+            getattr(model, "budget", None), "sleep_residual_gib", None)
         if isinstance(name, str) and isinstance(residual, int | float):
             found[name] = float(residual)
     return found
