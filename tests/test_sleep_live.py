@@ -3,16 +3,21 @@ the supervisor choosing each sleep's level over real stand-in engines."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 from supervisor_support import build, model, routed_app, used
 
 from vlmhub.config.host import cgroup_limit_gib, host_budget_gib, host_total_gib, meminfo_total_gib
-from vlmhub.config.schema import Config
-from vlmhub.sizing.budgets import BudgetStore
+from vlmhub.config.schema import Config, load_config, resolve, sleep_ok
+from vlmhub.sizing.budgets import BudgetStore, key_for, learned
+from vlmhub.sizing.vram import Gpu
+from vlmhub.spec import ModelSpec
 
 GIB = 1024**3
 
@@ -221,3 +226,48 @@ async def test_a_failed_wake_restarts_and_bars_that_level(tmp_path: Path) -> Non
         assert used(ledger) <= 8.0
     finally:
         await sup.shutdown()
+
+
+# ---------------------------------------------------------------------------- sleep by default
+def resolved_sleep(tmp_path: Path, source: str, models: dict[str, Any]) -> dict[str, bool]:
+    cfg = {"gpu": {"total_gib": 24, "reserve_gib": 0}, "models": models}
+    path = tmp_path / f"models-{source}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    gpu = Gpu(24.0, 0.0, None, "test card", source)
+    return {m.name: sleep_ok(m) for m in resolve(load_config(path), {}, gpu)}
+
+
+def test_sleep_is_on_by_default_on_a_gpu_where_vllm_has_it(tmp_path: Path) -> None:
+    def entry(tag: str, **kw: Any) -> dict[str, Any]:
+        spec = model(2.0)["spec"] | {"image": f"vllm/vllm-openai:{tag}"}
+        return {"spec": spec, **kw}
+
+    models = {"new": entry("v0.11.0"), "old": entry("v0.6.0"),
+              "optout": entry("v0.11.0", sleep=False), "asked": entry("v0.11.0", sleep=True)}
+    # a GPU NVML found: on where vLLM has sleep mode; `sleep: false` opts out
+    assert resolved_sleep(tmp_path, "nvml", models) == {
+        "new": True, "old": False, "optout": False, "asked": True}
+    # no real GPU (the size from models.yaml, as the demo and the tests): off unless asked
+    assert resolved_sleep(tmp_path, "config", models) == {
+        "new": False, "old": False, "optout": False, "asked": True}
+
+
+def test_the_budget_of_a_sleep_mode_engine_is_measured_apart(tmp_path: Path) -> None:
+    spec = ModelSpec.model_validate(model(2.0)["spec"] | {"name": "m"})
+    gpu = Gpu(24.0, 0.0, None, "test card", "nvml")
+    store = BudgetStore(tmp_path / "budgets.json")
+    plain, sleepy = key_for(spec, gpu), key_for(spec, gpu, sleep_mode=True)
+    assert plain != sleepy and not plain.sleep_mode
+    store.record(plain, {"model_load_gib": 1.5})
+    assert learned(store, spec, gpu) is not None
+    assert learned(store, spec, gpu, sleep_mode=True) is None  # measured apart
+    store.record(sleepy, {"model_load_gib": 1.9})
+    weights = learned(store, spec, gpu, sleep_mode=True)
+    assert weights is not None and weights.weights_gib == pytest.approx(1.9)
+    # a file written before the key had sleep_mode reads as measured without it
+    data = json.loads((tmp_path / "budgets.json").read_text())
+    for e in data["entries"]:
+        e["key"].pop("sleep_mode")
+    data["entries"] = data["entries"][:1]
+    (tmp_path / "budgets.json").write_text(json.dumps(data))
+    assert [e.key.sleep_mode for e in store.entries()] == [False]

@@ -137,7 +137,7 @@ def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption,
                 gpu,
                 port=8000,
                 host="0.0.0.0",
-                sleep_mode=m.entry.sleep,
+                sleep_mode=sleep_ok(m),
                 with_memory_flags=rc.memory_flags,
             )
             flags = (
@@ -146,7 +146,7 @@ def plan(config: Path | None = ConfigOption, gpu_gib: float | None = GpuOption,
                     for f, on in (
                         ("pinned", m.entry.pinned),
                         ("preload", m.entry.preload),
-                        ("sleep", m.entry.sleep),
+                        ("sleep", sleep_ok(m)),
                     )
                     if on
                 )
@@ -175,13 +175,13 @@ def _plan_json(ctx: Context, gpu: Gpu, resolved: list[ResolvedModel]) -> dict[st
             models.append({"name": m.name, "external": True, "url": m.entry.url})
             continue
         b = m.budget
-        argv = render_argv(m.spec, b, gpu, port=8000, host="0.0.0.0", sleep_mode=m.entry.sleep,
+        argv = render_argv(m.spec, b, gpu, port=8000, host="0.0.0.0", sleep_mode=sleep_ok(m),
                            with_memory_flags=rc.memory_flags)
         models.append({
             "name": m.name, "external": False, "budget_gib": round(b.footprint_gib, 3),
             "budget_source": b.label, "weights_gib": round(b.weights_gib, 3),
             "kv_cache_gib": round(b.kv_cache_gib, 3), "kv_tokens": b.kv_tokens,
-            "pinned": m.entry.pinned, "preload": m.entry.preload, "sleep": m.entry.sleep,
+            "pinned": m.entry.pinned, "preload": m.entry.preload, "sleep": sleep_ok(m),
             "params": m.entry.params.model_dump() if m.entry.params else None,
             "group": m.group.summary() if m.group is not None else None,
             "argv": ["vllm", "serve", *redact(argv)],

@@ -233,7 +233,9 @@ class ModelEntry(Section):
     pinned: bool = False
     ttl: float | None = Field(default=None, ge=0, description="Idle seconds before unload.")
     preload: bool = False
-    sleep: bool = False
+    sleep: bool | None = None
+    """vLLM sleep mode for evictions. None (default): on where the engine supports it (a GPU
+    NVML found, vLLM >= the plugin's ``sleep_min_vllm``); ``false`` opts out."""
     max_queue: int | None = Field(default=None, ge=0)
     priority: Literal["interactive", "batch"] = "interactive"
     """The class of this model's requests unless a request says otherwise (header)."""
@@ -433,13 +435,18 @@ def resolve(
     groups = together_groups(config)
     wanted = None if only is None else set(only).union(*(g for g in groups if g & set(only)))
 
+    sleeping: dict[str, bool] = {}  # model -> started with --enable-sleep-mode (budget key)
+
     def measure(spec: ModelSpec) -> Measured | None:
-        return learned(measured, spec, gpu, config.runtime.vllm_version)
+        return learned(measured, spec, gpu, config.runtime.vllm_version,
+                       sleep_mode=sleeping.get(spec.name, False))
 
     for name, entry in config.models.items():
         if not entry.enabled or (wanted is not None and name not in wanted):
             continue
         where = ("models", name)
+        if entry.sleep is None:  # the default: sleep where a real GPU runs the engines
+            entry = entry.model_copy(update={"sleep": entry.url is None and gpu.source == "nvml"})
         if entry.url is not None:
             out.append(ResolvedModel(name, entry, None, None, f"external {entry.url}"))
             continue
@@ -471,6 +478,7 @@ def resolve(
             if (need := context_problem(spec)) is not None:
                 problems.append(loc.error((*where, "max_model_len"), *need.problem(name)))
                 continue
+            sleeping[name] = sleeps(bool(entry.sleep), spec)
             budget, refusal = (_fit_alone(spec, gpu, entry.budget_gib, measure(spec))
                                if check_fit else (None, None))  # fmt: skip
         except ConfigError as exc:
@@ -635,8 +643,9 @@ def api_keys(config: Config) -> list[str]:
 
 def sleep_ok(m: ResolvedModel) -> bool:
     """Whether ``m``'s engine is started with sleep mode (asked for, and vLLM can)."""
-    return bool(
-        m.entry.sleep
-        and m.spec is not None
-        and version_tuple(engine_version(m.spec)) >= version_tuple(m.spec.sleep_min_vllm)
-    )
+    return m.spec is not None and sleeps(bool(m.entry.sleep), m.spec)
+
+
+def sleeps(asked: bool, spec: ModelSpec) -> bool:
+    """Sleep mode ``asked`` for, and ``spec``'s vLLM has it (>= its ``sleep_min_vllm``)."""
+    return asked and version_tuple(engine_version(spec)) >= version_tuple(spec.sleep_min_vllm)

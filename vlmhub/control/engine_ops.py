@@ -233,13 +233,15 @@ class EngineOps:
                 obs = observe_start(
                     self.budgets, r.model, self.gpu, parser.facts if parser else {},
                     err is None, err, vllm_version=self.config.runtime.vllm_version,
+                    sleep_mode=r.sleep_ok,
                 )
                 if obs.kind != "none":
                     r.model = obs.model
                     r.budget_note = obs.message
                 if r.model.spec is not None:  # what its sleeps taught, for the plan
                     r.sleep_facts = facts_of(self.budgets, key_for(
-                        r.model.spec, self.gpu, self.config.runtime.vllm_version))
+                        r.model.spec, self.gpu, self.config.runtime.vllm_version,
+                        sleep_mode=True))
             if self.on_start is not None:
                 self.on_start(r, parser, err)
         except Exception as exc:
@@ -347,7 +349,7 @@ class EngineOps:
             return
         try:
             remember(self.budgets, key_for(r.model.spec, self.gpu,
-                                           self.config.runtime.vllm_version),
+                                           self.config.runtime.vllm_version, sleep_mode=True),
                      residue_gib=residue_gib, level=level, wake_s=wake_s, failed=failed)
         except Exception as exc:
             log_exception(ENGINE, f"{r.name}: recording a sleep figure failed", exc,

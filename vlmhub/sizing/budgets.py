@@ -75,6 +75,9 @@ class BudgetKey:
     kv_cache_dtype: str | None
     quantization: str | None
     enforce_eager: bool
+    sleep_mode: bool = False
+    """Started with ``--enable-sleep-mode``: measured apart (the flag changes memory, vLLM
+    #48680). Entries written before it existed read as False."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,7 +89,8 @@ def planned_version(spec: ModelSpec, vllm_version: str | None = None) -> str:
     return vllm_version or engine_version(spec)
 
 
-def key_for(spec: ModelSpec, gpu: Gpu, vllm_version: str | None = None) -> BudgetKey:
+def key_for(spec: ModelSpec, gpu: Gpu, vllm_version: str | None = None, *,
+            sleep_mode: bool = False) -> BudgetKey:
     o = spec.options
     return BudgetKey(
         model=spec.name,
@@ -101,6 +105,7 @@ def key_for(spec: ModelSpec, gpu: Gpu, vllm_version: str | None = None) -> Budge
         kv_cache_dtype=o.kv_cache_dtype,
         quantization=o.quantization,
         enforce_eager=o.enforce_eager,
+        sleep_mode=sleep_mode,
     )
 
 
@@ -338,12 +343,14 @@ def learned(
     gpu: Gpu,
     vllm_version: str | None = None,
     now: datetime | None = None,
+    *,
+    sleep_mode: bool = False,
 ) -> Measured | None:
     """What ``store`` learned for ``spec``: measurements, and unexpired raises held to
     :func:`raise_cap_gib` (a file written before the cap existed is held to it too)."""
     if store is None:
         return None
-    m = store.lookup(key_for(spec, gpu, vllm_version), now)
+    m = store.lookup(key_for(spec, gpu, vllm_version, sleep_mode=sleep_mode), now)
     if m is None or m.raised_gib <= (cap := raise_cap_gib(spec)):
         return m
     head = min(m.raised_headroom_gib, cap)
@@ -356,9 +363,12 @@ def plan_budget(
     store: BudgetStore | None,
     budget_gib: float | None = None,
     vllm_version: str | None = None,
+    *,
+    sleep_mode: bool = False,
 ) -> Budget:
     """``spec``'s budget with whatever ``store`` learned for it (no fit check)."""
-    return budget_for(spec, budget_gib, learned(store, spec, gpu, vllm_version))
+    return budget_for(spec, budget_gib, learned(store, spec, gpu, vllm_version,
+                                                sleep_mode=sleep_mode))
 
 
 def observe_start(
@@ -371,6 +381,7 @@ def observe_start(
     *,
     vllm_version: str | None = None,
     now: datetime | None = None,
+    sleep_mode: bool = False,
 ) -> Observation:
     """Record one engine start of ``model``: its measured facts when it became ready
     (``ok``), or a raised estimate (bounded) when it failed for memory (``error`` is the
@@ -380,7 +391,7 @@ def observe_start(
     spec = model.spec
     if spec is None:
         return Observation("none", "", model, None, None)
-    key = key_for(spec, gpu, vllm_version)
+    key = key_for(spec, gpu, vllm_version, sleep_mode=sleep_mode)
     before = model.budget
     if ok:
         if not any(k in facts for k in MEMORY_FACTS):
@@ -398,7 +409,8 @@ def observe_start(
         store.raise_estimate(key, reason, activation_gib=activation, headroom_gib=headroom,
                              cap_gib=raise_cap_gib(spec), now=now)  # fmt: skip
         kind = "raised"
-    after = plan_budget(spec, gpu, store, model.entry.budget_gib, vllm_version)
+    after = plan_budget(spec, gpu, store, model.entry.budget_gib, vllm_version,
+                        sleep_mode=sleep_mode)
     new_model = dataclasses.replace(model, budget=after)
     return Observation(kind, _message(kind, model.name, before, after), new_model, before, after)
 
