@@ -27,6 +27,7 @@ from supervisor_support import build, model, routed_app
 from vlmhub.cli.engines import Engines, _ps_rows
 from vlmhub.config.schema import ReplicasConfig
 from vlmhub.control.contract import Lease
+from vlmhub.engines.base import EngineHandle, LaunchRequest
 from vlmhub.engines.ports import free_port
 from vlmhub.engines.process import ProcessRuntime
 from vlmhub.router.history import History, sleep_residuals
@@ -291,3 +292,41 @@ def test_the_shipped_example_serves_one_model_on_two_engines(tmp_path: Path) -> 
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
+
+
+class SlowSecond(ProcessRuntime):
+    """The real process runtime; the second replica's stand-in takes 3 s to start."""
+
+    async def start(self, req: LaunchRequest) -> EngineHandle:
+        if req.name.endswith("#2"):
+            req = replace(req, env={**req.env, "VLMHUB_STUB_STARTUP_DELAY": "3"})
+        return await super().start(req)
+
+
+async def test_requests_queued_when_a_replica_dies_wait_for_the_one_starting(
+        tmp_path: Path) -> None:
+    sup, _, _ = build(tmp_path, {"m": two()}, delay=0.2, runtime_type=SlowSecond)
+    await sup.start()
+    try:
+        first = await sup.acquire("m")
+        assert first.replica == "m#1"
+        for _ in range(50):  # the second replica is starting (slowly) beside the first
+            if sup.replicas["m#2"].state == "starting":
+                break
+            await asyncio.sleep(0.05)
+        dead = sup.replicas["m#1"]
+        assert dead.handle is not None and sup.replicas["m#2"].state == "starting"
+        await sup.runtime.stop(dead.handle, timeout_s=2.0)
+        sup.report_failure(first, "connection reset")
+        for _ in range(50):
+            if dead.state != "ready":
+                break
+            await asyncio.sleep(0.05)
+        waiting = [asyncio.create_task(sup.acquire("m")) for _ in range(3)]
+        leases = await asyncio.gather(*waiting)  # none failed: they waited for m#2
+        assert {x.replica for x in leases} == {"m#2"}
+        assert first.revoked is not None and first.revoked.done()
+        for x in (first, *leases):
+            sup.release(x)
+    finally:
+        await sup.shutdown()
