@@ -15,6 +15,8 @@ from supervisor_support import build, model, routed_app, used
 
 from vlmhub.config.host import cgroup_limit_gib, host_budget_gib, host_total_gib, meminfo_total_gib
 from vlmhub.config.schema import Config, load_config, resolve, sleep_ok
+from vlmhub.control.contract import ReplicaInfo
+from vlmhub.control.supervisor import Supervisor
 from vlmhub.sizing.budgets import BudgetStore, key_for, learned
 from vlmhub.sizing.vram import Gpu
 from vlmhub.spec import ModelSpec
@@ -88,15 +90,21 @@ def requests_of(url: str) -> dict[str, int]:
     return stats
 
 
+async def a_then_b(sup: Supervisor) -> tuple[int, dict[str, ReplicaInfo]]:
+    """Serve a, then b (which evicts a): a's engine port and every model's snapshot."""
+    sup.release(await sup.acquire("a"))
+    port = sup.snapshot()[0].port
+    assert port is not None
+    sup.release(await sup.acquire("b"))
+    return port, {i.name: i for i in sup.snapshot()}
+
+
 async def test_a_host_with_room_gets_a_level_1_sleep(tmp_path: Path) -> None:
     sup, rec, ledger = build(tmp_path, {"a": model(4.0, sleep=True), "b": model(4.0)},
                              host={"total_gib": 6, "reserve_gib": 1})
     await sup.start()
     try:
-        sup.release(await sup.acquire("a"))
-        port = sup.snapshot()[0].port
-        sup.release(await sup.acquire("b"))
-        infos = {i.name: i for i in sup.snapshot()}
+        port, infos = await a_then_b(sup)
         # the engine's key went along (the stand-in refuses /sleep without it): it sleeps
         assert rec.evictions == [("a", "sleep")] and infos["a"].state == "sleeping"
         assert infos["a"].phase == "sleeping (level 1)"
@@ -120,10 +128,7 @@ async def test_a_full_host_gets_a_level_2_sleep_and_its_wake_reloads(tmp_path: P
     assert sup.host_gib == pytest.approx(3.0)
     await sup.start()
     try:
-        sup.release(await sup.acquire("a"))
-        port = sup.snapshot()[0].port
-        sup.release(await sup.acquire("b"))
-        infos = {i.name: i for i in sup.snapshot()}
+        port, infos = await a_then_b(sup)
         assert rec.evictions == [("a", "sleep")]
         assert infos["a"].phase == "sleeping (level 2)" and infos["a"].host_gib == 0.0
         lease = await sup.acquire("a")
