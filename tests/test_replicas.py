@@ -23,6 +23,7 @@ import openai
 import pytest
 from route_support import wait_healthy
 from supervisor_support import build, model, routed_app
+from test_reload import reconfigure
 
 from vlmhub.cli.engines import Engines, _ps_rows
 from vlmhub.config.schema import ReplicasConfig
@@ -328,5 +329,32 @@ async def test_requests_queued_when_a_replica_dies_wait_for_the_one_starting(
         assert first.revoked is not None and first.revoked.done()
         for x in (first, *leases):
             sup.release(x)
+    finally:
+        await sup.shutdown()
+
+
+async def test_a_reload_changes_the_number_of_replicas(tmp_path: Path) -> None:
+    sup, _, _ = build(tmp_path, {"m": model(1.0)}, delay=0.2)
+    await sup.start()
+
+    async def settle(names: list[str]) -> None:
+        for _ in range(200):
+            ready = sorted(n for n, r in sup.replicas.items() if r.state == "ready")
+            if ready == names and sorted(sup.replicas) == names:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError({n: r.state for n, r in sup.replicas.items()})
+
+    try:
+        sup.release(await sup.acquire("m"))
+        reconfigure(tmp_path, sup, {"m": two()})  # the one engine goes, two come
+        held = await sup.acquire("m")  # served throughout: by the old engine or a new one
+        sup.release(held)
+        sup.release(await sup.acquire("m"))
+        await settle(["m#1", "m#2"])
+        reconfigure(tmp_path, sup, {"m": model(1.0)})  # and back to one
+        sup.release(await sup.acquire("m"))
+        await settle(["m"])
+        assert [i.replicas for i in sup.snapshot()] == [()]
     finally:
         await sup.shutdown()

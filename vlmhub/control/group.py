@@ -111,8 +111,8 @@ class Group:
     def pool(self) -> step.Pool:
         """What the pure step knows of the group (a model with several replicas)."""
         low, high, target = bounds(self.model)
-        return step.Pool(
-            tuple(r.name for r in self.members),
+        return step.Pool(  # a replica a reload removed only drains: not the pool's
+            tuple(r.name for r in self.members if r.retire != "removed"),
             tuple(policy.Waiter(q.arrived, q.priority) for q in self.waiters),  # type: ignore[arg-type]
             bool(self.wanted), low, high, target,
         )
