@@ -4,7 +4,8 @@ reuses that engine, and a record or a directory that is not private is never tru
 
 The script is run for real and starts real dockerds, one at a time, of this test only: their
 own record file (VLMHUB_DOCKERD_RECORD in tmp_path), no bridge and no iptables rules, so the
-engine the rest of the suite uses is left alone; each is stopped by its pid at the end."""
+engine the rest of the suite uses is left alone (each runs in a network namespace of its own,
+so the host's docker0 is never touched); each is stopped by its pid at the end."""
 
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ def run_script(record: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}
     env |= {"VLMHUB_DOCKERD_RECORD": str(record), "VLMHUB_DOCKERD_ARGS": BESIDE,
             "TMPDIR": str(TMP)}
-    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True,
-                          text=True, timeout=180)
+    # Its own network namespace too: a dockerd beside another one must not touch the host's
+    # docker0 (one that stopped here took the shared engine's bridge with it).
+    return subprocess.run(["unshare", "--net", "bash", str(SCRIPT), *args], env=env,
+                          capture_output=True, text=True, timeout=180)
 
 
 def mode(path: Path) -> int:
@@ -70,7 +73,7 @@ def test_start_dockerd_uses_a_private_random_directory_and_trusts_only_private_r
         tmp_path: Path, own_dockerds: None) -> None:
     if os.geteuid() != 0:
         skip_or_fail("dockerd needs root")
-    for tool in ("dockerd", "docker", "flock"):
+    for tool in ("dockerd", "docker", "flock", "unshare"):
         if shutil.which(tool) is None:
             skip_or_fail(f"{tool} is not installed (scripts/test.sh installs docker.io)")
     record = tmp_path / "dockerd.dir"
