@@ -88,6 +88,9 @@ class EngineOps:
         """Ports picked by starts still running: starts on other nodes must not pick them."""
         self._stop_tries: dict[str, int] = {}
         """Model -> failed tries to stop its engine in a row (the retry's backoff)."""
+        self._unreachable: dict[str, bool] = {}
+        """Model -> whether its last failed stop found the runtime itself unreachable (Docker
+        down): its waiters get that reason at once, and the stop is retried at the base delay."""
 
     # -- stop -----------------------------------------------------------------------------------
     async def stop_engine(self, r: Replica, handle: EngineHandle, *, grace_s: float) -> bool:
@@ -99,6 +102,7 @@ class EngineOps:
             await self.runtime.stop(handle, timeout_s=grace_s)
         except Exception as exc:
             tries = self._stop_tries[r.name] = self._stop_tries.get(r.name, 0) + 1
+            self._unreachable[r.name] = isinstance(exc, RuntimeUnavailable)
             log_exception(ENGINE, f"{r.name}: stopping its engine ({handle.ident}) failed "
                           f"(try {tries}; retried in {self.stop_retry_s(r):.1f} s)", exc,
                           model=r.name, event="stop_failed")
@@ -106,8 +110,11 @@ class EngineOps:
                 r.handle = handle
                 r.state, r.phase = "stopping", "stopping (stop failed)"
                 r.last_error = f"stopping its engine failed: {str(exc) or type(exc).__name__}"
+                if isinstance(exc, RuntimeUnavailable):  # e.g. dockerd down: no wait helps
+                    self._fail_waiters(r, LoadFailed(str(exc), retry_after=self.stop_retry_s(r)))
             return False
         self._stop_tries.pop(r.name, None)
+        self._unreachable.pop(r.name, None)
         if r.handle is handle:
             r.handle = None
         return True
@@ -116,6 +123,8 @@ class EngineOps:
         """The backoff before the next try to stop ``r``'s engine after a failed stop."""
         tries = self._stop_tries.get(r.name, 0)
         base = max(self.rc.restart_backoff_s, 0.1)
+        if self._unreachable.get(r.name):  # the runtime, not the engine: try again soon
+            return min(base, STOP_RETRY_MAX_S)
         return min(base * 2.0 ** max(tries - 1, 0), STOP_RETRY_MAX_S)
 
     async def stop_failed(self, r: Replica) -> None:

@@ -449,8 +449,10 @@ class DockerRuntime(Runtime):
         """``docker stop`` (SIGTERM, SIGKILL after ``timeout_s``), then remove the container,
         found by its id (never by name: a newer container of the model is left alone). A
         container whose processes are frozen (SIGSTOP) is killed at once. Blocks a worker
-        thread up to ``timeout_s``; a container already gone is fine."""
-        await asyncio.to_thread(self._stop, handle.ident, timeout_s)
+        thread up to ``timeout_s``; a container already gone is fine. An unreachable Docker
+        engine raises :class:`RuntimeUnavailable` (the container's fate is unknown)."""
+        with self._reachable():
+            await asyncio.to_thread(self._stop, handle.ident, timeout_s)
 
     def _stop(self, ident: str, timeout_s: float) -> None:
         try:
