@@ -275,7 +275,9 @@ async def test_fault_clients_disconnecting_mid_stream_leak_nothing(tmp_path: Pat
                     "in-flight counts back to zero")
         metrics = (await c.get("/metrics")).text
         assert 'vlmhub_in_flight{model="a"} 0.0' in metrics
-        assert len(asyncio.all_tasks()) <= baseline_tasks, "a task outlived its request"
+        # a task ending a moment later on a loaded machine is not a leak; one left is
+        await until(lambda: len(asyncio.all_tasks()) <= baseline_tasks, 5,
+                    "no task outlives its request")
         r = await c.post("/v1/chat/completions", json={**CHAT, "model": "b"})
         assert r.status_code == 200, r.text  # a (5.25 GiB) gave way at once: 5.25 + 5.25 > 8
         assert rec.evictions == [("a", "stop")]
