@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,6 +271,9 @@ def test_ray_engines_outlive_a_crashed_router_and_are_adopted(hub: Hub, tmp_path
     config["router"]["port"] = port
     second = tmp_path / "models.yaml"
     second.write_text(yaml.safe_dump(config))
+    # The router that adopts them calls the engines with their keys: the state dir's
+    # engine-keys (a restarted router reads the same state dir; here a copy of it).
+    shutil.copytree(hub.log.parent / "state" / "engine-keys", tmp_path / "state" / "engine-keys")
     with route_process(second, tmp_path, port) as url:
         again = Hub(url, hub.cluster, tmp_path / "route.log")
         cards = again.admin()
