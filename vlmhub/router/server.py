@@ -130,9 +130,12 @@ class RouterServer:
         self.drain_timeout_s = drain_timeout_s
         self.on_ready, self.on_stop = on_ready, on_stop
         # log_config=None: uvicorn's own lines (an unhandled exception's traceback) go through
-        # vlmhub's masked writer when vlmhub.logs.configure ran, not to a handler of uvicorn's
+        # vlmhub's masked writer when vlmhub.logs.configure ran, not to a handler of uvicorn's.
+        # access_log=False: vlmhub.access writes the one access line; uvicorn's own (a
+        # LogRecord per request through the masking handler) doubled the log's cost.
         config = uvicorn.Config(app, host=host, port=self.port, lifespan="on",
                                 log_level=log_level, log_config=None, loop="asyncio",
+                                access_log=False,
                                 timeout_graceful_shutdown=max(1, round(grace_s)))
         self.server = _Uvicorn(config, self)
         self._stopping = False
