@@ -87,7 +87,7 @@ class _Uvicorn(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and not self.should_exit:
-            self.owner._started()
+            self.owner.started()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -146,7 +146,8 @@ class RouterServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def _started(self) -> None:
+    def started(self) -> None:
+        """uvicorn is listening (called by its server on the event loop): tell ``on_ready``."""
         if self.on_ready is not None:
             self.on_ready(self.port)
 
