@@ -45,17 +45,22 @@ class Redactor(logging.Filter):
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
         self.secrets: list[str] = []
+        self._any: re.Pattern[str] | None = None
         self.add(secrets)
 
     def add(self, secrets: Iterable[str]) -> None:
-        """Mask ``secrets`` too from now on (one list swap: safe while another thread masks)."""
+        """Mask ``secrets`` too from now on (one attribute swap: safe while another thread
+        masks). All of them are one compiled alternation, longest first, so a line is scanned
+        once however many keys there are (100 named keys: one scan, not 100 searches)."""
         fresh = {s for s in secrets if s and len(s) >= 4} | set(self.secrets)
-        self.secrets = sorted(fresh, key=len, reverse=True)
+        ordered = sorted(fresh, key=len, reverse=True)
+        self._any = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self.secrets = ordered
 
     def mask(self, text: str) -> str:
-        for s in self.secrets:
-            if s in text:
-                text = text.replace(s, "***")
+        pattern = self._any
+        if pattern is not None:
+            text = pattern.sub("***", text)
         return _TOKEN.sub("***", text) if "hf_" in text else text
 
     def filter(self, record: logging.LogRecord) -> bool:
