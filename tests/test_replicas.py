@@ -80,6 +80,24 @@ def test_further_replicas_never_evict_other_work() -> None:
         step.Run("n3", Plan("start", "m#2")),)
 
 
+def test_replicas_spread_over_the_nodes_while_room_allows() -> None:
+    """A further replica goes to a node without one of its siblings, even where a bigger node
+    beside its sibling has more room left (Ray nodes and the cards of one machine alike); only
+    when no other node has room does it join its sibling."""
+    p = pool("m#1", "m#2", high=2)
+    for big, small in (("head", "w1"), ("gpu0", "gpu1")):  # a 16 GiB node and an 8 GiB one
+        nodes = {big: 16.0, small: 8.0}
+        es = [ent(rep("m#1", "ready", in_flight=2), big), ent(rep("m#2"))]
+        assert step.decide(es, nodes, 10.0, pools=[p]).actions == (
+            step.Run(small, Plan("start", "m#2")),)
+        taken = [*es[:1], ent(rep("m#2"), ""), ent(rep("other", "ready", gib=5.0), small)]
+        assert step.decide(taken, nodes, 10.0, pools=[p]).actions == (
+            step.Run(big, Plan("start", "m#2")),)  # no room elsewhere: beside its sibling
+        other = [*es, ent(rep("n#1", "ready", gib=1.0), small)]  # another model's replica
+        assert step.decide(other, nodes, 10.0, pools=[p]).actions == (
+            step.Run(small, Plan("start", "m#2")),)
+
+
 def test_autoscaling_adds_a_replica_above_its_target_and_drops_it_after_ttl() -> None:
     p = pool("m#1", "m#2", low=1, high=2, target=2.0)
     calm = [ent(rep("m#1", "ready", in_flight=2), "n1"), ent(rep("m#2"))]
