@@ -39,7 +39,7 @@ Policies (``--policy`` in ``vlmhub simulate``; ``router.policy`` in models.yaml)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -52,6 +52,8 @@ Priority = Literal["interactive", "batch"]
 PolicyName = Literal["vlmhub", "fifo", "lru", "exclusive"]
 POLICIES: tuple[PolicyName, ...] = ("vlmhub", "fifo", "lru", "exclusive")
 PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
+Planner = Callable[[str, Sequence[ReplicaView], float, float, float], Plan]
+"""``(target, replicas, usable_gib, now, host_gib) -> Plan``, as :func:`plan`."""
 
 
 @dataclass(frozen=True)
@@ -133,9 +135,12 @@ def decide(
     now: float,
     params: Params | None = None,
     host_gib: float = math.inf,
+    planner: Planner = plan,
 ) -> Decision:
     """The one operation to run now (or none), given every replica and what waits
-    (``host_gib``: the host RAM level-1 sleepers may fill). Pure."""
+    (``host_gib``: the host RAM level-1 sleepers may fill; ``planner``: what a start needs,
+    :func:`~vlmhub.scheduling.scheduler.plan` on one GPU, the placement's per-device plan
+    where an engine spans several). Pure."""
     p = params or Params()
     views = _views_for(p, replicas)
     by_name = {r.name: r for r in views}
@@ -147,7 +152,7 @@ def decide(
         t = by_name[d.name]
         if t.state == "ready" or (not d.waiters and not d.wanted):
             continue
-        pl = _plan(p, d.name, views, usable_gib, now, host_gib)
+        pl = _plan(p, d.name, views, usable_gib, now, host_gib, planner)
         if pl.action == "wait":
             return Decision(None, tuple(refuse), tuple(deferred), _first(recheck))
         if pl.action == "refuse":
@@ -208,9 +213,9 @@ def _views_for(p: Params, replicas: Sequence[ReplicaView]) -> list[ReplicaView]:
 
 def _plan(
     p: Params, target: str, views: list[ReplicaView], usable_gib: float, now: float,
-    host_gib: float,
+    host_gib: float, planner: Planner = plan,
 ) -> Plan:
-    pl = plan(target, views, usable_gib, now, host_gib)
+    pl = planner(target, views, usable_gib, now, host_gib)
     if p.name != "exclusive" or pl.action not in ("start", "wake"):
         return pl
     named = {e.name for e in pl.evict}

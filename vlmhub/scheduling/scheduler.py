@@ -72,6 +72,9 @@ class ReplicaView:
     """The host RAM a level-1 sleep of it takes (its weights)."""
     level: SleepLevel = 1
     """The level of its sleep, while it sleeps."""
+    devices: int = 1
+    """The GPUs its engine spans (``tensor_parallel_size``): it holds ``footprint_gib`` (and
+    ``sleep_gib`` asleep) on EACH of them (:mod:`vlmhub.scheduling.placement`)."""
 
     @property
     def host_held_gib(self) -> float:
