@@ -21,6 +21,7 @@ from vlmhub.scheduling.simulate import (
     percentile,
     simulate,
 )
+from vlmhub.sizing.sleepfacts import wake_price_s
 
 
 def model(name: str, gib: float = 6.0, start_s: float = 10.0, **kw: object) -> SimModel:
@@ -109,11 +110,21 @@ def test_fifo_and_vlmhub_evict_the_cheap_long_idle_model_and_put_it_to_sleep() -
     # idle / reload cost at 30: a 9/20 = 0.45, b 7/2 = 3.5 -> b goes, to sleep (1 s), then c
     # starts (31-33). At 40 b comes back by a wake (2 s), putting c (idle 6 s / 2) to sleep.
     for policy in ("fifo", "vlmhub"):
-        r, t = run(SLEEPY, VICTIM, policy, usable=8.5)  # type: ignore[arg-type]
+        r, t = run(SLEEPY, VICTIM, policy, usable=8.5, wake_s=2.0)  # type: ignore[arg-type]
         assert (30.0, "start c, evicting b (sleep)") in t
         assert (40.0, "wake b, evicting c (sleep)") in t
         assert (r.loads, r.wakes, r.sleeps, r.evictions) == (3, 1, 2, 2)
         assert r.loading_s == 20 + 2 + 2 + 2
+
+
+def test_an_unmeasured_wake_costs_what_the_supervisor_prices_it() -> None:
+    # no --wake-s: b's wake takes wake_price_s(1, its 2 s start) = 5 % of it, as a replica's
+    # view prices a wake it has not measured (control.replica.Replica.wake_cost)
+    r, _ = run(SLEEPY, VICTIM, "vlmhub", usable=8.5)
+    assert wake_price_s(1, 2.0) == 0.1 and wake_price_s(2, 2.0) == pytest.approx(0.3)
+    assert wake_price_s(1, 120.0) == 2.0 and wake_price_s(2, 120.0) == 6.0  # the caps
+    assert wake_price_s(1, 120.0, measured=0.8) == 0.8
+    assert r.loading_s == pytest.approx(20 + 2 + 2 + 0.1)
 
 
 def test_lru_evicts_the_least_recently_used_and_never_sleeps() -> None:

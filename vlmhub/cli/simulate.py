@@ -79,10 +79,12 @@ def simulate_cmd(
     start_s: Annotated[float | None, typer.Option(
         "--start-s", min=0, help="Every cold start takes this long (default: each spec's "
         "reload_cost_s)")] = None,
-    wake_s: Annotated[float, typer.Option(
-        "--wake-s", min=0, help="A wake from a level-1 sleep.")] = 2.0,
-    wake2_s: Annotated[float, typer.Option(
-        "--wake2-s", min=0, help="A wake from a level-2 sleep (weights loaded again).")] = 6.0,
+    wake_s: Annotated[float | None, typer.Option(
+        "--wake-s", min=0, help="A wake from a level-1 sleep (default: as the supervisor prices "
+        "an unmeasured one: 5 % of the model's cold start, at most 2 s).")] = None,
+    wake2_s: Annotated[float | None, typer.Option(
+        "--wake2-s", min=0, help="A wake from a level-2 sleep, weights loaded again (default: "
+        "15 % of the cold start, at most 6 s).")] = None,
     sleep_s: Annotated[float, typer.Option("--sleep-s", min=0, help="A sleep.")] = 1.0,
     host_gib: Annotated[float | None, typer.Option(
         "--host-gib", min=0, help="Host RAM that level-1 sleepers may fill (their weights); "

@@ -13,16 +13,11 @@ from typing import TYPE_CHECKING
 from vlmhub.config.schema import sleep_ok
 from vlmhub.control.contract import Lease, ReplicaInfo, State
 from vlmhub.scheduling.scheduler import ReplicaView, SleepLevel
-from vlmhub.sizing.sleepfacts import SleepFacts
+from vlmhub.sizing.sleepfacts import SleepFacts, wake_price_s
 
 if TYPE_CHECKING:
     from vlmhub.config.schema import ResolvedModel
     from vlmhub.engines.base import EngineHandle
-
-
-WAKE_SHARE = {1: (0.05, 2.0), 2: (0.15, 6.0)}
-"""Until measured: a wake's share of a cold start, and its cap. vLLM measured level-1 wakes
-at 0.7-1.4 % and level-2 wakes at 2.3-4.4 % of a cold reload (docs: vllm-notes, sleep mode)."""
 
 
 @dataclass(eq=False)
@@ -126,13 +121,13 @@ class Replica:
         return self.model.budget.sleep_residual_gib if self.model.budget else 0.0
 
     def wake_cost(self, level: int) -> float:
-        """A wake's cost from ``level``: measured, else :data:`WAKE_SHARE` of the cold cost
-        (at most the simulator's 2 s / 6 s); a barred level costs infinitely much."""
+        """A wake's cost from ``level`` (:func:`vlmhub.sizing.sleepfacts.wake_price_s`, the rule
+        ``vlmhub simulate`` uses too: measured, else a share of the cold cost); a barred level
+        costs infinitely much."""
         if level in self.sleep_facts.barred:
             return math.inf
         cold = self.last_load_s or (self.model.spec.reload_cost_s if self.model.spec else 1)
-        share, most = WAKE_SHARE[level]
-        return self.sleep_facts.wake_s.get(level, min(share * cold, most))
+        return wake_price_s(level, cold, self.sleep_facts.wake_s.get(level))
 
     def info(self, runtime_kind: str) -> ReplicaInfo:
         """A read-only snapshot of this replica."""

@@ -20,10 +20,11 @@ trip during which, live, the model has nothing in flight. A model's first ``fail
 (after ``start_s``): its waiters are not served (counted as ``refused``). What is not modelled:
 health checks (an engine failing after it was ready), start-up jitter, and the router's own
 latency. Costs: a cold start takes the model's ``start_s`` (by default the spec's
-``reload_cost_s``), a wake ``wake_s`` (level 1) or ``wake2_s`` (level 2), a sleep ``sleep_s``,
-a stop ``stop_s``. Host RAM: a level-1 sleeper holds its weights (``SimModel.host_gib``) in
-the host's ``host_gib``, and the step picks each sleep's level by that room, as live; the
-result reports the peak (``host_peak_gib``).
+``reload_cost_s``), a wake ``wake_s`` (level 1) or ``wake2_s`` (level 2; by default each
+model's as the supervisor prices an unmeasured wake: ``sleepfacts.wake_price_s``), a sleep
+``sleep_s``, a stop ``stop_s``. Host RAM: a level-1 sleeper holds its weights
+(``SimModel.host_gib``) in the host's ``host_gib``, and the step picks each sleep's level by
+that room, as live; the result reports the peak (``host_peak_gib``).
 
 Pure and single-threaded: :func:`simulate` runs to completion and returns a :class:`SimResult`.
 """
@@ -42,6 +43,7 @@ from vlmhub.scheduling import policy, scheduler, step
 from vlmhub.scheduling.policy import PRIORITIES, Params, Priority, Waiter, params_from
 from vlmhub.scheduling.scheduler import State
 from vlmhub.scheduling.simtrace import Clients, Draw, Stream, Trace, draw
+from vlmhub.sizing.sleepfacts import wake_price_s
 
 Step = tuple[Literal["delay"], float] | tuple[Literal["idle"], "_Rep"]
 Op = Generator[Step, bool, object]
@@ -87,12 +89,15 @@ class SimConfig:
     models: tuple[SimModel, ...]
     usable_gib: float
     params: Params = field(default_factory=Params)
-    wake_s: float = 2.0
+    wake_s: float | None = None
+    """A wake from a level-1 sleep; None: each model's by the supervisor's rule
+    (:func:`vlmhub.sizing.sleepfacts.wake_price_s`: a share of its cold start, capped)."""
     sleep_s: float = 1.0
     stop_s: float = 2.0
     tick_s: float = 0.5
-    wake2_s: float = 6.0
-    """A wake from a level-2 sleep (the weights are loaded again, from the page cache)."""
+    wake2_s: float | None = None
+    """A wake from a level-2 sleep (the weights are loaded again, from the page cache); None:
+    by the same rule."""
     host_gib: float = math.inf
     """The host RAM level-1 sleepers may fill (``host.total_gib`` less ``host.reserve_gib``)."""
     rtt_s: float = 0.02
@@ -282,8 +287,11 @@ class Simulation:
         for m in config.models:
             high, queue = m.replicas[1], deque[_Req]()
             names = [m.name] if high == 1 else [f"{m.name}#{i}" for i in range(1, high + 1)]
-            self.groups[m.name] = [_Rep(replace(m, name=n), waiters=queue,
-                                        wake=(config.wake_s, config.wake2_s)) for n in names]
+            wake = (config.wake_s, config.wake2_s)
+            cold = m.reload_cost_s or m.start_s
+            costs = (wake_price_s(1, cold, wake[0]), wake_price_s(2, cold, wake[1]))
+            self.groups[m.name] = [_Rep(replace(m, name=n), waiters=queue, wake=costs)
+                                   for n in names]
         self.reps = {r.m.name: r for g in self.groups.values() for r in g}
         for r in self.reps.values():
             if r.m.external:
@@ -541,7 +549,7 @@ class Simulation:
         r.state = "starting"
         began = self.now
         if p.action == "wake":
-            yield ("delay", self.c.wake_s if r.level == 1 else self.c.wake2_s)
+            yield ("delay", r.wake[r.level - 1])
             self.wakes += 1
             r.level = 1
         else:
@@ -619,12 +627,12 @@ def from_config(
     usable_gib: float,
     *,
     start_s: float | None = None,
-    wake_s: float = 2.0,
+    wake_s: float | None = None,
     sleep_s: float = 1.0,
     stop_s: float = 2.0,
     rtt_s: float = 0.02,
     gpus: int = 1,
-    wake2_s: float = 6.0,
+    wake2_s: float | None = None,
     host_gib: float = math.inf,
 ) -> SimConfig:
     """The simulation of a resolved models.yaml: footprints from the budgets, a cold start's

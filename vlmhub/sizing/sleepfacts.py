@@ -29,6 +29,22 @@ def freed_gib(lines: Iterable[str]) -> float | None:
     return found
 
 
+WAKE_SHARE = {1: (0.05, 2.0), 2: (0.15, 6.0)}
+"""Until measured: a wake's share of a cold start, and its cap (level 1, level 2). vLLM
+measured level-1 wakes at 0.7-1.4 % and level-2 wakes at 2.3-4.4 % of a cold reload
+(docs: vllm-notes, sleep mode); the caps are the 2 s / 6 s the simulator used before."""
+
+
+def wake_price_s(level: int, cold_s: float, measured: float | None = None) -> float:
+    """What a wake from ``level`` costs: ``measured`` where a wake was timed, else
+    :data:`WAKE_SHARE` of the model's cold start ``cold_s``, at most its cap. The one rule
+    the supervisor (control.replica) and ``vlmhub simulate`` both price wakes by."""
+    if measured is not None:
+        return measured
+    share, most = WAKE_SHARE[level]
+    return min(share * cold_s, most)
+
+
 @dataclass(frozen=True)
 class SleepFacts:
     """What was learned about one model's sleeps (empty: nothing yet)."""
