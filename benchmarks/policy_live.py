@@ -211,7 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--decisions", action="store_true",
                     help="log every swap-policy decision with its inputs (JSON lines, logger "
                     "vlmhub.scheduling.policy) in each policy's router.log under --results")
+    ap.add_argument("--mixed", action="store_true",
+                    help="instead: issue 23's run, mixed3 sped up through the router with "
+                    "stand-ins that sleep, against vlmhub simulate (benchmarks/mixed_live.py)")
+    ap.add_argument("--scale", type=float, default=30.0,
+                    help="--mixed: replay the hour this many times faster")
+    ap.add_argument("--start-s", type=float, default=2.0,
+                    help="--mixed: a stand-in's start-up delay")
     a = ap.parse_args(argv)
+    if a.mixed:
+        return mixed(a, argv)
     names = [p.strip() for p in a.policies.split(",")]
     bad = [p for p in names if p not in policy.POLICIES]
     if bad:
@@ -234,6 +243,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {"runs": [{k: v for k, v in r.__dict__.items() if k != "latencies"}
                           for r in runs]},
                 a.update_doc, "policy_live")
+    print(f"logs and summary.md in {out}")
+    return 0
+
+
+def mixed(a: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """``--mixed``: the live mixed trace and its simulation (benchmarks/mixed_live.py)."""
+    import mixed_live
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = a.results or Path(tempfile.gettempdir()) / f"vlmhub-mixed-live-{stamp}"
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine(("vlmhub", "uvicorn", "httpx"))
+    info["command"] = " ".join([".venv/bin/python", "benchmarks/policy_live.py",
+                                *(argv if argv is not None else sys.argv[1:])])
+    started = time.monotonic()
+    rows = mixed_live.scaled(a.scale)
+    with sigterm_exits():
+        live = mixed_live.run_live(out, rows, a.scale, a.start_s)
+    sim = mixed_live.run_sim(out, rows, a.scale, live.start_s, max(live.wake_s, 0.01))
+    text = mixed_live.report(live, sim, a.scale, 0.2)
+    print(text)
+    save_report(out, info, time.monotonic() - started, text,
+                {"live": live.__dict__, "sim": sim.as_dict()}, a.update_doc, "mixed_live")
     print(f"logs and summary.md in {out}")
     return 0
 
