@@ -190,9 +190,10 @@ class _Writer(threading.Thread):
                                  "enough", {"dropped": n}))
             if batch:
                 self._write("".join(self._render(i) for i in batch))
-            elif stopping:
-                return
-            else:
+            if stopping:
+                if not items:
+                    return
+            else:  # wait even after a batch: one wake-up and one write per POLL_S, not per line
                 self._closing.wait(POLL_S)
 
     def _write(self, text: str) -> None:
