@@ -17,8 +17,8 @@ one small object and a wrapped ``send``; nothing blocks.
 
 from __future__ import annotations
 
+import random
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,6 +40,16 @@ class RequestInfo:
     asked: str | None = None
     queue_ms: float | None = None
     replica: str | None = None
+
+
+_ids = random.Random()  # noqa: S311 (an id, not a secret); seeded from os.urandom once
+
+
+def new_request_id() -> str:
+    """32 random hex digits, the shape of ``uuid4().hex``, for a request's id. An id only has
+    to be unique, not unguessable: one Mersenne draw costs 0.2 µs where ``uuid4`` (a
+    ``getrandom`` syscall and a UUID object) cost ~4 % of a proxied request (py-spy)."""
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def request_info(scope: Scope) -> RequestInfo | None:
@@ -72,7 +82,7 @@ class AccessMiddleware:
             await self._preflight(scope, send, origin)
             return
         given = _client_id(scope)
-        info = RequestInfo(given or uuid.uuid4().hex, given is None)
+        info = RequestInfo(given or new_request_id(), given is None)
         scope.setdefault("state", {})["vlmhub"] = info
         status, first, sent = 0, 0.0, 0
 

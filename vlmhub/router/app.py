@@ -160,7 +160,8 @@ async def proxy_endpoint(request: Request) -> Response:
             try:
                 return await forward(
                     st.http(), st.supervisor, lease, method="POST",
-                    path=PROXIED[request.url.path], query=request.url.query, headers=headers,
+                    path=PROXIED[request.scope["path"]],
+                    query=request.scope["query_string"].decode("latin-1"), headers=headers,
                     body=sent, payload=parsed, stream=stream, on_headers=headers_sent,
                     on_finish=finished, watch=watch, committed=committed,
                     reacquire=lambda: _acquire(st.supervisor, model, priority), usage=tap)
@@ -189,7 +190,7 @@ async def proxy_endpoint(request: Request) -> Response:
                                    every_s=settings.loading_comments_s,
                                    make_proxy=committed_proxy, on_end=ended,
                                    reasoning=ReasoningChunks(wanted) if progress == "reasoning"
-                                   and request.url.path == "/v1/chat/completions" else None)
+                                   and request.scope["path"] == "/v1/chat/completions" else None)
         watch.arm()  # a hang-up while queued cancels the acquire (it gives its slot back)
         try:
             lease = await _acquire(st.supervisor, model, priority)  # inline when ready: no task

@@ -78,13 +78,22 @@ class RouterMetrics:
                                          "engines counted, by key name and model.",
                                          ["key", "model"], registry=r)
         self._usage: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self._counted: dict[tuple[str, int], Counter] = {}  # labelled children, made once
+        self._timed: dict[str, Histogram] = {}
 
     def observe_request(self, model: str | None, status: int, seconds: float | None) -> None:
         """One answered request; ``seconds`` to its headers (None: not timed)."""
         label = model or UNKNOWN_MODEL
-        self.requests.labels(model=label, status=str(status)).inc()
+        counter = self._counted.get((label, status))
+        if counter is None:  # labels() costs a lock and a lookup: once per model and status
+            counter = self._counted[(label, status)] = self.requests.labels(
+                model=label, status=str(status))
+        counter.inc()
         if seconds is not None:
-            self.request_seconds.labels(model=label).observe(seconds)
+            timer = self._timed.get(label)
+            if timer is None:
+                timer = self._timed[label] = self.request_seconds.labels(model=label)
+            timer.observe(seconds)
 
     def observe_load(self, model: str, seconds: float, ok: bool) -> None:
         """An engine start finished (ready, or failed after ``seconds``)."""
