@@ -192,3 +192,129 @@ def test_a_stand_in_charges_the_ledger_of_its_first_visible_card() -> None:
     assert card("/l", 6.0, 24.0, {}) == ("/l", 6.0)  # one card: the ledger dir itself
     with pytest.raises(NoDevice, match="No CUDA GPUs are available"):
         card("/l", None, 24.0, {**env, "CUDA_VISIBLE_DEVICES": "2"})
+
+
+# -- tensor parallelism (tensor_parallel_size: k): one engine on k cards ----------------------
+def _resolve_tp(tmp_path: Path, tp: object, devices: int = 2, kind: str = "process") -> Any:
+    from vlmhub.config.registry import Registry
+    from vlmhub.config.schema import resolve
+    from vlmhub.sizing.vram import Gpu
+
+    path = tmp_path / "models.yaml"
+    entry = {**model(10.0), "tensor_parallel_size": tp}
+    path.write_text(json.dumps({"gpu": {"total_gib": 8, "reserve_gib": 0, "force_total": True},
+                                "runtime": {"kind": kind}, "models": {"big": entry}}))
+    gpu = Gpu(8.0, 0.0, None, "test", "config", devices=devices)
+    return path, resolve(load_config(path), Registry().specs(), gpu)
+
+
+@pytest.mark.parametrize(("tp", "devices", "kind", "says"), [
+    (3, 4, "process", "tensor_parallel_size 3 is not a power of two"),
+    (4, 2, "process", "tensor_parallel_size 4 needs 4 GPUs; engines may use 2 here"),
+    (2, 2, "ray", "tensor_parallel_size above 1 is not supported with the ray runtime"),
+    (0, 2, "process", "Input should be greater than or equal to 1"),
+])
+def test_tensor_parallel_size_errors_name_the_file_line_and_fix(
+        tmp_path: Path, tp: int, devices: int, kind: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _resolve_tp(tmp_path, tp, devices, kind)
+    (problem,) = err.value.problems
+    assert problem.startswith(f"{tmp_path / 'models.yaml'}:1: models.big.tensor_parallel_size")
+    assert says in problem and ("Fix: " in problem or tp == 0)
+
+
+def test_a_tp_models_budget_is_per_device_and_its_flags_say_so(tmp_path: Path) -> None:
+    from vlmhub.sizing.flags import render_argv
+    from vlmhub.sizing.parallel import TP_RANK_OVERHEAD_GIB
+    from vlmhub.sizing.vram import Gpu
+
+    with pytest.raises(ConfigError, match=r"big needs 10\.25 GiB"):  # fits no 8 GiB card alone
+        _resolve_tp(tmp_path, 1)
+    _, (m,) = _resolve_tp(tmp_path, 2)
+    b = m.budget
+    # weights / 2 + a rank's buffers + KV of half the heads (0.25 GiB / 2): on EACH card
+    assert b.weights_gib == pytest.approx(5.0)
+    assert b.non_torch_gib == pytest.approx(TP_RANK_OVERHEAD_GIB)
+    assert b.kv_cache_gib == pytest.approx(0.125)
+    assert b.footprint_gib == pytest.approx(5.0 + TP_RANK_OVERHEAD_GIB + 0.125)
+    argv = render_argv(m.spec, b, Gpu(8.0), port=9000)
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    util = float(argv[argv.index("--gpu-memory-utilization") + 1])
+    assert util == pytest.approx(b.engine_gib / 8.0, abs=1e-3)  # a fraction of EACH card
+    tp1 = m.spec.model_copy(update={"options": m.spec.options.model_copy(
+        update={"tensor_parallel_size": 1})})
+    assert m.spec.spec_hash() != tp1.spec_hash()
+
+
+def test_a_tp_engine_sees_all_its_cards() -> None:
+    from vlmhub.engines import devices as dev
+    from vlmhub.scheduling import placement
+
+    assert dev.JOIN == placement.JOIN  # the engines layer repeats the scheduling separator
+    two = local_devices(GpuConfig(total_gib=8, force_total=True, devices=[0, 1]))
+    assert two.ids("gpu0+gpu1") == [0, 1]
+    assert two.env(placement.joined(["gpu0", "gpu1"])) == {"CUDA_VISIBLE_DEVICES": "0,1"}
+    assert two.ids("gpu0+gpu7") == []  # a card this machine lacks: no card at all
+    assert _shape(device_requests("all", two.ids("gpu0+gpu1"))) == [(0, ["0", "1"], [["gpu"]])]
+
+
+def test_a_tp_stand_in_charges_each_of_its_cards() -> None:
+    from vlmhub.testing.stub_gpus import NoDevice, cards
+
+    env = {"VLMHUB_STUB_GPUS": "8,12", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert cards("/l", None, 24.0, env, ranks=2) == [("/l/gpu0", 8.0), ("/l/gpu1", 12.0)]
+    with pytest.raises(NoDevice, match="World size"):
+        cards("/l", None, 24.0, {**env, "CUDA_VISIBLE_DEVICES": "1"}, ranks=2)
+
+
+@pytest.mark.docker
+def test_docker_creates_a_tp_container_with_both_cards(docker_client: Any,
+                                                       stub_image: str) -> None:
+    c = docker_client.containers.create(stub_image, ["stub/x"],
+                                        device_requests=device_requests("all", [0, 1]))
+    try:
+        c.reload()
+        (req,) = c.attrs["HostConfig"]["DeviceRequests"]
+        assert req["DeviceIDs"] == ["0", "1"]
+    finally:
+        c.remove(force=True)
+
+
+async def test_a_tp_model_spans_both_cards_and_a_small_one_evicts_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two pretend 8 GiB cards; big (tensor_parallel_size 2, 5.375 GiB on each card) and small
+    (5.25 GiB, one card): big runs on both cards with CUDA_VISIBLE_DEVICES=0,1 and is charged
+    on both ledgers; small fits beside it on neither card, so placement evicts big; big back
+    needs both cards, so it evicts small."""
+    import functools
+
+    import supervisor_support
+
+    from vlmhub.sizing.vram import Gpu
+
+    monkeypatch.setattr(supervisor_support, "Gpu", functools.partial(Gpu, devices=2))
+    models = {"big": {**model(10.0), "tensor_parallel_size": 2}, "small": model(5.0)}
+    sup, rec, ledger = build(tmp_path, models, stub_env=TWO_CARDS, runtime_type=TwoCards)
+    async with routed(sup):
+        lease = await asyncio.wait_for(sup.acquire("big"), 60)
+        info = {i.name: i for i in sup.snapshot()}
+        assert info["big"].node == "gpu0+gpu1"
+        pid = sup.replicas["big"].handle.ident  # type: ignore[union-attr]
+        assert _visible(pid) == "0,1"
+        for card in ("gpu0", "gpu1"):  # each rank's card is charged its share
+            (entry,) = _ledger(ledger / card)
+            assert entry["claim_gib"] == pytest.approx(5.375, abs=0.01)
+        sup.release(lease)
+        lease = await asyncio.wait_for(sup.acquire("small"), 60)
+        assert [v for v, _ in rec.evictions] == ["big"]
+        node = {i.name: i for i in sup.snapshot()}["small"].node
+        assert node in ("gpu0", "gpu1")
+        for card in ("gpu0", "gpu1"):
+            assert [e["claim_gib"] < 5.3 for e in _ledger(ledger / card)] == (
+                [True] if card == node else [])
+        sup.release(lease)
+        lease = await asyncio.wait_for(sup.acquire("big"), 60)
+        assert [v for v, _ in rec.evictions] == ["big", "small"]
+        for card in ("gpu0", "gpu1"):
+            assert used(ledger / card) <= 8.0 + 1e-6
+        sup.release(lease)

@@ -131,3 +131,68 @@ def test_one_gpu_is_exactly_the_single_gpu_policy(
     one = policy.decide(views, demand, 7.5, NOW, params)
     assert d.plans == ((("", one.plan),) if one.plan is not None else ())
     assert (d.refuse, d.deferred, d.recheck_at) == (one.refuse, one.deferred, one.recheck_at)
+
+
+# -- tensor parallelism: an engine on several devices at once ----------------------------------
+THREE = {"gpu0": 8.0, "gpu1": 8.0, "gpu2": 8.0}
+
+
+def test_a_tp_engine_takes_devices_with_room_and_counts_on_each() -> None:
+    from vlmhub.scheduling.placement import members, on_node
+
+    views = [rv("a", "ready", 5.0), rv("big", gib=5.0, devices=2)]
+    node, p = choose_node(views[1], THREE, views, {"a": "gpu0"}, NOW)
+    assert (node, p) == ("gpu1+gpu2", Plan("start", "big"))  # never beside a on gpu0
+    assert members("gpu1+gpu2") == ("gpu1", "gpu2")
+    placed = {"a": "gpu0", "big": "gpu1+gpu2"}
+    running = [views[0], rv("big", "ready", 5.0, devices=2)]
+    assert [v.name for v in on_node(running, placed, "gpu2")] == ["big"]  # held on each card
+    # a third model fits on no card without evicting; on gpu1 or gpu2 the victim is big
+    small = rv("c", gib=4.0, reload_cost_s=1.0)
+    node, p = choose_node(small, THREE, [*running, small], placed, NOW)
+    assert node is not None and p.action == "start" and len(p.evict) == 1
+
+
+def test_a_tp_start_makes_room_on_every_device() -> None:
+    from vlmhub.scheduling.placement import plan_on
+
+    views = [rv("a", "ready", 5.0), rv("b", "ready", 5.0), rv("big", gib=5.0, devices=2)]
+    where = {"a": "gpu0", "b": "gpu1"}
+    p = plan_on("big", views, "gpu0+gpu1", THREE, where, NOW)
+    assert p.action == "start" and {e.name for e in p.evict} == {"a", "b"}  # one per card
+    # a pinned model on one of the cards refuses there, naming the card
+    pinned = [rv("a", "ready", 5.0, pinned=True), *views[1:]]
+    p = plan_on("big", pinned, "gpu0+gpu1", THREE, where, NOW)
+    assert p.action == "refuse" and p.reason.startswith("gpu0: big needs")
+    # a victim spanning both cards frees both: one eviction, not two
+    both = [rv("old", "ready", 6.0, devices=2), rv("big", gib=5.0, devices=2)]
+    p = plan_on("big", both, "gpu0+gpu1", THREE, {"old": "gpu0+gpu1"}, NOW)
+    assert p == Plan("start", "big", (Evict("old", "stop"),))
+
+
+def test_more_tp_devices_than_live_nodes_is_refused() -> None:
+    big = rv("big", gib=1.0, devices=4)
+    _, p = choose_node(big, THREE, [big], {}, NOW)
+    assert p.action == "refuse" and "spans 4 GPUs" in p.reason and "3 are live" in p.reason
+
+
+def test_an_operation_on_a_tp_engines_devices_holds_every_one_of_them() -> None:
+    # big starts on gpu0+gpu1; in the same pass, x (which would go to gpu1) must wait
+    views = [rv("big", gib=5.0, devices=2), rv("x", gib=7.0), rv("y", "ready", 5.0)]
+    two = {"gpu0": 8.0, "gpu1": 8.0}
+    d = decide(two, views, {"y": "gpu0"}, want("big"), NOW, FIFO,
+               busy=frozenset({"gpu0+gpu1"}))
+    assert d.plans == ()  # both cards are held by the running operation on gpu0+gpu1
+    d = decide(two, views, {"y": "gpu0"}, want("x"), NOW, FIFO, busy=frozenset({"gpu0+gpu1"}))
+    assert d.plans == ()
+    d = decide(two, views, {"y": "gpu0"}, want("big", "x"), NOW, FIFO)
+    assert [n for n, _ in d.plans] == ["gpu0+gpu1"]  # x's card is claimed by big's plan
+
+
+def test_the_step_keeps_a_tp_engines_stop_off_devices_that_run_an_operation() -> None:
+    from vlmhub.scheduling import step
+
+    failed = step.Entry(rv("big", "stopping", 5.0, devices=2), node="gpu0+gpu1")
+    two = {"gpu0": 8.0, "gpu1": 8.0}
+    assert step.decide([failed], two, NOW, busy={"gpu1": "x"}).actions == ()
+    assert step.decide([failed], two, NOW).actions == (step.StopFailed("big", "gpu0+gpu1"),)

@@ -142,6 +142,9 @@ class VllmOptions(Strict):
     kv_cache_dtype: str | None = None
     async_scheduling: bool = False
     enable_log_requests: bool | None = None
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """``--tensor-parallel-size``: the engine spans this many GPUs, each holding its share
+    (docs/vram.md, "Tensor parallelism"). models.yaml's ``tensor_parallel_size`` sets it."""
     extra_args: list[str] = Field(default_factory=list)
 
 
@@ -314,7 +317,10 @@ class ModelSpec(Strict):
 
     def spec_hash(self) -> str:
         """A short, stable hash of everything that changes the launched engine."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        data = self.model_dump(mode="json")
+        if data["options"]["tensor_parallel_size"] == 1:  # the hashes of engines before it
+            del data["options"]["tensor_parallel_size"]
+        payload = json.dumps(data, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def postprocess(self, text: str, preset: str | None = None) -> str:

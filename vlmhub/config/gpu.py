@@ -131,13 +131,28 @@ def device_totals(cfg: GpuConfig) -> dict[int, float]:
     return out
 
 
+def device_count(cfg: GpuConfig) -> int:
+    """How many cards engines may use: ``gpu.devices``, else the pretend machine's, else
+    NVML's, else one. Blocks briefly on NVML."""
+    if cfg.devices is not None:
+        return len(cfg.devices)
+    default = cfg.total_gib or (find_gpu(cfg.index) or (None, None))[1]
+    listed = pretend_gpus(default)
+    if listed is None and not cfg.force_total:
+        listed = [total for _, total in probe_nvml_all() or []] or None
+    return max(len(listed or []), 1)
+
+
 def detect_gpu(cfg: GpuConfig, override_total_gib: float | None = None) -> Gpu:
-    """The GPU to plan for: ``--gpu-gib``, else NVML, else ``gpu.total_gib`` from the file."""
+    """The GPU to plan for: ``--gpu-gib``, else NVML, else ``gpu.total_gib`` from the file;
+    ``devices``: how many such cards engines may use (:func:`device_count`)."""
+    n = device_count(cfg)
     if override_total_gib is not None:
-        return Gpu(override_total_gib, cfg.reserve_gib, cfg.budget_gib, "GPU (--gpu-gib)", "flag")
+        return Gpu(override_total_gib, cfg.reserve_gib, cfg.budget_gib, "GPU (--gpu-gib)", "flag",
+                   devices=n)
     found = None if cfg.force_total else find_gpu(cfg.index)
     if found is not None:
-        return Gpu(found[1], cfg.reserve_gib, cfg.budget_gib, found[0], "nvml")
+        return Gpu(found[1], cfg.reserve_gib, cfg.budget_gib, found[0], "nvml", devices=n)
     if cfg.total_gib is None:
         raise ConfigError(
             [
@@ -145,4 +160,5 @@ def detect_gpu(cfg: GpuConfig, override_total_gib: float | None = None) -> Gpu:
                 "size. Fix: set gpu.total_gib in models.yaml, or pass --gpu-gib N."
             ]
         )
-    return Gpu(cfg.total_gib, cfg.reserve_gib, cfg.budget_gib, "GPU (from config)", "config")
+    return Gpu(cfg.total_gib, cfg.reserve_gib, cfg.budget_gib, "GPU (from config)", "config",
+               devices=n)

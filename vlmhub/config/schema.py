@@ -33,6 +33,7 @@ from vlmhub.config.params import ParamRules
 from vlmhub.config.vision import context_problem
 from vlmhub.sizing.budgets import BudgetStore, learned
 from vlmhub.sizing.flags import engine_version, flag_like_values
+from vlmhub.sizing.parallel import tp_problem
 from vlmhub.sizing.sleepplan import AwakeSet, plan_sleep
 from vlmhub.sizing.together import GroupPlan, MeasureFn, fit_together
 from vlmhub.sizing.vram import Budget, DoesNotFit, Gpu, Measured, budget_for, check_fits_alone
@@ -248,6 +249,9 @@ class ModelEntry(Section):
     )
     params: ParamRules | None = None
     """Request parameter rules: drop, set, defaults (vlmhub.config.params)."""
+    tensor_parallel_size: int | None = Field(default=None, ge=1, le=64)
+    """The GPUs one engine spans (vLLM's ``--tensor-parallel-size``; default: the spec's, 1):
+    a power of two, at most the cards engines may use (docs/configuration.md)."""
     replicas: Annotated[int, Field(ge=1, le=64)] | ReplicasConfig = 1
     """Engines of this model: ``N`` (all N run while it is in use) or ``{min, max, target}``
     (autoscaled between them). Each replica is an engine of its own (docs/scheduling.md)."""
@@ -475,6 +479,11 @@ def resolve(
                 if spec.name != name:  # renamed: the plugin's own aliases stay with the plugin
                     spec = spec.model_copy(update={"name": name, "aliases": []})
             spec = _entry_overrides(spec, entry)
+            if (bad := tp_problem(spec.options.tensor_parallel_size,
+                                  gpu.devices if check_fit else None,
+                                  config.runtime.kind)) is not None:
+                problems.append(loc.error(_tp_loc(where, entry), *bad))
+                continue
             if (need := context_problem(spec)) is not None:
                 problems.append(loc.error((*where, "max_model_len"), *need.problem(name)))
                 continue
@@ -530,9 +539,22 @@ def _entry_overrides(spec: ModelSpec, entry: ModelEntry) -> ModelSpec:
     """``spec`` with the entry's weights, vLLM options, then its caps (in one validation)."""
     if entry.model_path is not None:
         spec = spec.model_copy(update={"hf_repo": entry.model_path, "revision": None})
-    return spec.with_overrides(**entry.options).with_caps(
+    options = dict(entry.options)
+    if entry.tensor_parallel_size is not None:
+        options["tensor_parallel_size"] = entry.tensor_parallel_size
+    return spec.with_overrides(**options).with_caps(
         max_num_seqs=entry.max_num_seqs, max_model_len=entry.max_model_len,
         max_pixels=entry.max_pixels)  # fmt: skip
+
+
+def _tp_loc(where: Loc, entry: ModelEntry) -> Loc:
+    """Where a model's tensor_parallel_size is written (the entry's field, its options, or the
+    entry itself for a plugin's)."""
+    if entry.tensor_parallel_size is not None:
+        return (*where, "tensor_parallel_size")
+    if "tensor_parallel_size" in entry.options:
+        return (*where, "options", "tensor_parallel_size")
+    return where
 
 
 def together_groups(config: Config) -> list[frozenset[str]]:

@@ -33,6 +33,7 @@ from vlmhub.engines.base import EngineHandle, Runtime, probe, wait_ready
 from vlmhub.engines.launch import engine_hash
 from vlmhub.errors import EngineStartTimeout, VlmhubError
 from vlmhub.logs import ENGINE
+from vlmhub.scheduling.placement import live
 
 MIN_WAIT_S = 1.0
 """The least an adopted engine still loading is given, even past its ``startup_timeout_s``."""
@@ -65,7 +66,7 @@ async def adopt_engines(
     adopted = Adopted(foreign=found.unknown)
     for h in found.kept:
         r = replicas[h.name]
-        r.handle, r.node = h, h.node if h.node in nodes else r.node
+        r.handle, r.node = h, h.node if live(h.node, nodes) else r.node
         if await probe(h, http):
             r.state, r.phase = "ready", "ready (adopted)"
             r.last_used = r.healthy_at = time.monotonic()

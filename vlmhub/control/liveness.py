@@ -30,6 +30,7 @@ from vlmhub.engine_log import diagnose
 from vlmhub.engines.base import EngineHandle, EngineStatus, Runtime, probe
 from vlmhub.errors import VlmhubError
 from vlmhub.logs import ENGINE, ROUTER
+from vlmhub.scheduling.placement import live
 from vlmhub.sizing.vram import Gpu
 
 NODE_REFRESH_S = 1.0
@@ -160,7 +161,7 @@ class Liveness:
             for n, total in found.items()
         }
         for r in sup.replicas.values():
-            if r.model.external or r.node in sup.nodes or not r.node:
+            if r.model.external or live(r.node, sup.nodes) or not r.node:
                 continue
             if r.state in ("ready", "sleeping"):
                 self.engine_failed(r, f"its node {r.node} is gone")

@@ -107,11 +107,17 @@ class Replica:
             priority=self.priority,
             group=",".join(m.group.names) if m.group else None,
             host_gib=(math.inf if 1 in self.sleep_facts.barred  # never a level-1 sleep
-                      else m.budget.weights_gib if m.budget else 0.0),
+                      else m.budget.weights_gib * self.ranks if m.budget else 0.0),
             level=self.sleep_level,
             wake_s=self.wake_cost(1),
             wake2_s=self.wake_cost(2),
+            devices=self.ranks,
         )
+
+    @property
+    def ranks(self) -> int:
+        """The GPUs its engine spans (``tensor_parallel_size``; its budget is one rank's)."""
+        return self.model.spec.options.tensor_parallel_size if self.model.spec else 1
 
     @property
     def residue_gib(self) -> float:

@@ -7,7 +7,10 @@ lists Ray nodes: the supervisor turns each total into usable GiB (``gpu.reserve_
 ``gpu.budget_gib``) and the placement and swap policy run per node, one engine operation per
 card at a time. An engine started on node ``gpuN`` sees card N alone: the process runtime
 sets ``CUDA_VISIBLE_DEVICES=N`` in the engine's environment (not vlmhub's), the Docker runtime
-asks for that card (``device_requests`` with its id).
+asks for that card (``device_requests`` with its id). A tensor-parallel engine
+(``tensor_parallel_size: k``) is placed on k cards at once, the node ``gpu0+gpu1``
+(:func:`vlmhub.scheduling.placement.joined`): it sees all of them, ``CUDA_VISIBLE_DEVICES=0,1``
+and a ``device_requests`` entry with both ids.
 
 With one card there is one node ``""`` (the single-GPU path, unchanged); a card named in
 ``gpu.devices`` is still the one the engine sees. Pure apart from :func:`local_devices` (which
@@ -26,6 +29,9 @@ from vlmhub.config.schema import GpuConfig
 PREFIX = "gpu"
 """Node names: ``gpu0``, ``gpu1``, ... (the CUDA device id)."""
 ENV = "CUDA_VISIBLE_DEVICES"
+JOIN = "+"
+"""Joins the cards of a tensor-parallel engine's node (vlmhub.scheduling.placement.JOIN: the
+engines layer sits below scheduling, so the separator is repeated, and a test pins both)."""
 _NODE = re.compile(rf"{PREFIX}(\d+)")
 
 
@@ -50,15 +56,18 @@ class Devices:
 
     def ids(self, node: str) -> list[int]:
         """The device ids an engine on ``node`` sees; [] to leave the choice to the engine
-        (one card, not pinned). A node of this runtime is ``gpuN``; anything else (a node of
-        another runtime) names no card."""
+        (one card, not pinned). A node of this runtime is ``gpuN``, or ``gpuN+gpuM...`` for a
+        tensor-parallel engine (every card, in order); anything else (a node of another
+        runtime, a card this machine lacks) names no card."""
         if not node:
             return list(self.totals) if self.pinned else []
-        m = _NODE.fullmatch(node)
-        return [int(m.group(1))] if m is not None and int(m.group(1)) in self.totals else []
+        found = [_NODE.fullmatch(part) for part in node.split(JOIN)]
+        ids = [int(m.group(1)) for m in found if m is not None]
+        return ids if len(ids) == len(found) and all(d in self.totals for d in ids) else []
 
     def env(self, node: str) -> dict[str, str]:
-        """``{"CUDA_VISIBLE_DEVICES": "N"}`` for an engine on ``node``; {} without a card."""
+        """``{"CUDA_VISIBLE_DEVICES": "N"}`` (``"0,1"`` across two cards) for an engine on
+        ``node``; {} without a card."""
         ids = self.ids(node)
         return {ENV: ",".join(map(str, ids))} if ids else {}
 

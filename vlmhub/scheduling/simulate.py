@@ -43,6 +43,7 @@ from vlmhub.scheduling import policy, scheduler, step
 from vlmhub.scheduling.policy import PRIORITIES, Params, Priority, Waiter, params_from
 from vlmhub.scheduling.scheduler import State
 from vlmhub.scheduling.simtrace import Clients, Draw, Stream, Trace, draw
+from vlmhub.sizing.parallel import ranks
 from vlmhub.sizing.sleepfacts import wake_price_s
 
 Step = tuple[Literal["delay"], float] | tuple[Literal["idle"], "_Rep"]
@@ -82,6 +83,8 @@ class SimModel:
     """The host RAM a level-1 sleep of it takes (its weights)."""
     replicas: tuple[int, int, float | None] = (0, 1, None)
     """``(low, high, target)`` (:func:`vlmhub.scheduling.step.bounds`): several engines."""
+    devices: int = 1
+    """The GPUs one engine spans (``tensor_parallel_size``), ``footprint_gib`` on each."""
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,7 @@ class _Rep:
             reload_cost_s=self.last_load_s or (m.reload_cost_s or m.start_s),
             can_sleep=m.can_sleep, external=m.external, draining=self.draining,
             loaded_at=self.loaded_at, priority=self.priority, wake_s=self.wake[0],
-            wake2_s=self.wake[1], host_gib=m.host_gib, level=self.level,
+            wake2_s=self.wake[1], host_gib=m.host_gib, level=self.level, devices=m.devices,
         )
 
 
@@ -656,8 +659,9 @@ def from_config(
             max_queue=m.entry.max_queue if m.entry.max_queue is not None
             else config.router.max_queue,
             preload=m.entry.preload,
-            host_gib=m.budget.weights_gib if m.budget else 0.0,
+            host_gib=m.budget.weights_gib * ranks(m.spec) if m.budget and m.spec else 0.0,
             replicas=step.bounds(m.entry.replicas),
+            devices=ranks(m.spec) if m.spec is not None else 1,
         ))
     rc = config.router
     return SimConfig(

@@ -192,18 +192,18 @@ def decide(
     bringing = {t for t in (busy or {}).values() if t is not None}
     entries, more, floor = _pooled(entries, pools, bringing, now, rules)
     taken = dict(busy or {})
-    if nodes and all(n in taken for n in nodes):
+    if nodes and all(n in placement.taken(taken) for n in nodes):
         return Step()
     actions: list[Action] = []
     for e in entries:  # engines a health check failed: stop them first
-        if e.view.state == "stopping" and e.node not in taken:
+        if e.view.state == "stopping" and placement.free(e.node, taken):
             actions.append(StopFailed(e.view.name, e.node))
             taken[e.node] = None
     for e in entries:  # models a reload removed or changed
-        if e.retire and e.node not in taken:
+        if e.retire and placement.free(e.node, taken):
             actions.append(Retire(e.view.name, e.node))
             taken[e.node] = None
-    if nodes and all(n in taken for n in nodes):
+    if nodes and all(n in placement.taken(taken) for n in nodes):
         return Step(tuple(actions))
     demand: list[Demand] = []
     for e in entries:
@@ -325,7 +325,7 @@ def _expire(
     for name in expired([e.view for e in entries], ttl, now):
         node = where[name]
         pool = (floor or {}).get(name, (None, 0))[0]
-        if node not in taken and node not in held and (pool is None or left[pool] > 0):
+        if placement.free(node, [*taken, *held]) and (pool is None or left[pool] > 0):
             actions.append(Expire(name, node))
             taken[node] = None
             if pool is not None:

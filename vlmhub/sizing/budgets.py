@@ -78,6 +78,9 @@ class BudgetKey:
     sleep_mode: bool = False
     """Started with ``--enable-sleep-mode``: measured apart (the flag changes memory, vLLM
     #48680). Entries written before it existed read as False."""
+    tensor_parallel_size: int = 1
+    """The engine's ranks: each rank's figures are measured, so they differ with it. Entries
+    written before it existed read as 1."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +109,7 @@ def key_for(spec: ModelSpec, gpu: Gpu, vllm_version: str | None = None, *,
         quantization=o.quantization,
         enforce_eager=o.enforce_eager,
         sleep_mode=sleep_mode,
+        tensor_parallel_size=o.tensor_parallel_size,
     )
 
 

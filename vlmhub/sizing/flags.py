@@ -66,6 +66,8 @@ def render_argv(
         argv.append("--trust-remote-code")
     if o.enforce_eager:
         argv.append("--enforce-eager")
+    if o.tensor_parallel_size > 1:  # the memory flags below are per GPU (sizing.parallel)
+        argv += ["--tensor-parallel-size", str(o.tensor_parallel_size)]
     if o.async_scheduling:
         argv.append("--async-scheduling")
     if o.limit_mm_per_prompt is not None:

@@ -9,6 +9,10 @@ Memory model (see docs/vram.md)::
     kv_cache   = kv_bytes_per_token * max_model_len * kv_sequences
     footprint  = engine_gib + cuda_context       # what the instance really holds on the GPU
 
+With ``tensor_parallel_size: k`` every figure is ONE rank's, on each of its k GPUs
+(:mod:`vlmhub.sizing.parallel`: weights / k, a share of the KV heads, a rank's buffers), and
+``--gpu-memory-utilization`` is that rank's fraction of its card, as vLLM applies it per GPU.
+
 ``--gpu-memory-utilization`` covers ``engine_gib`` only (the CUDA context is outside it) and
 is a fraction of the card's TOTAL memory, so it is ``engine_gib / total``, never "0.9".
 
@@ -24,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
+from vlmhub.sizing.parallel import kv_share, rank_overhead_gib, weights_share
 from vlmhub.spec import GIB, ModelSpec, version_tuple
 
 KV_CACHE_BYTES_SINCE = "0.11.0"
@@ -78,6 +83,9 @@ class Gpu:
     budget_gib: float | None = None
     name: str = "GPU"
     source: str = "config"
+    devices: int = 1
+    """The cards engines may use (``gpu.devices``, else the machine's); a
+    ``tensor_parallel_size`` above it cannot run (:func:`vlmhub.sizing.parallel.tp_problem`)."""
 
     @property
     def usable_gib(self) -> float:
@@ -184,9 +192,9 @@ def _parts(spec: ModelSpec, measured: Measured | None) -> _Parts:
     v, eager = spec.vram, spec.options.enforce_eager
     m = measured or Measured()
     graphs = 0.0 if eager else _pick(m.cuda_graph_gib, v.cuda_graph_gib)
-    weights = _pick(m.weights_gib, v.weights_gib)
+    weights = _pick(m.weights_gib, v.weights_gib * weights_share(spec))  # a rank's (parallel)
     activation = _pick(m.activation_gib, v.activation_gib)
-    non_torch = _pick(m.non_torch_gib, v.non_torch_gib)
+    non_torch = _pick(m.non_torch_gib, v.non_torch_gib + rank_overhead_gib(spec))
     margin, source = 0.0, "estimated"
     if m.any_measured:
         base = weights + activation + non_torch + graphs
@@ -199,7 +207,7 @@ def _parts(spec: ModelSpec, measured: Measured | None) -> _Parts:
         graphs=graphs,
         margin=margin,
         context=v.cuda_context_gib + m.raised_headroom_gib,
-        kv_per_token=_pick(m.kv_bytes_per_token, v.kv_per_token),
+        kv_per_token=_pick(m.kv_bytes_per_token, v.kv_per_token * kv_share(spec)),
         source=source,
         raised=m.raised_gib,
     )

@@ -191,19 +191,28 @@ class Ledger:
             self.entry["ident"] = ident
         self.written = False
         self.free_at_start = total
+        self.mirrors: list[Ledger] = []
+        """The ledgers of a tensor-parallel stand-in's other ranks (stub_gpus.cards): each
+        is checked and charged as this one."""
 
     def acquire(self) -> str | None:
         """vLLM's start-up free-memory check against the other engines, then write the entry.
 
         Returns the vLLM error line when the simulated GPU has too little free memory.
         """
+        for m in self.mirrors:  # every rank checks its own card
+            if (err := m.acquire()) is not None:
+                self.remove()
+                return err
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # check-and-write is atomic across stubs
             others = [e for e in read_ledger(self.dir) if e["file"] != self.path.name]
             free = max(0.0, self.total - sum(float(e.get("claim_gib", 0.0)) for e in others))
-            self.free_at_start = free
+            self.free_at_start = min([free, *(m.free_at_start for m in self.mirrors)])
             if free < self.claim:
+                for m in self.mirrors:
+                    m.remove()
                 return FREE_MEMORY.format(free=free, total=self.total, util=self.util,
                                           claim=self.claim)
             self.write()
@@ -217,8 +226,13 @@ class Ledger:
         tmp.write_text(json.dumps(self.entry))
         os.replace(tmp, self.path)
         self.written = True
+        for m in self.mirrors:
+            m.entry.update(self.entry)
+            m.write()
 
     def remove(self) -> None:
+        for m in self.mirrors:
+            m.remove()
         if self.written:
             self.written = False
             with contextlib.suppress(OSError):
@@ -241,6 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None)
     p.add_argument("--enable-sleep-mode", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     if stub_endpoints is not None:  # --task, --runner, --convert
         stub_endpoints.add_args(p)
     for flag, _env, kind in KNOBS:
@@ -656,7 +671,8 @@ def memory_startup(args: argparse.Namespace, ledger: Ledger | None,
     """
     total = float(args.stub_gpu_total_gib or DEFAULT_TOTAL_GIB)
     util, length = args.gpu_memory_utilization, args.max_model_len
-    w, act = float(args.stub_weights_gib), float(args.stub_activation_gib or 0.0)
+    w = float(args.stub_weights_gib) / max(args.tensor_parallel_size, 1)  # a rank's shard
+    act = float(args.stub_activation_gib or 0.0)
     nt = 0.1 if args.stub_non_torch_gib is None else float(args.stub_non_torch_gib)
     graphs = 0.0 if args.enforce_eager else float(args.stub_cuda_graph_gib or 0.0)
     per_token = int(args.stub_kv_bytes_per_token or 131072)
@@ -731,16 +747,20 @@ def fail(src: str, line_no: int, func: str, error: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     delay = max(0.0, 0.5 if args.stub_startup_delay is None else float(args.stub_startup_delay))
-    try:  # several pretend cards: this stand-in's card has its own ledger and size
+    ranks: list[tuple[str | None, float | None]] = []
+    try:  # several pretend cards: each rank's card has its own ledger and size
         if stub_gpus is not None:
-            args.stub_ledger, args.stub_gpu_total_gib = stub_gpus.card(
-                args.stub_ledger, args.stub_gpu_total_gib, DEFAULT_TOTAL_GIB)
+            ranks = stub_gpus.cards(args.stub_ledger, args.stub_gpu_total_gib, DEFAULT_TOTAL_GIB,
+                                    ranks=args.tensor_parallel_size)
+            args.stub_ledger, args.stub_gpu_total_gib = ranks[0]
     except ValueError as exc:  # stub_gpus.NoDevice
         return fail("worker/gpu_worker.py", 239, "init_device", str(exc))
     ledger = None
     if args.stub_ledger and args.stub_gpu_total_gib:
         ledger = Ledger(args.stub_ledger, args.port, args.model, float(args.stub_gpu_total_gib),
                         args.gpu_memory_utilization)
+        ledger.mirrors = [Ledger(d, args.port, args.model, float(t), args.gpu_memory_utilization)
+                          for d, t in ranks[1:] if d and t]  # the other ranks' cards
         atexit.register(ledger.remove)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
