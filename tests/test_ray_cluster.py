@@ -25,15 +25,20 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 import yaml
-from ray_support import LocalCluster, engine_actors, ray_cluster  # noqa: F401
+from ray_support import (  # noqa: F401
+    Clients,
+    LocalCluster,
+    RayHub,
+    demo_config,
+    engine_actors,
+    ray_cluster,
+)
 from route_support import route_process
 
 from vlmhub.config.schema import RuntimeConfig
@@ -42,20 +47,11 @@ from vlmhub.engines.ports import free_port
 from vlmhub.engines.ray import RayRuntime
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parent.parent
 MODELS = ("ray-ocr", "ray-vl", "ray-phi", "ray-smol")
 
 
-@dataclass
-class Hub:
-    url: str
-    cluster: LocalCluster
-    log: Path
-    """The router's log (route_support): its engine events, in order."""
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", timeout=120,
-                             max_retries=0)
+class Hub(RayHub):
+    """The router of this module, with what its tests ask of it."""
 
     def models(self) -> dict[str, dict[str, Any]]:
         """/v1/models as the client sees it."""
@@ -75,41 +71,27 @@ class Hub:
         return r.choices[0].message.content or ""
 
 
-@dataclass
-class Load:
-    """Clients asking ``models`` in a loop until stopped; every request is counted."""
+class Load(Clients):
+    """Two clients per model of ``models`` asking in a loop until stopped; every request is
+    counted."""
 
-    hub: Hub
-    models: tuple[str, ...]
-    ok: dict[str, int] = field(default_factory=dict)
-    failed: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
+    def __init__(self, hub: Hub, models: tuple[str, ...]) -> None:
+        super().__init__(2 * len(models))
+        self.hub, self.models = hub, models
+        self.ok: dict[str, int] = {}
+        self.failed: list[str] = []
+        self.clients = [hub.client() for _ in range(self.count)]
 
-    def _run(self, model: str) -> None:
-        client = self.hub.client()
-        while not self.stop.is_set():
-            try:
-                r = client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-                text = r.choices[0].message.content or ""
-                assert text.startswith(f"{model}:"), text
-                self.ok[model] = self.ok.get(model, 0) + 1
-            except Exception as exc:
-                self.failed.append(f"{model}: {type(exc).__name__}: {exc}")
-
-    def __enter__(self) -> Load:
-        for m in self.models:
-            for _ in range(2):  # two clients per model
-                t = threading.Thread(target=self._run, args=(m,), daemon=True)
-                t.start()
-                self.threads.append(t)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
+    def one(self, index: int) -> None:
+        model = self.models[index // 2]
+        try:
+            r = self.clients[index].chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+            text = r.choices[0].message.content or ""
+            assert text.startswith(f"{model}:"), text
+            self.ok[model] = self.ok.get(model, 0) + 1
+        except Exception as exc:
+            self.failed.append(f"{model}: {type(exc).__name__}: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +99,8 @@ def hub(ray_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory  # n
         ) -> Iterator[Hub]:
     """`vlmhub route` on examples/ray-demo.yaml, joined to the local cluster."""
     root = tmp_path_factory.mktemp("ray")
-    config = yaml.safe_load((REPO / "examples" / "ray-demo.yaml").read_text())
     port = free_port()
-    config["router"].update(port=port, health_interval_s=0.5)
-    config["runtime"]["address"] = ray_cluster.address
-    base = random.randrange(20000, 30000, 100)  # below the ephemeral range Ray's workers use
-    config["runtime"]["port_range"] = [base, base + 99]
+    config = demo_config(ray_cluster, port)
     path = root / "models.yaml"
     path.write_text(yaml.safe_dump(config))
     with route_process(path, root, port) as url:
