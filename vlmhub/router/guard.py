@@ -16,6 +16,7 @@ Pure header checks, no I/O: it adds microseconds to the data path.
 
 from __future__ import annotations
 
+import functools
 import json
 from urllib.parse import urlsplit
 
@@ -34,26 +35,42 @@ def _host_name(host: str) -> str:
 
 def refusal(scope: Scope, cors_origins: frozenset[str] = frozenset()) -> str | None:
     """Why this request must be refused, or None. ``cors_origins`` may change state on
-    ``/v1`` (router.cors_origins); never on the admin API."""
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    host = headers.get("host", "")
+    ``/v1`` (router.cors_origins); never on the admin API. One pass over the raw headers
+    (ASGI names are lowercase bytes) picks the three it reads; nothing else is decoded."""
+    raw_host = raw_origin = raw_site = None
+    for k, v in scope["headers"]:
+        k = k.lower()
+        if k == b"host":
+            raw_host = v
+        elif k == b"origin":
+            raw_origin = v
+        elif k == b"sec-fetch-site":
+            raw_site = v
+    host = raw_host.decode("latin-1") if raw_host is not None else ""
     server = scope.get("server")
-    if server and is_loopback(str(server[0])) and host:
+    if server and host and _loopback(str(server[0])):
         name = _host_name(host)
-        if not (is_loopback(name) or name == "localhost"):
+        if not (_loopback(name) or name == "localhost"):
             return f"Host {host!r} does not name this machine (the router listens on loopback)"
     if scope.get("method", "GET") in SAFE_METHODS:
         return None
-    origin = headers.get("origin")
+    origin = raw_origin.decode("latin-1") if raw_origin is not None else None
     if origin is not None and str(scope.get("path", "")).startswith("/v1/") and (
         origin in cors_origins or "*" in cors_origins
     ):
         return None
-    if headers.get("sec-fetch-site") == "cross-site":
+    if raw_site is not None and raw_site.decode("latin-1") == "cross-site":
         return "a page on another site may not send requests that change state"
     if origin is not None and (origin == "null" or urlsplit(origin).netloc != host):
         return f"a page at {origin} may not send requests that change state"
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _loopback(host: str) -> bool:
+    """:func:`is_loopback`, remembered: the same few addresses and Host names come back with
+    every request (an ``ipaddress`` parse is the dearest part of the check)."""
+    return is_loopback(host)
 
 
 class BrowserGuard:
