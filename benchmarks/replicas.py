@@ -14,7 +14,12 @@ The autoscaling run has ``replicas: {min: 1, max: 2, target: 2}`` and ``ttl: 5``
 it, the pages written (none may be lost) and how long after the burst the pool was back to
 one replica.
 
-    .venv/bin/python benchmarks/replicas.py [--pages 200] [--update-doc docs/benchmarks.md]
+``--ray`` runs the Ray case instead (issue 24 item 7, the Ray tier's figure): the same engines
+as Ray actors (``runtime.kind: ray``) on a local two-node cluster (``ray.cluster_utils``: a
+head and a worker, separate raylets, each declaring a pretend 8 GiB GPU as ``vram_gib``), with
+1 and then 2 replicas. Both replicas would fit on one node: the report names the node of each.
+
+    .venv/bin/python benchmarks/replicas.py [--pages 200] [--ray] [--update-doc docs/benchmarks.md]
 
 Targets: 2 replicas at least 1.8x and 4 replicas at least 3.5x the pages per second of one;
 the busiest of 2 replicas serves at most 1.2x the requests of the idlest. It reports, it never
@@ -41,13 +46,22 @@ import httpx
 from benchlib import Processes, free_port, machine, save_report, sigterm_exits
 
 MODEL = "pages"
-CONFIG = """gpu: {{devices: [0, 1, 2, 3], total_gib: 8, reserve_gib: 0.5, force_total: true}}
-router: {{port: {port}, max_queue: 512, queue_timeout_s: 300}}
+STUB = """["{python}", "-m", "vlmhub.testing.stub_engine", "--stub-startup-delay",
+                 "0.5", "--stub-request-delay", "0.5", "--stub-max-seqs", "1"]"""
+PROCESS = """gpu: {devices: [0, 1, 2, 3], total_gib: 8, reserve_gib: 0.5, force_total: true}
 runtime:
   kind: process
-  process_argv: ["{{python}}", "-m", "vlmhub.testing.stub_engine", "--stub-startup-delay",
-                 "0.5", "--stub-request-delay", "0.5", "--stub-max-seqs", "1"]
+  process_argv: STUB"""
+RAY = """gpu: {total_gib: 8, reserve_gib: 0.5, force_total: true}
+runtime:
+  kind: ray
+  address: "ADDRESS"
+  engine_host: 127.0.0.1
+  process_argv: STUB"""
+"""The machine and runtime parts of the config: four pretend cards, or a Ray cluster."""
+CONFIG = """{machine}
   port_range: [{lo}, {hi}]
+router: {{port: {port}, max_queue: 512, queue_timeout_s: 300}}
 models:
   {model}:
     replicas: {replicas}
@@ -76,13 +90,14 @@ def make_pages(folder: Path, count: int) -> None:
 
 
 @contextmanager
-def router(root: Path, replicas: str, ttl: float) -> Iterator[str]:
-    """``vlmhub route`` on a config with ``replicas``; yields its URL once /health answers,
-    then stops it and its engines (benchlib.Processes)."""
-    port, lo = free_port(), 20000 + (os.getpid() * 7) % 30000
+def router(root: Path, replicas: str, ttl: float, setup: str = PROCESS) -> Iterator[str]:
+    """``vlmhub route`` on a config with ``replicas`` on ``setup`` (:data:`PROCESS`, or
+    :data:`RAY` with its address); yields its URL once /health answers, then stops it and its
+    engines (benchlib.Processes)."""
+    port, lo = free_port(), 20000 + (os.getpid() * 7) % 10000  # below Ray's worker ports
     cfg = root / f"models-{time.monotonic_ns()}.yaml"
-    cfg.write_text(CONFIG.format(port=port, lo=lo, hi=lo + 40, model=MODEL, replicas=replicas,
-                                 ttl=ttl))
+    cfg.write_text(CONFIG.format(machine=setup.replace("STUB", STUB), port=port, lo=lo,
+                                 hi=lo + 40, model=MODEL, replicas=replicas, ttl=ttl))
     procs = Processes(root)
     procs.start("route", [sys.executable, "-m", "vlmhub", "route", "--config", str(cfg),
                           "--log-level", "warning"],
@@ -131,8 +146,8 @@ def ocr(url: str, pages: Path, out: Path) -> tuple[float, int]:
     return took, done
 
 
-def fixed(root: Path, pages: Path, n: int) -> dict[str, Any]:
-    with router(root, str(n), 600) as url:
+def fixed(root: Path, pages: Path, n: int, setup: str = PROCESS) -> dict[str, Any]:
+    with router(root, str(n), 600, setup) as url:
         httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         for _ in range(300):
@@ -140,11 +155,12 @@ def fixed(root: Path, pages: Path, n: int) -> dict[str, Any]:
                 break
             time.sleep(0.1)
         before = served_by(url)
-        took, done = ocr(url, pages, root / f"out-{n}")
+        nodes = {r["replica"] or r["name"]: r.get("node") for r in replicas_of(url)}
+        took, done = ocr(url, pages, root / f"out-{n}-{time.monotonic_ns()}")
         after = served_by(url)
     share = {k: after[k] - before.get(k, 0) for k in after}
     return {"replicas": n, "seconds": took, "pages": done, "pages_per_s": done / took,
-            "served": share}
+            "served": share, "nodes": nodes}
 
 
 def autoscale(root: Path, pages: Path) -> dict[str, Any]:
@@ -174,12 +190,67 @@ def autoscale(root: Path, pages: Path) -> dict[str, Any]:
     return {"seconds": took, "pages": done, "peak_ready": peak[0], "back_to_min_s": back}
 
 
+@contextmanager
+def ray_cluster() -> Iterator[str]:
+    """A local Ray cluster of two nodes (``head``, ``w1``), each a pretend 8 GiB GPU and one
+    CPU, as the Ray tier has it (tests/ray_support.py); yields its address, shuts it down."""
+    from ray.cluster_utils import Cluster
+
+    node: dict[str, Any] = {"num_cpus": 1, "object_store_memory": 80 * 1024 * 1024,
+                            "resources": {"vram_gib": 8}}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        **node, "include_dashboard": False, "labels": {"vlmhub/node": "head"}})
+    try:
+        cluster.add_node(**node, labels={"vlmhub/node": "w1"})
+        cluster.wait_for_nodes()
+        yield str(cluster.address)
+    finally:
+        cluster.shutdown()
+
+
+def on_ray(root: Path, pages: Path, pages_n: int) -> tuple[str, dict[str, Any]]:
+    """The Ray case: 1 and 2 replicas as Ray actors; its text and results."""
+    with ray_cluster() as address:
+        runs = [fixed(root, pages, n, RAY.replace("ADDRESS", address)) for n in (1, 2)]
+    one, two = runs
+
+    def row(r: dict[str, Any]) -> str:
+        where = ", ".join(f"{k} {v} on {r['nodes'].get(k)}" for k, v in sorted(r["served"].items()))
+        return (f"| {r['replicas']} | {r['pages']} | {r['seconds']:.1f} | {r['pages_per_s']:.2f} "
+                f"| {r['pages_per_s'] / one['pages_per_s']:.2f}x | {where} |")
+
+    counts = list(two["served"].values())
+    lost = pages_n - two["pages"]
+    text = "\n".join([
+        "| replicas (Ray actors) | pages | seconds | pages/s | vs 1 replica | requests per "
+        "replica, node |", "|---:|---:|---:|---:|---:|---|", *(row(r) for r in runs), "",
+        f"2 replicas on Ray: {two['pages_per_s'] / one['pages_per_s']:.2f}x the pages per second "
+        f"of one; busiest / idlest = {max(counts) / max(min(counts), 1):.2f}; {lost} of "
+        f"{pages_n} pages lost.",
+    ])
+    return text, {"ray": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=200)
+    ap.add_argument("--ray", action="store_true", help="the Ray case (1 and 2 replicas)")
     ap.add_argument("--update-doc", type=Path, default=None)
     args = ap.parse_args()
     began = time.monotonic()
+    command = ".venv/bin/python benchmarks/replicas.py" + (
+        f" --pages {args.pages}" if args.pages != 200 else "") + (" --ray" if args.ray else "")
+    if args.ray:
+        with sigterm_exits(), tempfile.TemporaryDirectory(prefix="vlmhub-replicas-") as tmp:
+            make_pages(Path(tmp) / "pages", args.pages)
+            text, results = on_ray(Path(tmp), Path(tmp) / "pages", args.pages)
+        print(text)
+        info = {"date": dt.date.today().isoformat(), "command": command,
+                **machine(["httpx", "ray"])}
+        out = Path(tempfile.mkdtemp(prefix="vlmhub-replicas-report-"))
+        save_report(out, info, time.monotonic() - began, text, results, args.update_doc,
+                    "replicas-ray")
+        return
     with sigterm_exits(), tempfile.TemporaryDirectory(prefix="vlmhub-replicas-") as tmp:
         root = Path(tmp)
         pages = root / "pages"
@@ -207,10 +278,7 @@ def main() -> None:
            else "not back to one within 60 s."),
     ])
     print(text)
-    info = {"date": dt.date.today().isoformat(),
-            "command": ".venv/bin/python benchmarks/replicas.py"
-            + (f" --pages {args.pages}" if args.pages != 200 else ""),
-            **machine(["httpx"])}
+    info = {"date": dt.date.today().isoformat(), "command": command, **machine(["httpx"])}
     out = Path(tempfile.mkdtemp(prefix="vlmhub-replicas-report-"))
     save_report(out, info, time.monotonic() - began, text,
                 {"fixed": runs, "autoscale": auto}, args.update_doc, "replicas")
