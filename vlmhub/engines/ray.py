@@ -14,6 +14,10 @@ keeps its output; the handle carries the engine's URL (the node's IP with
 A node's name is its ``vlmhub/node`` label (``ray start --labels='{"vlmhub/node": "gpu-a"}'``)
 or else the first 8 characters of its Ray node id.
 
+A model with replicas has one engine per replica (``MODEL#N``): each its own actor, ``vram_gib``
+and key, on the node the supervisor names (:func:`vlmhub.scheduling.placement.room` spreads a
+model's replicas over the nodes); nothing here knows about replicas.
+
 Blocking: every Ray call blocks, so each runs in a worker thread (``asyncio.to_thread``) with a
 timeout; calls for different engines may run concurrently. A stop touches only the actor named
 by its handle (the actor name is unique per engine start).
