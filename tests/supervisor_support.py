@@ -70,14 +70,15 @@ def build(tmp_path: Path, models: dict[str, dict[str, Any]], *, total_gib: float
           stub_env: dict[str, str] | None = None, ledger: bool = True,
           docker_prefix: str | None = None, budgets: BudgetStore | None = None,
           runtime_type: type[ProcessRuntime] = ProcessRuntime,
-          host: dict[str, Any] | None = None,
+          host: dict[str, Any] | None = None, gpu_probe: bool = False,
           ) -> tuple[Supervisor, Recorder, Path]:
     """A supervisor whose stand-in engines share a simulated GPU ledger of ``total_gib``:
     an engine that would over-commit it fails at start-up with vLLM's free-memory error.
 
     Process runtime by default (``runtime_type``: a subclass of it, to inject a fault); with
     ``docker_prefix`` the engines are containers of the stand-in image (the ledger lives in
-    the mounted HF cache, one entry per model)."""
+    the mounted HF cache, one entry per model). ``gpu_probe``: the supervisor reads the card's
+    memory in use from the ledger (as it reads NVML on a real card) around each wake."""
     base = random.randint(21000, 60000)
     env = {"VLMHUB_STUB_STARTUP_DELAY": str(delay), **(stub_env or {})}
     runtime: dict[str, Any] = {"port_range": [base, base + 60]}
@@ -118,7 +119,8 @@ def build(tmp_path: Path, models: dict[str, dict[str, Any]], *, total_gib: float
         rt = DockerRuntime(loaded.config.runtime)
     rec = Recorder()
     sup = Supervisor(resolved, loaded.config, gpu, rt, observer=rec, tick_s=0.05,
-                     budgets=budgets)
+                     budgets=budgets, gpu_used=(lambda node: ledger_used_gib(ledger_dir))
+                     if gpu_probe else None)
     return sup, rec, ledger_dir
 
 

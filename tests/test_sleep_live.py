@@ -233,6 +233,42 @@ async def test_a_failed_wake_restarts_and_bars_that_level(tmp_path: Path) -> Non
         await sup.shutdown()
 
 
+@pytest.mark.parametrize("leak", [0.0, 1.5])
+async def test_a_wake_that_takes_more_than_planned_restarts_and_bars_that_level(
+        tmp_path: Path, leak: float, caplog: pytest.LogCaptureFixture) -> None:
+    # vLLM #13941/#34600: a wake may succeed yet hold more than before the sleep. The card's
+    # memory in use is read around the wake (the pretend card's ledger here, NVML on a real
+    # one): 1.5 GiB more than planned is a failed wake (a cold start frees it, level barred);
+    # without a leak the same reading keeps the wake
+    store = BudgetStore(tmp_path / "budgets.json")
+    sleeper = model(4.0, sleep=True, env={"VLMHUB_STUB_WAKE_LEAK_GIB": str(leak), **STUB_4G})
+    sup, _, ledger = build(tmp_path, {"a": sleeper, "b": model(4.0, env=STUB_4G)},
+                             budgets=store, host={"total_gib": 16, "reserve_gib": 0},
+                             gpu_probe=True)
+    await sup.start()
+    try:
+        sup.release(await sup.acquire("a"))
+        sup.release(await sup.acquire("b"))
+        assert {i.name: i.phase for i in sup.snapshot()}["a"] == "sleeping (level 1)"
+        first = sup.snapshot()[0].port
+        sup.release(await sup.acquire("a"))  # b goes; a wakes (and leaks, or not)
+        figures = sleep_figures(store, "a")
+        failed = [r for r in caplog.records if r.getMessage().startswith("a: its wake from")]
+        if leak:  # the wake was undone: the leaking engine stopped, a new one started
+            assert figures.get("barred1") == 1.0 and len(failed) == 1
+            assert "took 4.50 GiB of its card where 3.00 GiB were planned" in failed[0].getMessage()
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{first}/health", timeout=2)
+        else:  # the same engine woke and serves
+            assert "barred1" not in figures and "wake1_s" in figures and not failed
+            assert sup.snapshot()[0].port == first
+        assert {i.name: i.state for i in sup.snapshot()}["a"] == "ready"
+        # whatever happened, the card holds only a's planned memory: the leak was freed
+        assert used(ledger) <= 4.25 + 0.3
+    finally:
+        await sup.shutdown()
+
+
 # ---------------------------------------------------------------------------- sleep by default
 def resolved_sleep(tmp_path: Path, source: str, models: dict[str, Any]) -> dict[str, bool]:
     cfg = {"gpu": {"total_gib": 24, "reserve_gib": 0}, "models": models}

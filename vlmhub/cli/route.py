@@ -30,6 +30,7 @@ from vlmhub.cli.common import ConfigOption, Context, GpuOption, console, err_con
 from vlmhub.config.locate import ConfigError
 from vlmhub.config.schema import Config, api_keys, load_config, resolve
 from vlmhub.control.contract import ReplicaInfo
+from vlmhub.engines.devices import Devices
 from vlmhub.engines.launch import make_runtime
 from vlmhub.engines.owner import StateDirLock, lock_state_dir
 from vlmhub.errors import VlmhubError
@@ -205,8 +206,10 @@ async def _serve(ctx: Context, host: str, port: int, kind: RuntimeKind | None, s
         if hasattr(runtime, "state_dir"):  # engine records and keys (vlmhub.engines.keys)
             runtime.state_dir = state
         history = History()  # the last hour, for the web page's chart
+        devices = getattr(runtime, "devices", None)  # process and Docker: this machine's cards
         supervisor = Supervisor(models, config, gpu, runtime, observer=Tee(metrics, history),
-                                budgets=budgets)
+                                budgets=budgets, gpu_used=devices.used_gib if isinstance(
+                                    devices, Devices) else None)
         app = create_app(supervisor, config, metrics=metrics)
         attach_history(app, supervisor, history)
         attach_batches(app, state)  # /v1/files, /v1/batches: <state>/batches

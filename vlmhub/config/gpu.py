@@ -10,32 +10,52 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from vlmhub.config.locate import ConfigError
 from vlmhub.config.schema import GpuConfig
 from vlmhub.sizing.vram import Gpu
 from vlmhub.spec import GIB
 
+T = TypeVar("T")
 
-def probe_nvml(index: int = 0) -> tuple[str, float] | None:
-    """``(name, total GiB)`` of GPU ``index`` from the driver, or None without one."""
+
+def _nvml(index: int, read: Callable[[Any, Any], T]) -> T | None:
+    """``read(pynvml, handle of GPU index)`` between NVML's init and shutdown; None without a
+    driver or device (NVML raises its own error types). Blocks briefly."""
     try:
         import pynvml
     except ImportError:
         return None
     try:
         pynvml.nvmlInit()
-    except Exception:  # no driver, no device: NVML raises its own error types
+    except Exception:
         return None
     try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        name = pynvml.nvmlDeviceGetName(handle)
-        total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-        return (name.decode() if isinstance(name, bytes) else str(name)), total / GIB
+        return read(pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
     except Exception:
         return None
     finally:
         pynvml.nvmlShutdown()
+
+
+def _name_and_total(nvml: Any, handle: Any) -> tuple[str, float]:
+    name = nvml.nvmlDeviceGetName(handle)
+    total = nvml.nvmlDeviceGetMemoryInfo(handle).total
+    return (name.decode() if isinstance(name, bytes) else str(name)), total / GIB
+
+
+def probe_nvml(index: int = 0) -> tuple[str, float] | None:
+    """``(name, total GiB)`` of GPU ``index`` from the driver, or None without one."""
+    return _nvml(index, _name_and_total)
+
+
+def nvml_used_gib(index: int = 0) -> float | None:
+    """GiB in use now on GPU ``index`` (every program's), from the driver; None without one.
+    Blocks briefly (NVML)."""
+    return _nvml(index, lambda nvml, handle: float(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+                 / GIB)
 
 
 PRETEND_ENV = "VLMHUB_PRETEND_GPU_GIB"

@@ -46,6 +46,12 @@ from vlmhub.sizing.vram import Gpu
 
 StartHook = Callable[[Replica, "LogParser | None", "VlmhubError | None"], None]
 """Called after every start attempt with the parsed log (or None) and the error (or None)."""
+UsedProbe = Callable[[str], "float | None"]
+"""GPU node -> GiB in use now on its card(s), every program's (NVML; a pretend GPU's ledger in
+tests), or None where it cannot be read. Blocking: EngineOps calls it in a worker thread."""
+
+WAKE_SLACK_GIB = 0.25
+"""How much more than planned a wake may add on its card before it counts as a leak."""
 
 
 HUNG_STOP_GRACE_S = 3.0
@@ -76,9 +82,12 @@ class EngineOps:
         fail_waiters: Callable[[Replica, AcquireError], None],
         on_start: StartHook | None = None,
         budgets: BudgetStore | None = None,
+        gpu_used: UsedProbe | None = None,
     ) -> None:
         self.config, self.gpu, self.runtime, self.http = config, gpu, runtime, http
         self.rc: RouterConfig = config.router
+        self.gpu_used = gpu_used
+        """Reads a card's memory in use around a wake (None: a wake is trusted as planned)."""
         self.observer = observer
         self._fail_waiters = fail_waiters
         self.on_start = on_start
@@ -366,11 +375,16 @@ class EngineOps:
 
     async def wake(self, r: Replica) -> bool:
         """Wake a sleeping engine (room was made first: vLLM does not check); after a level-2
-        sleep, reload its weights and reset its prefix cache. False: restart it."""
+        sleep, reload its weights and reset its prefix cache. False: restart it. With a
+        :data:`UsedProbe`, a wake that took more of its card than planned (its footprint less
+        its residue, vLLM #13941/#34600 leak on wake) is a failed wake too: the restart frees
+        what it holds."""
         if r.handle is None:
             return False
         r.state, r.phase = "starting", "waking"
         began, headers = time.monotonic(), dev_headers(r.handle)
+        before = await self._used(r)
+        why = ""
         try:
             ok = (await self.http.post(r.handle.base_url + "/wake_up", headers=headers)
                   ).status_code == 200
@@ -383,6 +397,12 @@ class EngineOps:
             ok = ok and await probe(r.handle, self.http)
         except httpx.HTTPError:
             ok = False
+        if ok and before is not None and (after := await self._used(r)) is not None:
+            cards = len(r.node.split("+")) if r.node else 1
+            planned = max(r.footprint - r.residue_gib, 0.0) * cards
+            if after - before > planned + WAKE_SLACK_GIB:
+                ok, why = False, (f": waking took {after - before:.2f} GiB of its card where "
+                                  f"{planned:.2f} GiB were planned (a leak)")
         if ok:
             took = time.monotonic() - began
             self.learn_sleep(r, level=r.sleep_level, wake_s=took)  # its next wake's price
@@ -392,11 +412,22 @@ class EngineOps:
                         extra={"model": r.name, "event": "wake", "level": r.sleep_level})
             self.observer.observe_load(r.model.name, took, True)
         else:  # stop/start instead, and never this level again for this model (until reset)
-            ENGINE.warning("%s: its wake from level %d failed: restarted instead; that level "
+            ENGINE.warning("%s: its wake from level %d failed%s: restarted instead; that level "
                            "is not used for it again until `vlmhub budgets forget`", r.name,
-                           r.sleep_level, extra={"model": r.name, "event": "wake_failed"})
+                           r.sleep_level, why, extra={"model": r.name, "event": "wake_failed"})
             self.learn_sleep(r, level=r.sleep_level, failed=True)
         return ok
+
+    async def _used(self, r: Replica) -> float | None:
+        """The probe's reading of ``r``'s card(s), in a worker thread; None on any error."""
+        if self.gpu_used is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.gpu_used, r.node)
+        except Exception as exc:
+            log_exception(ENGINE, f"{r.name}: reading its card's memory failed", exc,
+                          model=r.name, event="wake")
+            return None
 
 
 def dev_headers(handle: EngineHandle) -> dict[str, str]:

@@ -47,7 +47,7 @@ from vlmhub.control.contract import (
     ReplicaInfo,
     UnknownModel,
 )
-from vlmhub.control.engine_ops import EngineOps, StartHook, log_exception
+from vlmhub.control.engine_ops import EngineOps, StartHook, UsedProbe, log_exception
 from vlmhub.control.group import Group, grouped, new_members
 from vlmhub.control.liveness import Liveness, watched
 from vlmhub.control.reload import ModelDiff, apply_models
@@ -76,6 +76,7 @@ class Supervisor:
         tick_s: float = 0.5,
         on_start: StartHook | None = None,
         budgets: BudgetStore | None = None,
+        gpu_used: UsedProbe | None = None,
     ) -> None:
         self.config, self.gpu, self.runtime = config, gpu, runtime
         self.rc = config.router
@@ -101,6 +102,7 @@ class Supervisor:
         self.ops = EngineOps(
             config, gpu, runtime, self.http, self.observer,
             fail_waiters=self._fail_waiters, on_start=on_start, budgets=budgets,
+            gpu_used=gpu_used,
         )
         self._closing = False
         self.params = policy.params_from(config, models)

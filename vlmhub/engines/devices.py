@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from vlmhub.config.gpu import device_totals
+from vlmhub.config.gpu import device_totals, nvml_used_gib
 from vlmhub.config.schema import GpuConfig
 
 PREFIX = "gpu"
@@ -70,6 +70,13 @@ class Devices:
         ``node``; {} without a card."""
         ids = self.ids(node)
         return {ENV: ",".join(map(str, ids))} if ids else {}
+
+
+    def used_gib(self, node: str) -> float | None:
+        """GiB in use now on the card(s) of ``node`` (every program's, summed), from NVML;
+        None where the driver cannot tell. Blocks briefly: call it off the event loop."""
+        used = [nvml_used_gib(d) for d in (self.ids(node) or [0])]
+        return None if any(u is None for u in used) else sum(u or 0.0 for u in used)
 
 
 def local_devices(cfg: GpuConfig) -> Devices:

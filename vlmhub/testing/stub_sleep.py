@@ -27,7 +27,8 @@ What it simulates, with the pretend GPU (``--stub-ledger``) and a pretend host:
   and a cold start, and the stop frees whatever the engine held.
 - **vLLM's sleep log line**, ``Sleep mode freed X GiB memory, Y GiB memory is still in use.``
   (with the pretend GPU): vlmhub reads it to learn the residue. ``VLMHUB_STUB_WAKE_FAILS=1``
-  makes every wake of a sleeping engine answer 500.
+  makes every wake of a sleeping engine answer 500; ``VLMHUB_STUB_WAKE_LEAK_GIB=X`` makes every
+  wake succeed holding X GiB more than before the sleep (vLLM #13941: memory leaked on wake).
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ class Sleeper:
                         f"{gpu.claim - gpu.residue:.2f} GiB. GPU 0 has a total capacity of "
                         f"{gpu.total:.2f} GiB of which {max(free - gpu.residue, 0.0):.2f} GiB "
                         "is free.")
+            if leak := float(os.environ.get("VLMHUB_STUB_WAKE_LEAK_GIB") or 0):
+                gpu.claim += leak  # fault injection: the wake leaks (vLLM #13941, #34600)
             gpu.write(sleeping=False)
         return None
 
