@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,6 +117,16 @@ class RayHub:
         """The real openai SDK on the router, without retries."""
         return openai.OpenAI(base_url=self.url + "/v1", api_key="none", timeout=120,
                              max_retries=0)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``vlmhub ARGS --config`` the router's config, with a state dir of its own (it joins
+        the cluster as another driver); fails unless it exits 0."""
+        env = {**os.environ, "VLMHUB_STATE_DIR": str(self.log.parent / "cli-state")}
+        done = subprocess.run([sys.executable, "-m", "vlmhub", *args, "--config",
+                               str(self.log.parent / "models.yaml")],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done
 
 
 class Clients:

@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -141,19 +140,11 @@ def test_ray_models_spread_across_nodes(hub: Hub) -> None:
 def test_ray_ps_and_logs_see_the_cluster_engines(hub: Hub) -> None:
     """`vlmhub ps` lists the engines running on the cluster with their nodes; `vlmhub logs`
     reads an engine's output from its node."""
-    config = str(hub.log.parent / "models.yaml")
-    env = {**os.environ, "VLMHUB_STATE_DIR": str(hub.log.parent / "cli-state")}
-    ps = subprocess.run([sys.executable, "-m", "vlmhub", "ps", "--json", "--config", config],
-                        capture_output=True, text=True, env=env, timeout=120)
-    assert ps.returncode == 0, ps.stderr
-    rows = {r["name"]: r for r in json.loads(ps.stdout)}
+    rows = {r["name"]: r for r in json.loads(hub.cli("ps", "--json").stdout)}
     cards = hub.admin()
     assert {n: (r["runtime"], r["node"], r["port"], r["healthy"]) for n, r in rows.items()} == {
         m: ("ray", cards[m]["node"], cards[m]["port"], True) for m in MODELS[:3]}
-    logs = subprocess.run([sys.executable, "-m", "vlmhub", "logs", "ray-ocr", "--config", config],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert logs.returncode == 0, logs.stderr
-    assert "Application startup complete." in logs.stdout
+    assert "Application startup complete." in hub.cli("logs", "ray-ocr").stdout
 
 
 def test_ray_swap_on_one_node_leaves_the_others_alone(hub: Hub) -> None:

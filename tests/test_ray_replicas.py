@@ -5,8 +5,9 @@ Ray cluster on this machine (tests/ray_support.py), stand-in engines as Ray-laun
 The nodes differ: the head declares 16 GiB (two replicas of 5.72 GiB fit there), the workers
 ``w1`` and ``w2`` 8 GiB (one fits). So "most room left" alone would put both replicas on the
 head; they must spread:
-1. the two replicas run on two different nodes, both serve (``x-vlmhub-replica`` names each),
-   and least-in-flight balancing shares the work between them;
+1. the two replicas run on two different nodes (the router's ``/api/models`` and ``vlmhub ps``
+   agree), both serve (``x-vlmhub-replica`` names each), and least-in-flight balancing shares
+   the work between them;
 2. the worker node holding one replica is killed under load: the only requests that fail are
    ones the lost replica held (in flight on it when its engine died, or leased to it in the few
    milliseconds before the router saw it fail: the ``x-vlmhub-replica`` of each failure names
@@ -24,6 +25,7 @@ The tests run in order on one cluster and one router (module scope).
 from __future__ import annotations
 
 import collections
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -133,7 +135,8 @@ def hub(mixed_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_ray_replicas_run_on_different_nodes_and_share_the_work(hub: Hub) -> None:
     """The first request starts one replica (on the head: most room); the second replica
-    comes up on a worker although the head has room for it too; both serve, evenly."""
+    comes up on a worker although the head has room for it too; `vlmhub ps` lists both engines
+    with their nodes; both serve, evenly."""
     first = hub.ask()
     hub.wait("both replicas ready",
              lambda rs: [r["state"] for r in rs.values()] == ["ready", "ready"])
@@ -142,6 +145,9 @@ def test_ray_replicas_run_on_different_nodes_and_share_the_work(hub: Hub) -> Non
     assert len(set(nodes.values())) == 2 and set(nodes.values()) <= {"head", "w1", "w2"}, nodes
     actors = engine_actors()
     assert sorted(actors) == [f"{MODEL}#1", f"{MODEL}#2"], actors
+    ps = {r["name"]: r for r in json.loads(hub.cli("ps", "--json").stdout)}  # each engine
+    assert {n: (r["runtime"], r["node"], r["healthy"]) for n, r in ps.items()} == {
+        n: ("ray", node, True) for n, node in nodes.items()}
     with ThreadPoolExecutor(16) as pool:
         served = collections.Counter(pool.map(lambda _: hub.ask(), range(64)))
     print(f"replicas on {nodes}; 64 requests from 16 clients served {dict(served)}")
