@@ -314,8 +314,9 @@ async def test_concurrent_streams_all_complete(router: RunningRouter, sup: TestS
 
 def test_a_ready_model_costs_one_watch_task_per_request(router: RunningRouter,
                                                         sup: TestSupervisor) -> None:
-    """Issue 9: one task watches the client from the lease to the last byte; a lease granted at
-    once runs inline, and so does the exchange (no task racing either of them)."""
+    """Issue 9: at most one task watches the client from the lease to the last byte (none when
+    the answer comes within WATCH_AFTER_S, issue 21); a lease granted at once runs inline, and
+    so does the exchange (no task racing either of them)."""
     created: list[str] = []
 
     def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
@@ -336,7 +337,7 @@ def test_a_ready_model_costs_one_watch_task_per_request(router: RunningRouter,
                 assert r.status_code == 200 and "alpha:" in r.text
     finally:
         router.call(install(None))
-    assert created == ["vlmhub.router.watch._wait_disconnect"] * 2
+    assert set(created) <= {"vlmhub.router.watch._wait_disconnect"} and len(created) <= 2
     assert sup.settled() and sup.released == 2 and sup.double_releases == 0
     assert wait_for(lambda: in_flight(router.app) == 0)
 

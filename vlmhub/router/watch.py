@@ -1,4 +1,4 @@
-"""Watch one request's client for a hang-up, with one task for the request's whole life.
+"""Watch one request's client for a hang-up, with at most one task for the request's whole life.
 
 A proxied request waits twice while its client may leave: for a lease (a model loading), then
 for the engine's answer. Racing each wait against the client in separate tasks cost four extra
@@ -25,26 +25,45 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
+WATCH_AFTER_S = 0.05
+"""How long a request runs before its watch task starts. Most answers of a fast engine come
+sooner, and then no task is made at all (a task per request was ~2 % of a proxied request,
+py-spy); a client that hung up earlier is seen as soon as the task starts (uvicorn's
+``receive`` then answers ``http.disconnect`` at once), so a hang-up is noticed at most this
+much later."""
+
+
 class ClientWatch:
     """One request's hang-up watch (see module docs). Create inside the running loop once the
-    body has been read; :meth:`close` it when the request is over."""
+    body has been read; :meth:`close` it when the request is over. Its task starts
+    ``after_s`` later (:data:`WATCH_AFTER_S`; 0: at once)."""
 
-    __slots__ = ("_cancelled", "_target", "_task", "reason")
+    __slots__ = ("_cancelled", "_receive", "_target", "_task", "_timer", "reason")
 
-    def __init__(self, receive: Receive) -> None:
-        self._task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
-            _wait_disconnect(receive))
-        self._task.add_done_callback(self._client_left)
+    def __init__(self, receive: Receive, after_s: float = WATCH_AFTER_S) -> None:
+        self._receive = receive
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._target: asyncio.Task[Any] | None = None
         self._cancelled: asyncio.Task[Any] | None = None
         self.reason: str | None = None
         """Why the armed task was interrupted (:data:`CLIENT_LEFT`, or what
         :meth:`interrupt` was given); None while it was not."""
+        if after_s > 0:
+            self._timer = asyncio.get_running_loop().call_later(after_s, self._start)
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        self._timer = None
+        self._task = asyncio.get_running_loop().create_task(_wait_disconnect(self._receive))
+        self._task.add_done_callback(self._client_left)
 
     @property
     def gone(self) -> bool:
         """The client has hung up (or its connection failed)."""
-        return self._task.done() and not self._task.cancelled()
+        task = self._task
+        return task is not None and task.done() and not task.cancelled()
 
     def arm(self) -> None:
         """From now on a hang-up (or :meth:`interrupt`) cancels the current task."""
@@ -82,6 +101,10 @@ class ClientWatch:
     def close(self) -> None:
         """Stop watching (idempotent)."""
         self._target = None
-        if not self._task.done():
-            self._task.remove_done_callback(self._client_left)
-            self._task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = self._task
+        if task is not None and not task.done():
+            task.remove_done_callback(self._client_left)
+            task.cancel()
