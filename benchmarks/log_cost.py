@@ -6,7 +6,9 @@ script starts the same paths (the upstream, ``vlmhub route`` at ``--log-level in
 deployed, the same router at ``warning``, optionally an older tree's router at ``info``, and the
 thin starlette + aiohttp proxy) and runs ``wrk -t1 -cC -d5s`` on each in turn, ``--rounds``
 times, reversing the order every other round; it prints the median requests/s and CPU per
-request of each path and the ratios the issue-21 targets name.
+request of each path, the ratios the issue-21 targets name, and for each pair of paths the
+median of the ratios within one round (paths measured back to back: a machine whose speed
+drifts between rounds moves both).
 
     .venv/bin/python benchmarks/log_cost.py [--baseline /tmp/base] [--concurrency 16,64]
 
@@ -59,8 +61,9 @@ def named_config(plain: str, n: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="an older tree (with vlmhub/) to run at --log-level info too")
+    parser.add_argument("--baseline", type=Path, action="append", default=[],
+                        help="an older tree (with vlmhub/) to run at --log-level info too "
+                             "(repeatable: each is the path 'baseline NAME (info)')")
     parser.add_argument("--concurrency", default="16,64")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
@@ -87,10 +90,10 @@ def main() -> int:
             "vlmhub (info)": (["--log-level", "info"], REPO, None),
             "vlmhub (warning)": (["--log-level", "warning"], REPO, None),
         }
-        if args.baseline is not None:
-            base = args.baseline.resolve()
-            paths["baseline (info)"] = (["--log-level", "info"], base,
-                                        {"PYTHONPATH": str(base)})
+        for given in args.baseline:
+            base = given.resolve()
+            label = "baseline (info)" if len(args.baseline) == 1 else f"baseline {base.name} (info)"
+            paths[label] = (["--log-level", "info"], base, {"PYTHONPATH": str(base)})
         named = f"vlmhub (info, {args.named_keys} named keys)"
         if args.named_keys:
             keyed = out / "named.yaml"
@@ -144,6 +147,18 @@ def main() -> int:
                                   statistics.median(r[1] for r in runs))
                 cells += [f"{med[(name, c)][0]:,.0f}", f"{med[(name, c)][1]:.0f} µs"]
             print(f"| {name} | " + " | ".join(cells) + " |")
+        print()
+        pairs = [("vlmhub (info)", "vlmhub (warning)"), ("vlmhub (info)", thin),
+                 ("vlmhub (warning)", thin),
+                 *((name, "vlmhub (info)") for name in urls if name.startswith("baseline"))]
+        for c in cs:  # each round's paths ran back to back: their ratio cancels slow drift
+            for a, b in pairs:
+                if (a, c) in table and (b, c) in table:
+                    ratios = [x[0] / y[0] for x, y in zip(table[(a, c)], table[(b, c)],
+                                                          strict=True)]
+                    print(f"- c={c}: {a} / {b}, median of {len(ratios)} same-round ratios: "
+                          f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
+                          f"max {max(ratios):.3f})")
         print()
         for c in cs:
             on, off = med.get(("vlmhub (info)", c)), med.get(("vlmhub (warning)", c))

@@ -189,7 +189,7 @@ class _Writer(threading.Thread):
                                  f"{n} log line(s) dropped: stderr was not taking lines fast "
                                  "enough", {"dropped": n}))
             if batch:
-                self._write("".join(self._render(i) for i in batch))
+                self._write(self._batch(batch))
             if stopping:
                 if not items:
                     return
@@ -216,7 +216,29 @@ class _Writer(threading.Thread):
             self._stamp = (sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)))
         return self._stamp[1]
 
-    def _render(self, item: Line | AccessFields) -> str:
+    def _batch(self, batch: list[Line | AccessFields]) -> str:
+        """The text of a batch. As text, the lines are joined unmasked and the whole batch is
+        masked in one pass (a secret holds no newline); an access line takes a short path (no
+        field dict, whole-number formatting): rendering on this thread holds the GIL, and
+        with the per-line path the event loop lost ~10 % of its requests/s at c=64
+        (docs/benchmarks.md)."""
+        if self.json:
+            return "".join(self._render(i) for i in batch)
+        return self.redactor.mask("".join(
+            self._access_line(i) if len(i) != 5 else self._render(i, masked=False)
+            for i in batch))
+
+    def _access_line(self, f: AccessFields) -> str:
+        created, rid, method, path, model, asked, status, queue_ms, replica, ttfb, ms, sent = f
+        sec = int(created)
+        stamp = self._stamp[1] if self._stamp[0] == sec else self._time(created)
+        also = f" (asked {asked})" if asked and asked != model else ""
+        return (f"{stamp},{int((created - sec) * 1000):03d} INFO vlmhub.access: {rid} {method} "
+                f"{path} model={model or '-'}{also} status={status} queue_ms="
+                f"{'-' if queue_ms is None else round(queue_ms)} replica={replica or '-'} "
+                f"ttfb_ms={'-' if ttfb is None else round(ttfb)} ms={round(ms)} bytes={sent}\n")
+
+    def _render(self, item: Line | AccessFields, masked: bool = True) -> str:
         if len(item) == 5:
             created, level, name, message, extra = item
         else:
@@ -227,7 +249,8 @@ class _Writer(threading.Thread):
         ms = int((created - int(created)) * 1000)
         level_name = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
         if not self.json:
-            return mask(f"{self._time(created)},{ms:03d} {level_name} {name}: {message}") + "\n"
+            line = f"{self._time(created)},{ms:03d} {level_name} {name}: {message}\n"
+            return mask(line) if masked else line
         out: dict[str, Any] = {"time": f"{self._time(created).replace(' ', 'T')}.{ms:03d}",
                                "level": level_name.lower(), "logger": name,
                                "message": mask(message)}
