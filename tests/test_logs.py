@@ -67,6 +67,45 @@ def test_a_stderr_nobody_reads_never_blocks_the_caller() -> None:
     assert KEY not in err
 
 
+LOOP_FLOOD = """
+import asyncio, re, sys, time
+from vlmhub.logs import access, configure
+configure(secrets=[sys.argv[1]])
+async def main():
+    for i in range(20000):  # access lines as the router's middleware hands them over
+        access((time.time(), f"req{i}", "POST", f"/v1/x/{sys.argv[1]}", "m", None, 200, 1.0,
+                "m@1", 2.0, 3.0, 10))
+        if i % 500 == 0:
+            await asyncio.sleep(0.03)  # the loop's flush runs meanwhile
+asyncio.run(main())
+print("logged", flush=True)
+"""
+
+
+def test_access_lines_on_the_event_loop_never_block_it() -> None:
+    """Issue 21 item 15: the event loop renders and writes its own access lines (no writer
+    thread holding the GIL), yet a stderr nobody reads never blocks it; what could not wait is
+    counted, and every line is either written or counted once stderr is read."""
+    proc = subprocess.Popen([sys.executable, "-c", LOOP_FLOOD, KEY], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the event loop blocked on a stderr nobody reads"
+        assert proc.stdout.readline() == "logged\n"
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    lines = err.splitlines()
+    written = [ln for ln in lines if " INFO vlmhub.access: req" in ln]
+    dropped = [int(ln.split(" WARNING vlmhub.router: ")[1].split()[0]) for ln in lines
+               if "log line(s) dropped" in ln]
+    assert dropped and len(written) + sum(dropped) == 20000  # none lost silently
+    assert len(written) == len({ln.split()[4] for ln in written})  # none written twice
+    assert KEY not in err and "/v1/x/*** " in written[0]
+
+
 def test_route_logs_engine_events_as_json_and_never_a_secret(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "VLMHUB_STATE_DIR": str(tmp_path / "state"), "VLMHUB_API_KEYS": KEY,

@@ -8,27 +8,34 @@ fields alike): the configured keys, keys added by a reload (:func:`add_secrets`)
 
 Logging calls never block. A record is turned into a small tuple in the calling thread (its
 message and traceback formatted there, as the stdlib's QueueHandler does) and appended to a
-bounded deque; an access line skips the logging module altogether (:func:`access`: a tuple of
-fields, formatted on the writer). One writer thread (:class:`_Writer`) drains the deque every
-:data:`POLL_S` and writes the lines of a batch with one ``write``. A stderr that nobody reads (a
-full pipe) therefore stalls only that thread, never the router; when the deque is full, lines
-are dropped and counted, and the count is written as soon as stderr takes lines again.
+bounded deque; one writer thread (:class:`_Writer`) drains the deque every :data:`POLL_S` and
+writes the lines of a batch with one ``write``. A stderr that nobody reads (a full pipe)
+therefore stalls only that thread, never the router; when the deque is full, lines are dropped
+and counted, and the count is written as soon as stderr takes lines again.
+
+An access line skips the logging module altogether (:func:`access`: a tuple of fields). On an
+event loop (the router's) the loop itself renders and writes them, one batch per
+:data:`POLL_S`, writing only what stderr takes without blocking (:class:`_LoopLines`): a
+second thread rendering them held the GIL the loop needed, which cost the router ~10 % of its
+requests/s at c=64 for a few microseconds of work a line. Off a loop they go to the writer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import logging
 import os
 import re
+import select
 import sys
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, TypeAlias
 
 LogFormat = Literal["text", "json"]
 ENGINE = logging.getLogger("vlmhub.engine")
@@ -118,9 +125,135 @@ def access(fields: AccessFields) -> None:
     straight to the writer (no record, no format, no lock); otherwise a normal record."""
     writer = _writer
     if writer is not None and not ACCESS.handlers:
-        writer.put(fields)
+        lines = _lines
+        if lines is None or lines.writer is not writer or not lines.running():
+            lines = _loop_lines(writer)
+        if lines is not None:
+            lines.add(fields)
+        else:  # no event loop here (or no file descriptor): the writer thread renders it
+            writer.put(fields)
         return
     ACCESS.info("%s", access_message(fields), extra=access_extra(fields))
+
+
+PIPE_BUF = 4096
+"""Bytes a pipe takes in one write, whole or not at all, once it polls writable."""
+
+
+class _LoopLines:
+    """The access lines of one event loop, rendered and written by that loop itself: one
+    callback every :data:`POLL_S` renders the batch (:meth:`_Writer.lines_of`) and writes
+    what stderr takes now, in whole lines of at most :data:`PIPE_BUF` bytes, each write only
+    after ``poll`` says stderr can take it, so the loop never blocks. A stderr nobody reads
+    keeps the rest waiting, up to :data:`QUEUE_LINES` lines; beyond that lines are dropped
+    and counted, and the count is written once stderr takes lines again.
+
+    Why not the writer thread: rendering there holds the GIL the event loop needs, and every
+    hand-off waits for the OS to run that thread; on two busy cores that cost the router ~10 %
+    of its requests/s at c=64 for ~4 us of work a line (docs/benchmarks.md). Use on its loop's
+    thread only."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, writer: _Writer, fd: int) -> None:
+        self.loop, self.writer, self.fd = loop, writer, fd
+        self.fields: list[AccessFields] = []
+        self.chunks: deque[bytes] = deque()
+        """Rendered, waiting for stderr: whole lines, at most PIPE_BUF bytes a chunk."""
+        self.waiting = 0  # lines in chunks
+        self.dropped = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def running(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    def add(self, fields: AccessFields) -> None:
+        if len(self.fields) + self.waiting >= QUEUE_LINES:
+            self.dropped += 1
+        else:
+            self.fields.append(fields)
+        if self.timer is None:
+            self.timer = self.loop.call_later(POLL_S, self.flush)
+
+    def flush(self) -> None:
+        """Render what came since the last flush, write what stderr takes (never blocks)."""
+        self.timer = None
+        self._render()
+        self._drain()
+        if self.chunks or self.fields or self.dropped:
+            self.timer = self.loop.call_later(POLL_S, self.flush)
+
+    def _render(self) -> None:
+        batch, self.fields = self.fields, []
+        if not batch:
+            return
+        size, part = 0, list[bytes]()
+        for line in self.writer.lines_of(batch):
+            raw = line.encode("utf-8", "backslashreplace")
+            if len(raw) > PIPE_BUF:  # one line must stay one atomic write
+                raw = raw[:PIPE_BUF - 4] + b"...\n"
+            if size + len(raw) > PIPE_BUF:
+                self.chunks.append(b"".join(part))
+                size, part = 0, list[bytes]()
+            part.append(raw)
+            size += len(raw)
+            self.waiting += 1
+        if part:
+            self.chunks.append(b"".join(part))
+
+    def _drain(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        while self.chunks or self.dropped:
+            try:
+                if not poller.poll(0):
+                    return  # stderr takes nothing now: the rest waits for the next flush
+                if self.dropped:  # said once stderr takes lines again
+                    n, self.dropped = self.dropped, 0
+                    os.write(self.fd, self.writer.dropped_line(n).encode())
+                    continue
+                chunk = self.chunks.popleft()
+                os.write(self.fd, chunk)
+                self.waiting -= chunk.count(b"\n")
+            except OSError:  # stderr closed: nothing to write to
+                self.chunks.clear()
+                self.waiting = self.dropped = 0
+                return
+
+    def close(self) -> None:
+        """At exit: hand what is left to the writer thread (it may block, briefly)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        rest = b"".join(self.chunks).decode("utf-8", "replace") + "".join(
+            self.writer.lines_of(self.fields))
+        self.chunks.clear()
+        self.fields, self.waiting = [], 0
+        if self.dropped:
+            rest = self.writer.dropped_line(self.dropped) + rest
+            self.dropped = 0
+        if rest:
+            self.writer.put(rest)
+
+
+_lines: _LoopLines | None = None
+_all_lines: list[_LoopLines] = []
+
+
+def _loop_lines(writer: _Writer) -> _LoopLines | None:
+    """The access lines of the running event loop (made on first use), or None off a loop or
+    without a file descriptor for stderr."""
+    global _lines
+    try:
+        loop = asyncio.get_running_loop()
+        fd = writer.stream.fileno()
+    except (RuntimeError, OSError, ValueError, AttributeError):
+        return None
+    _lines = _LoopLines(loop, writer, fd)
+    _all_lines.append(_lines)
+    del _all_lines[:-8]  # older loops' lines were flushed by their loops, or at exit below
+    return _lines
 
 
 # -- the writer --------------------------------------------------------------------------------
@@ -131,6 +264,8 @@ POLL_S = 0.02
 EXIT_WAIT_S = 5.0
 Line = tuple[float, int, str, str, dict[str, Any]]
 """(time, level, logger, message with traceback, extra fields): a record, formatted."""
+Item: TypeAlias = "Line | AccessFields | str"
+"""What the writer's deque holds: a record, an access line's fields, or rendered text."""
 _LEVEL_NAMES = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}
 
 
@@ -160,13 +295,13 @@ class _Writer(threading.Thread):
     def __init__(self, stream: TextIO, fmt: LogFormat, redactor: Redactor) -> None:
         super().__init__(name="vlmhub-log-writer", daemon=True)
         self.stream, self.json, self.redactor = stream, fmt == "json", redactor
-        self.items: deque[Line | AccessFields] = deque()
+        self.items: deque[Item] = deque()
         self.dropped = 0
         self._lock = threading.Lock()  # only the drop count's
         self._closing = threading.Event()
         self._stamp: tuple[int, str] = (-1, "")
 
-    def put(self, item: Line | AccessFields) -> None:
+    def put(self, item: Item) -> None:
         """From any thread; never blocks. A full deque drops ``item`` (counted)."""
         if len(self.items) >= QUEUE_LINES:
             with self._lock:
@@ -185,9 +320,7 @@ class _Writer(threading.Thread):
             stopping = self._closing.is_set()
             batch = [items.popleft() for _ in range(len(items))]
             if n := self.take_dropped():
-                batch.insert(0, (time.time(), logging.WARNING, "vlmhub.router",
-                                 f"{n} log line(s) dropped: stderr was not taking lines fast "
-                                 "enough", {"dropped": n}))
+                batch.insert(0, self.dropped_line(n))
             if batch:
                 self._write(self._batch(batch))
             if stopping:
@@ -216,17 +349,29 @@ class _Writer(threading.Thread):
             self._stamp = (sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)))
         return self._stamp[1]
 
-    def _batch(self, batch: list[Line | AccessFields]) -> str:
+    def dropped_line(self, n: int) -> str:
+        """The warning that ``n`` lines were dropped, rendered."""
+        return self._render((time.time(), logging.WARNING, "vlmhub.router",
+                             f"{n} log line(s) dropped: stderr was not taking lines fast "
+                             "enough", {"dropped": n}))
+
+    def lines_of(self, batch: list[AccessFields]) -> list[str]:
+        """Access lines rendered and masked (as :meth:`_batch`, kept apart)."""
+        if self.json:
+            return [self._render(i) for i in batch]
+        return self.redactor.mask("".join(map(self._access_line, batch))).splitlines(True)
+
+    def _batch(self, batch: list[Item]) -> str:
         """The text of a batch. As text, the lines are joined unmasked and the whole batch is
         masked in one pass (a secret holds no newline); an access line takes a short path (no
         field dict, whole-number formatting): rendering on this thread holds the GIL, and
         with the per-line path the event loop lost ~10 % of its requests/s at c=64
         (docs/benchmarks.md)."""
         if self.json:
-            return "".join(self._render(i) for i in batch)
+            return "".join(i if isinstance(i, str) else self._render(i) for i in batch)
         return self.redactor.mask("".join(
-            self._access_line(i) if len(i) != 5 else self._render(i, masked=False)
-            for i in batch))
+            i if isinstance(i, str) else self._access_line(i) if len(i) != 5
+            else self._render(i, masked=False) for i in batch))
 
     def _access_line(self, f: AccessFields) -> str:
         created, rid, method, path, model, asked, status, queue_ms, replica, ttfb, ms, sent = f
@@ -265,7 +410,11 @@ _redactor = Redactor(())
 
 def _stop_writer() -> None:
     """Write the lines still queued, then end the writer thread (see :meth:`_Writer.close`)."""
-    global _writer
+    global _writer, _lines
+    for lines in _all_lines:
+        lines.close()
+    _all_lines.clear()
+    _lines = None
     writer, _writer = _writer, None
     if writer is not None:
         writer.close()
