@@ -54,7 +54,7 @@ from vlmhub.control.reload import ModelDiff, apply_models
 from vlmhub.control.replica import Queued, Replica
 from vlmhub.engines.base import EngineHandle, Runtime
 from vlmhub.logs import ROUTER
-from vlmhub.scheduling import policy, scheduler, step
+from vlmhub.scheduling import placement, policy, scheduler, step
 from vlmhub.sizing.budgets import BudgetStore
 from vlmhub.sizing.vram import Gpu
 
@@ -231,8 +231,8 @@ class Supervisor:
         return g.info(self.runtime.kind)
 
     async def _unload(self, r: Replica) -> None:
-        while self._busy(r.node):
-            await asyncio.wait({self._ops[r.node]})
+        while ops := self._sharing(r.node):  # every operation on one of its cards
+            await asyncio.wait(ops)
         if not r.model.external and r.state in ("ready", "sleeping"):
             why = "unloaded by the admin API"
             await asyncio.wait({self._launch(r.node, self._evict(
@@ -363,6 +363,12 @@ class Supervisor:
         """Whether an engine operation runs on ``node`` now."""
         op = self._ops.get(node)
         return op is not None and not op.done()
+
+    def _sharing(self, node: str) -> set[asyncio.Task[Any]]:
+        """The running operations on any card of ``node`` (a tensor-parallel engine's node
+        ``gpu0+gpu1`` shares cards with ``gpu0`` and ``gpu1``)."""
+        return {op for n, op in self._ops.items()
+                if not op.done() and not placement.free(node, [n])}
 
     def _launch(self, node: str, op: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``op`` as ``node``'s one engine operation (the caller checked it is free)."""
