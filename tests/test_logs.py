@@ -43,11 +43,10 @@ print("logged", flush=True)
 """
 
 
-def test_a_stderr_nobody_reads_never_blocks_the_caller() -> None:
-    """The router's stderr as a pipe nobody reads (the defect: access lines filled the pipe and
-    the event loop blocked in a write, so the router stalled). Logging returns at once; what
-    could not be queued is counted, and the count is written once stderr is read again."""
-    proc = subprocess.Popen([sys.executable, "-c", LOG_FLOOD, KEY], stdout=subprocess.PIPE,
+def flood(script: str) -> str:
+    """Run ``script`` (which logs a flood, then prints "logged") with a stderr nobody reads
+    until it has printed; then read that stderr whole and return it."""
+    proc = subprocess.Popen([sys.executable, "-c", script, KEY], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert proc.stdout is not None and proc.stderr is not None
@@ -55,10 +54,18 @@ def test_a_stderr_nobody_reads_never_blocks_the_caller() -> None:
         ready, _, _ = select.select([proc.stdout], [], [], 60)
         assert ready, "logging blocked on a stderr nobody reads"
         assert proc.stdout.readline() == "logged\n"
-        err = proc.stderr.read()  # now read it: the writer thread drains the queue, then exits
+        err = proc.stderr.read()  # now read it: what waited is written, then the child exits
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+    return err
+
+
+def test_a_stderr_nobody_reads_never_blocks_the_caller() -> None:
+    """The router's stderr as a pipe nobody reads (the defect: access lines filled the pipe and
+    the event loop blocked in a write, so the router stalled). Logging returns at once; what
+    could not be queued is counted, and the count is written once stderr is read again."""
+    err = flood(LOG_FLOOD)
     lines = [json.loads(line) for line in err.splitlines()]
     dropped = [ln for ln in lines if "dropped" in ln]
     assert dropped and dropped[0]["level"] == "warning" and dropped[0]["dropped"] > 0
@@ -86,17 +93,7 @@ def test_access_lines_on_the_event_loop_never_block_it() -> None:
     """Issue 21 item 15: the event loop renders and writes its own access lines (no writer
     thread holding the GIL), yet a stderr nobody reads never blocks it; what could not wait is
     counted, and every line is either written or counted once stderr is read."""
-    proc = subprocess.Popen([sys.executable, "-c", LOOP_FLOOD, KEY], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready, "the event loop blocked on a stderr nobody reads"
-        assert proc.stdout.readline() == "logged\n"
-        err = proc.stderr.read()
-        assert proc.wait(timeout=60) == 0
-    finally:
-        proc.kill()
+    err = flood(LOOP_FLOOD)
     lines = err.splitlines()
     written = [ln for ln in lines if " INFO vlmhub.access: req" in ln]
     dropped = [int(ln.split(" WARNING vlmhub.router: ")[1].split()[0]) for ln in lines
