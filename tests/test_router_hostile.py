@@ -279,3 +279,30 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_one_loop_timer_times_out_only_the_bodies_that_stopped() -> None:
+    """Issue 21 item 15: every body read on a loop shares one timer (router.body._Sweeper);
+    a body that stops arriving is cut after its timeout while others that keep arriving (or
+    ended) are left alone, and the timer re-arms for a read that starts later."""
+    from vlmhub.router.body import IdleTimer
+
+    async def read(parts: int, gap_s: float) -> str:
+        idle = IdleTimer(0.3)
+        try:
+            for _ in range(parts):
+                await asyncio.sleep(gap_s)
+                idle.progress()
+            return "done"
+        except asyncio.CancelledError:
+            if not idle.swallow():
+                raise
+            return "timed out"
+        finally:
+            idle.close()
+
+    steady = asyncio.create_task(read(8, 0.1))  # 0.8 s in all, never 0.3 s without a part
+    stalled = asyncio.create_task(read(1, 0.6))  # its first part would come after 0.6 s
+    quick = asyncio.create_task(read(1, 0.0))
+    assert await asyncio.gather(steady, stalled, quick) == ["done", "timed out", "done"]
+    assert await read(1, 0.5) == "timed out"  # the shared timer re-arms for a later read
