@@ -23,15 +23,18 @@ It reports, it never asserts. Needs ``wrk`` on PATH.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from benchlib import REPO, Processes, cpu_seconds, free_port, machine
+from benchlib import REPO, Processes, cpu_seconds, free_port, machine, save_report
 from router_overhead import CHAT_PATH, KEY, THIN_PROXY, WRK_LUA, wait_ready
 
 HERE = Path(__file__).resolve().parent
@@ -70,7 +73,10 @@ def main() -> int:
     parser.add_argument("--named-keys", type=int, default=0,
                         help="add a path whose router has this many named keys")
     parser.add_argument("--only", default="", help="comma-separated words: keep those paths")
+    parser.add_argument("--update-doc", type=Path, default=None,
+                        help="write the summary into this file's log_cost block")
     args = parser.parse_args()
+    began = time.monotonic()
     out = Path(tempfile.mkdtemp(prefix="vlmhub-logcost-"))
     lua = out / "chat.lua"
     lua.write_text(WRK_LUA)
@@ -133,47 +139,55 @@ def main() -> int:
                     table.setdefault((name, c), []).append((rps, cpu))
                     print(f"c={c} round {rnd + 1} {name}: {rps:,.0f} rps, {cpu:.0f} µs CPU/request,"
                           f" load {os.getloadavg()[0]:.1f}", flush=True)
-        print(f"\nMedians of {args.rounds} interleaved {args.seconds} s runs "
-              f"(load {os.getloadavg()[0]:.1f} at the end):\n")
-        cs = sorted({c for _, c in table})
-        print("| path | " + " | ".join(f"c={c} rps | c={c} CPU/request" for c in cs) + " |")
-        print("|---" * (1 + 2 * len(cs)) + "|")
-        med: dict[tuple[str, int], tuple[float, float]] = {}
-        for name in urls:
-            cells = []
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            print(f"\nMedians of {args.rounds} interleaved {args.seconds} s runs "
+                  f"(load {os.getloadavg()[0]:.1f} at the end):\n")
+            cs = sorted({c for _, c in table})
+            print("| path | " + " | ".join(f"c={c} rps | c={c} CPU/request" for c in cs) + " |")
+            print("|---" * (1 + 2 * len(cs)) + "|")
+            med: dict[tuple[str, int], tuple[float, float]] = {}
+            for name in urls:
+                cells = []
+                for c in cs:
+                    runs = table[(name, c)]
+                    med[(name, c)] = (statistics.median(r[0] for r in runs),
+                                      statistics.median(r[1] for r in runs))
+                    cells += [f"{med[(name, c)][0]:,.0f}", f"{med[(name, c)][1]:.0f} µs"]
+                print(f"| {name} | " + " | ".join(cells) + " |")
+            print()
+            pairs = [("vlmhub (info)", "vlmhub (warning)"), ("vlmhub (info)", thin),
+                     ("vlmhub (warning)", thin),
+                     *((name, "vlmhub (info)") for name in urls if name.startswith("baseline"))]
+            for c in cs:  # each round's paths ran back to back: their ratio cancels slow drift
+                for a, b in pairs:
+                    if (a, c) in table and (b, c) in table:
+                        ratios = [x[0] / y[0] for x, y in zip(table[(a, c)], table[(b, c)],
+                                                              strict=True)]
+                        print(f"- c={c}: {a} / {b}, median of {len(ratios)} same-round ratios: "
+                              f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
+                              f"max {max(ratios):.3f})")
+            print()
             for c in cs:
-                runs = table[(name, c)]
-                med[(name, c)] = (statistics.median(r[0] for r in runs),
-                                  statistics.median(r[1] for r in runs))
-                cells += [f"{med[(name, c)][0]:,.0f}", f"{med[(name, c)][1]:.0f} µs"]
-            print(f"| {name} | " + " | ".join(cells) + " |")
-        print()
-        pairs = [("vlmhub (info)", "vlmhub (warning)"), ("vlmhub (info)", thin),
-                 ("vlmhub (warning)", thin),
-                 *((name, "vlmhub (info)") for name in urls if name.startswith("baseline"))]
-        for c in cs:  # each round's paths ran back to back: their ratio cancels slow drift
-            for a, b in pairs:
-                if (a, c) in table and (b, c) in table:
-                    ratios = [x[0] / y[0] for x, y in zip(table[(a, c)], table[(b, c)],
-                                                          strict=True)]
-                    print(f"- c={c}: {a} / {b}, median of {len(ratios)} same-round ratios: "
-                          f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
-                          f"max {max(ratios):.3f})")
-        print()
-        for c in cs:
-            on, off = med.get(("vlmhub (info)", c)), med.get(("vlmhub (warning)", c))
-            ref = med.get((thin, c))
-            if on and off and ref:
-                print(f"- c={c}: access log costs {1 - on[0] / off[0]:+.0%} of requests/s "
-                      f"({on[1] - off[1]:+.0f} µs CPU/request); with it on the router serves "
-                      f"{on[0] / ref[0]:.2f}x the thin aiohttp proxy")
-            if on and (keys := med.get((named, c))):
-                print(f"- c={c}: {args.named_keys} named keys cost {1 - keys[0] / on[0]:+.1%} "
-                      f"of requests/s ({keys[1] - on[1]:+.0f} µs CPU/request) against one "
-                      "plain key (target: at most 3 %)")
-            if on and (old := med.get(("baseline (info)", c))):
-                print(f"- c={c}: against the baseline tree: {1 - on[0] / old[0]:+.1%} of "
-                      f"requests/s ({on[1] - old[1]:+.0f} µs CPU/request)")
+                on, off = med.get(("vlmhub (info)", c)), med.get(("vlmhub (warning)", c))
+                ref = med.get((thin, c))
+                if on and off and ref:
+                    print(f"- c={c}: access log costs {1 - on[0] / off[0]:+.0%} of requests/s "
+                          f"({on[1] - off[1]:+.0f} µs CPU/request); with it on the router serves "
+                          f"{on[0] / ref[0]:.2f}x the thin aiohttp proxy")
+                if on and (keys := med.get((named, c))):
+                    print(f"- c={c}: {args.named_keys} named keys cost {1 - keys[0] / on[0]:+.1%} "
+                          f"of requests/s ({keys[1] - on[1]:+.0f} µs CPU/request) against one "
+                          "plain key (target: at most 3 %)")
+                if on and (old := med.get(("baseline (info)", c))):
+                    print(f"- c={c}: against the baseline tree: {1 - on[0] / old[0]:+.1%} of "
+                          f"requests/s ({on[1] - old[1]:+.0f} µs CPU/request)")
+        print(buf.getvalue(), end="")
+        if args.update_doc is not None:
+            info["command"] = ("cd benchmarks && ../.venv/bin/python log_cost.py "
+                               + " ".join(sys.argv[1:]))
+            save_report(out, info, time.monotonic() - began, buf.getvalue().strip(), {},
+                        args.update_doc.resolve(), "log_cost")
     finally:
         procs.stop_all()
     return 0
