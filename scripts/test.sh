@@ -43,4 +43,4 @@ fi
 
 "$BIN/ruff" check vlmhub plugins tests
 "$BIN/mypy" --strict vlmhub
-"$BIN/pytest" -ra "$@"
+"$BIN/pytest" -ra --durations=20 "$@"  # the slowest tests: keep the whole run under 40 min

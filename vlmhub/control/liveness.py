@@ -225,8 +225,8 @@ async def engine_failure(
             "engine exited cleanly (exit code 0): it was stopped outside this router "
             "(`vlmhub stop`, docker stop, or another router)"
         )
-    if st.exit_code is None and st.detail:  # the runtime knows why (a Ray node is gone)
-        return hint or f"engine exited: {st.detail}"
+    if st.exit_code is None and st.detail:  # the runtime knows why (a Ray node is gone): that
+        return f"engine exited: {st.detail}" + (f" ({hint})" if hint else "")  # before the hint
     return hint or f"engine exited (exit code {st.exit_code})"
 
 
